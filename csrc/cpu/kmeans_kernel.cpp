@@ -1,0 +1,244 @@
+// CPU kernels of the k-means ops.
+//
+// Assignment: one pass over tiles of rows. Each thread multiplies its tile against all centroids
+// with a single-threaded BLAS GEMM into a scratch buffer sized to stay in L2, then takes the argmin
+// while the tile is still in cache, so the N x K distance matrix never exists in full. The distance
+// of the winner is then recomputed directly as sum((x - c)^2): the GEMM expansion
+// |x|^2 - 2 x.c + |c|^2 loses digits when a point sits close to its centroid, and the objective
+// reported to users should not.
+//
+// Update: thread-local partial sums over chunks of rows, reduced in a fixed order: no atomics, and
+// the result does not depend on scheduling.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "../kmeans.h"
+
+namespace xdc_fast {
+namespace {
+
+// A scores tile of rows x K floats is kept within half of a 512 KiB L2 (AMD EPYC, Intel server
+// cores have 1-2 MiB): the argmin then reads it from L2 right after the GEMM wrote it.
+constexpr int64_t kScoresTileFloats = int64_t(1) << 16;
+constexpr int64_t kMaxRowsPerTile = 256;
+constexpr int64_t kMinRowsPerTile = 16;
+
+// The update's per-thread partial sums may take this much memory in all; a chunk smaller than this
+// many rows is not worth a thread.
+constexpr int64_t kMaxUpdatePartialBytes = int64_t(256) << 20;
+constexpr int64_t kMinRowsPerUpdateChunk = 2048;
+
+// --- row argmin -------------------------------------------------------------------------------
+// scores[k] holds x.c_k on entry. We overwrite it with the value to minimise (|c_k|^2 - 2 x.c_k, or
+// -x.c_k for the spherical case), find the minimum, then the first index holding it: two passes
+// over an L1/L2-resident row that keep "lowest index wins" exact.
+
+__attribute__((target("avx2,fma"))) int64_t argmin_row_avx2(float* scores, const float* cnorm, int64_t K,
+                                                            bool spherical) {
+  int64_t k = 0;
+  __m256 best = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  const __m256 minus_two = _mm256_set1_ps(-2.0f);
+  const __m256 zero = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    __m256 s = _mm256_loadu_ps(scores + k);
+    __m256 v = spherical ? _mm256_sub_ps(zero, s) : _mm256_fmadd_ps(minus_two, s, _mm256_loadu_ps(cnorm + k));
+    _mm256_storeu_ps(scores + k, v);
+    best = _mm256_min_ps(best, v);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, best);
+  float m = lanes[0];
+  for (int i = 1; i < 8; ++i) m = std::min(m, lanes[i]);
+  for (; k < K; ++k) {
+    float v = spherical ? -scores[k] : std::fma(-2.0f, scores[k], cnorm[k]);
+    scores[k] = v;
+    m = std::min(m, v);
+  }
+  const __m256 target = _mm256_set1_ps(m);
+  for (k = 0; k + 8 <= K; k += 8) {
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(scores + k), target, _CMP_EQ_OQ));
+    if (mask) return k + __builtin_ctz(mask);
+  }
+  for (; k < K; ++k)
+    if (scores[k] == m) return k;
+  return 0;  // only reached when the row holds NaN: the label is then arbitrary but in range
+}
+
+int64_t argmin_row_scalar(float* scores, const float* cnorm, int64_t K, bool spherical) {
+  float m = std::numeric_limits<float>::infinity();
+  int64_t best = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    float v = spherical ? -scores[k] : std::fma(-2.0f, scores[k], cnorm[k]);
+    if (v < m) {
+      m = v;
+      best = k;
+    }
+  }
+  return best;
+}
+
+__attribute__((target("avx2,fma"))) float squared_distance_avx2(const float* a, const float* b, int64_t D) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    __m256 e0 = _mm256_sub_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d));
+    __m256 e1 = _mm256_sub_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8));
+    acc0 = _mm256_fmadd_ps(e0, e0, acc0);
+    acc1 = _mm256_fmadd_ps(e1, e1, acc1);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
+  double sum = 0.0;
+  for (float v : lanes) sum += v;
+  for (; d < D; ++d) {
+    double e = double(a[d]) - double(b[d]);
+    sum += e * e;
+  }
+  return float(sum);
+}
+
+float squared_distance_scalar(const float* a, const float* b, int64_t D) {
+  double sum = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    double e = double(a[d]) - double(b[d]);
+    sum += e * e;
+  }
+  return float(sum);
+}
+
+float dot_exact(const float* a, const float* b, int64_t D) {
+  double sum = 0.0;
+  for (int64_t d = 0; d < D; ++d) sum += double(a[d]) * double(b[d]);
+  return float(sum);
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+// Features as float32 rows with unit stride inside a row; keeps a strided view when it already is one.
+at::Tensor float_rows(const at::Tensor& t) {
+  at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  return f.stride(-1) == 1 && f.stride(-2) >= f.size(-1) ? f : f.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> squeeze_if_2d(const at::Tensor& like, at::Tensor a, at::Tensor b) {
+  if (like.dim() == 2) return {a.squeeze(0), b.squeeze(0)};
+  return {a, b};
+}
+
+std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x_in, const at::Tensor& centroids_in,
+                                                     bool spherical) {
+  auto [x3, c3] = check_assign_inputs(x_in, centroids_in);
+  at::Tensor x = float_rows(x3);
+  at::Tensor c = c3.to(at::kFloat).contiguous();
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), K = c.size(1);
+  at::Tensor labels = at::empty({B, N}, x.options().dtype(at::kLong));
+  at::Tensor dist = at::empty({B, N}, x.options().dtype(at::kFloat));
+  if (N == 0) return squeeze_if_2d(x_in, labels, dist);
+
+  at::Tensor cnorm = c.to(at::kDouble).pow(2).sum(-1).to(at::kFloat).contiguous();
+  const int64_t rows = std::clamp(kScoresTileFloats / K, kMinRowsPerTile, kMaxRowsPerTile);
+  const int64_t tiles_per_batch = (N + rows - 1) / rows;
+  const bool avx2 = cpu_has_avx2();
+
+  const float* xp = x.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const float* np = cnorm.data_ptr<float>();
+  int64_t* lp = labels.data_ptr<int64_t>();
+  float* dp = dist.data_ptr<float>();
+  const int64_t xsb = x.stride(0), xsn = x.stride(1);
+
+  at::parallel_for(0, B * tiles_per_batch, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(rows * K);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / tiles_per_batch;
+      const int64_t r0 = (t % tiles_per_batch) * rows;
+      const int64_t nb = std::min(rows, N - r0);
+      const float* xb = xp + b * xsb + r0 * xsn;
+      const float* cb = cp + b * K * D;
+      // A single-threaded BLAS call per tile (ATen runs no nested parallelism inside parallel_for);
+      // the dispatcher's overhead is microseconds against a tile's ~1 ms of GEMM.
+      at::Tensor tile_scores = at::from_blob(scores.data(), {nb, K}, x.options());
+      at::mm_out(tile_scores, x[b].narrow(0, r0, nb), c[b].t());
+      for (int64_t i = 0; i < nb; ++i) {
+        float* row = scores.data() + i * K;
+        const int64_t best = avx2 ? argmin_row_avx2(row, np + b * K, K, spherical)
+                                  : argmin_row_scalar(row, np + b * K, K, spherical);
+        const float* xi = xb + i * xsn;
+        const float* ci = cb + best * D;
+        lp[b * N + r0 + i] = best;
+        dp[b * N + r0 + i] = spherical ? dot_exact(xi, ci, D)
+                             : avx2    ? squared_distance_avx2(xi, ci, D)
+                                       : squared_distance_scalar(xi, ci, D);
+      }
+    }
+  });
+  return squeeze_if_2d(x_in, labels, dist);
+}
+
+std::tuple<at::Tensor, at::Tensor> kmeans_update_cpu(const at::Tensor& x_in, const at::Tensor& labels_in, int64_t k) {
+  auto [x3, l2] = check_update_inputs(x_in, labels_in, k);
+  at::Tensor x = float_rows(x3);
+  at::Tensor labels = l2.contiguous();
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), K = k;
+
+  // One chunk of consecutive rows per thread, each with its own K x D float64 partial: rows are
+  // read sequentially and whole, which the prefetcher streams, and no two threads share a partial.
+  // The partials' memory is capped; past the cap fewer threads take part.
+  const int64_t partial_bytes = K * D * int64_t(sizeof(double));
+  const int64_t chunks = std::clamp<int64_t>(
+      std::min<int64_t>(at::get_num_threads(), kMaxUpdatePartialBytes / std::max<int64_t>(partial_bytes, 1)), 1,
+      std::max<int64_t>(1, N / kMinRowsPerUpdateChunk));
+
+  at::Tensor partial = at::empty({chunks, K, D}, x.options().dtype(at::kDouble));
+  at::Tensor partial_counts = at::empty({chunks, K}, labels.options());
+  at::Tensor sums = at::empty({B, K, D}, x.options().dtype(at::kFloat));
+  at::Tensor counts = at::empty({B, K}, labels.options());
+
+  const int64_t xsb = x.stride(0), xsn = x.stride(1);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xb = x.data_ptr<float>() + b * xsb;
+    const int64_t* lb = labels.data_ptr<int64_t>() + b * N;
+    double* pp = partial.data_ptr<double>();
+    int64_t* pc = partial_counts.data_ptr<int64_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t chunk = t0; chunk < t1; ++chunk) {
+        double* psum = pp + chunk * K * D;
+        int64_t* pcount = pc + chunk * K;
+        std::fill(psum, psum + K * D, 0.0);
+        std::fill(pcount, pcount + K, int64_t(0));
+        const int64_t n0 = N * chunk / chunks, n1 = N * (chunk + 1) / chunks;
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t l = lb[n];
+          TORCH_CHECK_VALUE(l >= 0 && l < K, "kmeans_update: labels should lie in [0, k) = [0, ", K, "), got ", l);
+          double* dst = psum + l * D;
+          const float* src = xb + n * xsn;
+          for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+          pcount[l] += 1;
+        }
+      }
+    });
+    // Chunks are reduced in a fixed order, so the sums do not depend on thread timing.
+    sums[b].copy_(chunks == 1 ? partial[0] : partial.sum(0));
+    counts[b].copy_(chunks == 1 ? partial_counts[0] : partial_counts.sum(0));
+  }
+  return squeeze_if_2d(x_in, sums, counts);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xdc_fast, CPU, m) {
+  m.impl("kmeans_assign", &kmeans_assign_cpu);
+  m.impl("kmeans_update", &kmeans_update_cpu);
+}
+
+}  // namespace xdc_fast

@@ -1,0 +1,53 @@
+"""torch.distributed helpers: every function is a no-op (or the trivial answer) without a process group."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def _communicable(t: torch.Tensor) -> torch.Tensor:
+    # gloo reduces CPU tensors only; NCCL wants them on the GPU.
+    if dist.get_backend() == "gloo" and t.device.type != "cpu":
+        return t.cpu()
+    return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over all ranks (``t`` itself when not distributed)."""
+    if not is_distributed():
+        return t
+    buf = _communicable(t).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(t.device)
+
+
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``t`` as held by rank ``src``, on every rank."""
+    if not is_distributed():
+        return t
+    buf = _communicable(t).contiguous().clone()
+    dist.broadcast(buf, src=src)
+    return buf.to(t.device)
