@@ -77,30 +77,23 @@ def _lloyd_step(assign, update, x, centroids, k):
 def _sgemm_rate(x: torch.Tensor, centroids: torch.Tensor, repeats: int) -> float:
     """The machine's fp32 GEMM rate on this problem's shape, through torch.mm.
 
-    On the CPU the rows go in 4096-row blocks so the product measures the arithmetic rate rather than
-    the cost of writing an N x K result to memory; on the GPU it is the full product of the same shape.
+    The rows go in blocks, so the product measures the arithmetic rate rather than the cost of
+    writing an N x K result to memory (which would not fit for large N): 4096 rows on the CPU, and
+    on the GPU as many as the plain-torch reference takes at once (at least 4096).
     """
     B, N, D = x.shape
     K = centroids.shape[1]
-    if x.device.type == "cuda":
-        out = torch.empty(N, K, device=x.device)
+    rows = min(N, reference.default_chunk_rows(x.device, K))
+    out = torch.empty(rows, K, device=x.device)
+    full_blocks = N // rows
 
-        def run():
-            for b in range(B):
-                torch.mm(x[b], centroids[b].T, out=out)
+    def run():
+        for b in range(B):
+            for block in range(full_blocks):
+                torch.mm(x[b, block * rows : (block + 1) * rows], centroids[b].T, out=out)
 
-    else:
-        rows = min(N, 4096)
-        out = torch.empty(rows, K)
-
-        def run():
-            for b in range(B):
-                for start in range(0, N - rows + 1, rows):
-                    torch.mm(x[b, start : start + rows], centroids[b].T, out=out)
-
-    blocks_rows = N if x.device.type == "cuda" else (N // min(N, 4096)) * min(N, 4096)
     seconds = _best_time(run, repeats, x.device)
-    return 2.0 * B * blocks_rows * D * K / seconds / 1e9
+    return 2.0 * B * full_blocks * rows * D * K / seconds / 1e9
 
 
 def _faiss_rows(x: torch.Tensor, centroids: torch.Tensor, threads: int, repeats: int) -> list[Row]:
@@ -146,7 +139,17 @@ def _sklearn_rows(x: torch.Tensor, centroids: torch.Tensor, threads: int, repeat
     cs = [np.ascontiguousarray(centroids[b].numpy()) for b in range(B)]
     weights = np.ones(N, dtype=np.float32)
 
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return [Row("scikit-learn", None, None, "needs threadpoolctl (as scikit-learn itself does)")]
+
     def step(update_centers: bool):
+        # As scikit-learn's own KMeans does: its threads call BLAS, which must not spawn threads too.
+        with threadpool_limits(limits=1, user_api="blas"):
+            _step(update_centers)
+
+    def _step(update_centers: bool):
         for xb, cb in zip(xs, cs):
             new = np.empty_like(cb)
             lloyd_iter_chunked_dense(xb, weights, cb, new, np.zeros(K, dtype=np.float32),
@@ -166,11 +169,10 @@ def bench_kmeans(device: str = "cpu", b: int = 1, n: int = 400_000, d: int = 256
     if threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, n, d, generator=gen)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(b, n, d, generator=gen, device=dev)
     # Centroids from the data, as Lloyd's first iteration would have them.
-    centroids = x[:, torch.randperm(n, generator=gen)[:k]].clone()
-    x, centroids = x.to(dev), centroids.to(dev)
+    centroids = x[:, torch.randperm(n, generator=gen, device=dev)[:k]].clone()
     say = progress or (lambda _msg: None)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 ceiling, as our default mode is fp32-exact
@@ -196,7 +198,7 @@ def bench_kmeans(device: str = "cpu", b: int = 1, n: int = 400_000, d: int = 256
         _best_time(lambda: reference.kmeans_assign_reference(x, centroids), repeats, dev),
         _best_time(lambda: _lloyd_step(reference.kmeans_assign_reference, reference.kmeans_update_reference,
                                        x, centroids, k), repeats, dev),
-        f"{reference.DEFAULT_CHUNK_ROWS}-row chunks, index_add_ update",
+        f"{reference.default_chunk_rows(dev, k)}-row chunks, index_add_ update",
     ))
     say("timing faiss")
     result.rows.extend(_faiss_rows(x, centroids, threads, repeats))

@@ -10,8 +10,17 @@ from __future__ import annotations
 
 import torch
 
-# Rows per distance block: 4096 x K floats stays a few tens of MB for K up to a few thousand.
+# Rows per distance block. On the CPU, 4096 x K floats stays a few tens of MB for K up to a few
+# thousand; on a GPU small blocks would leave it idle between launches, so a block there holds up to
+# 2^28 distances (1 GiB).
 DEFAULT_CHUNK_ROWS = 4096
+GPU_CHUNK_DISTANCES = 1 << 28
+
+
+def default_chunk_rows(device: torch.device, k: int) -> int:
+    if device.type == "cuda":
+        return max(DEFAULT_CHUNK_ROWS, GPU_CHUNK_DISTANCES // max(k, 1))
+    return DEFAULT_CHUNK_ROWS
 
 
 def _as_batch(t: torch.Tensor, rank: int) -> torch.Tensor:
@@ -19,12 +28,13 @@ def _as_batch(t: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def kmeans_assign_reference(
-    x: torch.Tensor, centroids: torch.Tensor, spherical: bool = False, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    x: torch.Tensor, centroids: torch.Tensor, spherical: bool = False, chunk_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid by ``mm`` + ``argmin`` over blocks of rows; see :func:`xdc_fast.ops.kmeans_assign`."""
     x3 = _as_batch(x, 3).float()
     c3 = _as_batch(centroids, 3).float()
     B, N, _ = x3.shape
+    chunk_rows = chunk_rows or default_chunk_rows(x.device, c3.shape[1])
     labels = torch.empty(B, N, dtype=torch.long, device=x.device)
     dist = torch.empty(B, N, dtype=torch.float32, device=x.device)
     cnorm = c3.pow(2).sum(-1)

@@ -219,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update_cpu(const at::Tensor& x_in, con
         const int64_t n0 = N * chunk / chunks, n1 = N * (chunk + 1) / chunks;
         for (int64_t n = n0; n < n1; ++n) {
           const int64_t l = lb[n];
-          TORCH_CHECK_VALUE(l >= 0 && l < K, "kmeans_update: labels should lie in [0, k) = [0, ", K, "), got ", l);
+          TORCH_CHECK_VALUE(l >= 0 && l < K, "kmeans_update: labels should lie in [0, k) = [0, ", num(K), "), got ", num(l));
           double* dst = psum + l * D;
           const float* src = xb + n * xsn;
           for (int64_t d = 0; d < D; ++d) dst[d] += src[d];

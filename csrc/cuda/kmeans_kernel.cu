@@ -214,9 +214,9 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cuda(const at::Tensor& x_in, co
   at::Tensor x = float_rows(x3);
   at::Tensor c = c3.to(at::kFloat).contiguous();
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), K = c.size(1);
-  TORCH_CHECK_VALUE(K < INT_MAX && D < INT_MAX, "kmeans_assign: K and D should be below 2^31, got K = ", K,
-                    " and D = ", D);
-  TORCH_CHECK_VALUE(B <= 65535, "kmeans_assign: the CUDA kernel handles at most 65535 problems per call, got B = ", B);
+  TORCH_CHECK_VALUE(K < INT_MAX && D < INT_MAX, "kmeans_assign: K and D should be below 2^31, got K = ", num(K),
+                    " and D = ", num(D));
+  TORCH_CHECK_VALUE(B <= 65535, "kmeans_assign: the CUDA kernel handles at most 65535 problems per call, got B = ", num(B));
   at::Tensor labels = at::empty({B, N}, x.options().dtype(at::kLong));
   at::Tensor dist = at::empty({B, N}, x.options().dtype(at::kFloat));
   if (N == 0) return squeeze_if_2d(x_in, labels, dist);
@@ -246,8 +246,8 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update_cuda(const at::Tensor& x_in, co
   c10::cuda::CUDAGuard guard(x3.device());
   at::Tensor x = float_rows(x3);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), K = k;
-  TORCH_CHECK_VALUE(D < INT_MAX, "kmeans_update: D should be below 2^31, got ", D);
-  TORCH_CHECK_VALUE(B <= 65535, "kmeans_update: the CUDA kernel handles at most 65535 problems per call, got B = ", B);
+  TORCH_CHECK_VALUE(D < INT_MAX, "kmeans_update: D should be below 2^31, got ", num(D));
+  TORCH_CHECK_VALUE(B <= 65535, "kmeans_update: the CUDA kernel handles at most 65535 problems per call, got B = ", num(B));
   at::Tensor sums = at::zeros({B, K, D}, x.options().dtype(at::kFloat));
   at::Tensor counts = at::zeros({B, K}, l2.options());
   if (N == 0) return squeeze_if_2d(x_in, sums, counts);
@@ -256,13 +256,13 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update_cuda(const at::Tensor& x_in, co
   // Sorted, so each problem's extremes are its first and last labels: one small read-back.
   at::Tensor ends = at::stack({sorted.select(1, 0).min(), sorted.select(1, N - 1).max()}).cpu();
   const int64_t lowest = ends[0].item<int64_t>(), highest = ends[1].item<int64_t>();
-  TORCH_CHECK_VALUE(lowest >= 0 && highest < K, "kmeans_update: labels should lie in [0, k) = [0, ", K, "), got ",
-                    lowest < 0 ? lowest : highest);
+  TORCH_CHECK_VALUE(lowest >= 0 && highest < K, "kmeans_update: labels should lie in [0, k) = [0, ", num(K),
+                    "), got ", num(lowest < 0 ? lowest : highest));
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t rows_per_block = int64_t(kUpdateWarps) * kUpdateRowsPerWarp;
   const dim3 grid((N + rows_per_block - 1) / rows_per_block, (D + 31) / 32, B);
-  TORCH_CHECK_VALUE(grid.y <= 65535, "kmeans_update: D should be at most ", 65535 * 32, ", got ", D);
+  TORCH_CHECK_VALUE(grid.y <= 65535, "kmeans_update: D should be at most ", num(65535 * 32), ", got ", num(D));
   update_kernel<<<grid, 32 * kUpdateWarps, 0, stream>>>(x.data_ptr<float>(), sorted.data_ptr<int64_t>(),
                                                           order.data_ptr<int64_t>(), sums.data_ptr<float>(),
                                                           counts.data_ptr<int64_t>(), N, int(D), K, x.stride(0),

@@ -1,0 +1,66 @@
+// C++ test of the ops through the dispatcher, against a float64 brute force (no Python involved).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstdio>
+#include <tuple>
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char* what) {
+  if (!ok) {
+    std::fprintf(stderr, "FAILED: %s\n", what);
+    ++failures;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> assign(const at::Tensor& x, const at::Tensor& c, bool spherical) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("xdc_fast::kmeans_assign", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(x, c, spherical);
+}
+
+std::tuple<at::Tensor, at::Tensor> update(const at::Tensor& x, const at::Tensor& labels, int64_t k) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("xdc_fast::kmeans_update", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(x, labels, k);
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  for (int64_t d : {1, 7, 64, 513}) {
+    for (int64_t k : {1, 17, 300}) {
+      at::Tensor x = at::randn({3, 257, d});
+      at::Tensor c = at::randn({3, k, d});
+      auto [labels, dist] = assign(x, c, false);
+      at::Tensor x64 = x.to(at::kDouble), c64 = c.to(at::kDouble);
+      at::Tensor all = (x64.unsqueeze(2) - c64.unsqueeze(1)).pow(2).sum(-1);  // [B, N, K]
+      at::Tensor best = std::get<0>(all.min(-1));
+      at::Tensor chosen = all.gather(-1, labels.unsqueeze(-1)).squeeze(-1);
+      at::Tensor scale = x64.pow(2).sum(-1) + c64.pow(2).sum(-1).amax(-1, true);
+      expect((chosen - best).le(1e-5 * scale).all().item<bool>(), "labels optimal up to near-ties");
+      expect((dist.to(at::kDouble) - chosen).abs().le(1e-4 * chosen.abs() + 1e-6 * scale + 1e-7).all().item<bool>(),
+             "dist equals the float64 distance of the label");
+      auto [sums, counts] = update(x, labels, k);
+      at::Tensor want = at::zeros({3, k, d}, at::kDouble);
+      for (int64_t b = 0; b < 3; ++b) want[b].index_add_(0, labels[b], x64[b]);
+      expect(at::allclose(sums.to(at::kDouble), want, 1e-5, 1e-4), "sums equal the float64 sums");
+      expect(counts.sum().item<int64_t>() == 3 * 257, "counts add up to N per problem");
+    }
+  }
+  bool threw = false;
+  try {
+    update(at::randn({4, 3}), at::full({4}, 5, at::kLong), 2);
+  } catch (const c10::Error&) {
+    threw = true;
+  }
+  expect(threw, "out-of-range label is rejected");
+  if (failures == 0) std::printf("test_kmeans: all checks passed\n");
+  return failures == 0 ? 0 : 1;
+}

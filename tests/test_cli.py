@@ -1,0 +1,37 @@
+import json
+
+from click.testing import CliRunner
+
+from xdc_fast.cli import main
+
+
+def test_help_lists_the_verbs():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0 and "bench" in result.output
+    result = CliRunner().invoke(main, ["bench", "kmeans", "--help"])
+    assert result.exit_code == 0 and "--json" in result.output and "default: 400000" in result.output
+
+
+def test_bench_kmeans_small(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        main, ["bench", "kmeans", "--n", "3000", "--d", "16", "--k", "32", "--b", "2", "--repeats", "1",
+               "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "| xdc-fast |" in result.output and "| torch mm+argmin |" in result.output
+    data = json.loads(out.read_text())
+    assert data["n"] == 3000 and data["k"] == 32 and data["b"] == 2
+    names = [row["name"] for row in data["rows"]]
+    assert names[:2] == ["xdc-fast", "torch mm+argmin"] and "faiss" in names and "scikit-learn" in names
+    ours = data["rows"][0]
+    assert ours["assign_s"] > 0 and ours["lloyd_s"] > 0 and ours["assign_gflops"] > 0
+
+
+def test_bench_kmeans_bad_input_is_a_clear_error():
+    result = CliRunner().invoke(main, ["bench", "kmeans", "--n", "10", "--k", "20"])
+    assert result.exit_code == 2
+    assert "--k 20 is larger than --n 10" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["bench", "kmeans", "--k", "0"])
+    assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output

@@ -1,0 +1,252 @@
+import pytest
+import torch
+
+from xdc_fast import ops, reference
+
+from .oracle import check_labels, update64
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def test_extension_is_built():
+    # The suite must exercise the compiled kernels, not the plain-torch fallback.
+    assert ops.HAS_EXTENSION
+
+
+# Ns: below the smallest CPU tile (16 rows), between tiles, and not a multiple of the GPU's 64.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d", [1, 3, 7, 64, 256, 513])
+@pytest.mark.parametrize("k", [1, 2, 17, 1024])
+@pytest.mark.parametrize("b,n", [(1, 5), (3, 37), (1, 300)])
+def test_assign_matches_float64(device, d, k, b, n):
+    x = torch.randn(b, n, d, device=device)
+    c = torch.randn(b, k, d, device=device)
+    labels, dist = ops.kmeans_assign(x, c)
+    exact = check_labels(x, c, labels, dist)
+    if d >= 7:  # with a few dimensions, near-ties are common and either label is right
+        assert exact >= 0.99
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d,k", [(3, 17), (64, 1024), (513, 2)])
+def test_assign_spherical(device, d, k):
+    x = torch.nn.functional.normalize(torch.randn(2, 333, d, device=device), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(2, k, d, device=device), dim=-1)
+    labels, sim = ops.kmeans_assign(x, c, spherical=True)
+    check_labels(x, c, labels, sim, spherical=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_assign_two_dimensional_input_means_one_problem(device):
+    x, c = torch.randn(100, 8, device=device), torch.randn(5, 8, device=device)
+    labels, dist = ops.kmeans_assign(x, c)
+    assert labels.shape == (100,) and dist.shape == (100,)
+    labels3, dist3 = ops.kmeans_assign(x[None], c[None])
+    assert torch.equal(labels, labels3[0]) and torch.equal(dist, dist3[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_assign_lowest_index_wins_exact_ties(device):
+    c = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]], device=device)
+    # Each point is equidistant from all four centroids or from two identical ones.
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], device=device)
+    labels, _ = ops.kmeans_assign(x, c)
+    assert labels.tolist() == [0, 0, 1, 0]
+    # Many identical centroids: ties across the GPU's 64-wide tiles and threads too.
+    labels, _ = ops.kmeans_assign(torch.randn(200, 4, device=device), torch.ones(300, 4, device=device))
+    assert int(labels.max()) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_assign_non_contiguous_inputs(device):
+    base = torch.randn(3, 200, 2 * 33, device=device)
+    x = base[:, ::2, ::2]  # strided rows and columns
+    c = torch.randn(33, 3, 17, device=device).permute(1, 2, 0)  # [3, 17, 33] with stride 1 on B
+    assert not x.is_contiguous() and not c.is_contiguous()
+    labels, dist = ops.kmeans_assign(x, c)
+    check_labels(x, c, labels, dist)
+    labels_c, dist_c = ops.kmeans_assign(x.contiguous(), c.contiguous())
+    assert torch.equal(labels, labels_c)
+    # Row-strided but unit-stride columns is handled without a copy on the CPU; same answer.
+    x_rows = base[:, :, :33]
+    torch.testing.assert_close(ops.kmeans_assign(x_rows, c)[1], ops.kmeans_assign(x_rows.contiguous(), c)[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_assign_reduced_precision_accumulates_in_float32(device, dtype):
+    x = torch.randn(2, 300, 64, device=device).to(dtype)
+    c = torch.randn(2, 50, 64, device=device).to(dtype)
+    labels, dist = ops.kmeans_assign(x, c)
+    assert dist.dtype == torch.float32
+    check_labels(x, c, labels, dist)  # the oracle sees the same rounded inputs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_assign_under_autocast_returns_float32(device):
+    x, c = torch.randn(300, 32, device=device), torch.randn(20, 32, device=device)
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device_type=device, dtype=dtype):
+        labels, dist = ops.kmeans_assign(x, c)
+        sums, counts = ops.kmeans_update(x, labels, 20)
+    assert dist.dtype == torch.float32 and sums.dtype == torch.float32
+    check_labels(x, c, labels, dist)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_assign_empty_input(device):
+    labels, dist = ops.kmeans_assign(torch.randn(2, 0, 5, device=device), torch.randn(2, 3, 5, device=device))
+    assert labels.shape == (2, 0) and dist.shape == (2, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b,n,d,k", [(1, 1, 1, 1), (1, 1000, 7, 17), (3, 5000, 64, 1024), (2, 2049, 513, 3)])
+def test_update_matches_float64(device, b, n, d, k):
+    x = torch.randn(b, n, d, device=device)
+    labels = torch.randint(0, k, (b, n), device=device)
+    sums, counts = ops.kmeans_update(x, labels, k)
+    sums64, counts64 = update64(x, labels, k)
+    assert sums.dtype == torch.float32 and counts.dtype == torch.int64
+    assert torch.equal(counts.cpu(), counts64)
+    torch.testing.assert_close(sums.cpu().double(), sums64, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_hot_cluster_and_empty_clusters(device):
+    # One cluster takes almost everything: the case that serialises naive atomics.
+    x = torch.randn(20000, 48, device=device)
+    labels = torch.zeros(20000, dtype=torch.long, device=device)
+    labels[::1000] = 7
+    sums, counts = ops.kmeans_update(x, labels, 9)
+    sums64, counts64 = update64(x, labels, 9)
+    assert torch.equal(counts.cpu(), counts64)
+    assert counts.tolist()[1:7] == [0] * 6 and float(sums[1:7].abs().sum()) == 0.0
+    torch.testing.assert_close(sums.cpu().double(), sums64, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_non_contiguous_and_half(device):
+    x = torch.randn(2, 600, 40, device=device)[:, ::3, ::2]
+    labels = torch.randint(0, 5, (2, 600), device=device)[:, ::3]
+    sums, counts = ops.kmeans_update(x, labels, 5)
+    sums64, counts64 = update64(x, labels, 5)
+    assert torch.equal(counts.cpu(), counts64)
+    torch.testing.assert_close(sums.cpu().double(), sums64, rtol=1e-5, atol=1e-4)
+    half = x.half()
+    sums_h, _ = ops.kmeans_update(half, labels, 5)
+    torch.testing.assert_close(sums_h.cpu().double(), update64(half, labels, 5)[0], rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reference_twins_agree_with_kernels(device):
+    x, c = torch.randn(2, 500, 24, device=device), torch.randn(2, 40, 24, device=device)
+    labels, dist = ops.kmeans_assign(x, c)
+    ref_labels, ref_dist = reference.kmeans_assign_reference(x, c)
+    check_labels(x, c, ref_labels, ref_dist)
+    assert float((labels == ref_labels).double().mean()) > 0.99
+    sums, counts = ops.kmeans_update(x, labels, 40)
+    ref_sums, ref_counts = reference.kmeans_update_reference(x, labels, 40)
+    assert torch.equal(counts, ref_counts)
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x, c = torch.randn(2, 70, 9, device=device), torch.randn(2, 6, 9, device=device)
+    labels = torch.randint(0, 6, (2, 70), device=device)
+    for spherical in (False, True):
+        torch.library.opcheck(torch.ops.xdc_fast.kmeans_assign.default, (x, c, spherical))
+    torch.library.opcheck(torch.ops.xdc_fast.kmeans_assign.default, (x[0], c[0]))
+    torch.library.opcheck(torch.ops.xdc_fast.kmeans_update.default, (x, labels, 6))
+    torch.library.opcheck(torch.ops.xdc_fast.kmeans_update.default, (x[0], labels[0], 6))
+
+
+def test_torch_compile_traces_the_ops():
+    def step(x, c):
+        labels, dist = torch.ops.xdc_fast.kmeans_assign(x, c, False)
+        sums, counts = torch.ops.xdc_fast.kmeans_update(x, labels, c.shape[0])
+        return sums / counts.clamp_min(1).unsqueeze(-1), dist.sum()
+
+    x, c = torch.randn(200, 16), torch.randn(8, 16)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    new, obj = compiled(x, c)
+    ref_new, ref_obj = step(x, c)
+    torch.testing.assert_close(new, ref_new)
+    torch.testing.assert_close(obj, ref_obj)
+
+
+@pytest.mark.cuda
+def test_cpu_and_cuda_agree():
+    x, c = torch.randn(3, 4000, 96), torch.randn(3, 300, 96)
+    labels_cpu, dist_cpu = ops.kmeans_assign(x, c)
+    labels_gpu, dist_gpu = ops.kmeans_assign(x.cuda(), c.cuda())
+    # Different summation orders: labels may differ only on near-ties, which check_labels allows.
+    check_labels(x, c, labels_gpu.cpu(), dist_gpu.cpu())
+    assert float((labels_cpu == labels_gpu.cpu()).double().mean()) > 0.999
+    torch.testing.assert_close(dist_cpu, dist_gpu.cpu(), rtol=1e-4, atol=1e-4)
+    sums_cpu, counts_cpu = ops.kmeans_update(x, labels_cpu, 300)
+    sums_gpu, counts_gpu = ops.kmeans_update(x.cuda(), labels_cpu.cuda(), 300)
+    assert torch.equal(counts_cpu, counts_gpu.cpu())
+    torch.testing.assert_close(sums_cpu, sums_gpu.cpu(), rtol=1e-5, atol=1e-3)
+
+
+# ---- errors: what was expected and what came ------------------------------------------------------
+
+ASSIGN_ERRORS = [
+    (lambda: (torch.randn(5), torch.randn(2, 5)), ValueError, "x should be a 2-D [N, D] or 3-D [B, N, D] tensor, got 1-D"),
+    (lambda: (torch.randn(4, 5), torch.randn(1, 2, 5)), ValueError, "centroids should be 2-D like x"),
+    (lambda: (torch.randn(2, 4, 5), torch.randn(3, 2, 5)), ValueError, "same batch size B, got 2 and 3"),
+    (lambda: (torch.randn(4, 5), torch.randn(2, 6)), ValueError, "same dimension D, got 5 and 6"),
+    (lambda: (torch.randn(4, 5), torch.randn(0, 5)), ValueError, "K >= 1"),
+    (lambda: (torch.randn(4, 5).double(), torch.randn(2, 5)), TypeError, "x should be float32, float16 or bfloat16, got Double"),
+    (lambda: (torch.randn(4, 5), torch.randint(0, 3, (2, 5))), TypeError, "centroids should be float32, float16 or bfloat16, got Long"),
+]
+
+
+@pytest.mark.parametrize("make,error,message", ASSIGN_ERRORS)
+def test_assign_errors(make, error, message):
+    x, c = make()
+    with pytest.raises(error, match=_literal(message)):
+        ops.kmeans_assign(x, c)
+
+
+def test_assign_rejects_non_finite_unless_told_not_to():
+    x, c = torch.randn(10, 3), torch.randn(2, 3)
+    x[4, 1] = float("nan")
+    x[7, 0] = float("inf")
+    with pytest.raises(ValueError, match="x should be finite, got 2 NaN/Inf"):
+        ops.kmeans_assign(x, c)
+    labels, _ = ops.kmeans_assign(x, c, check_finite_input=False)
+    assert int(labels.min()) >= 0 and int(labels.max()) < 2  # garbage in, but still in range
+
+
+def test_device_mismatch_is_reported():
+    with pytest.raises(ValueError, match="same device, got cpu and meta"):
+        ops.check_assign_inputs(torch.randn(4, 5), torch.randn(2, 5, device="meta"))
+    with pytest.raises(ValueError, match="same device, got cpu and meta"):
+        ops.check_update_inputs(torch.randn(4, 5), torch.zeros(4, dtype=torch.long, device="meta"), 2)
+
+
+UPDATE_ERRORS = [
+    (lambda: (torch.randn(4, 5), torch.zeros(4, dtype=torch.long), 0), ValueError, "k should be at least 1, got 0"),
+    (lambda: (torch.randn(4, 5), torch.zeros(4, dtype=torch.int32), 2), TypeError, "labels should be int64, got Int"),
+    (lambda: (torch.randn(4, 5), torch.zeros(2, 4, dtype=torch.long), 2), ValueError, "labels should be 1-D [N]"),
+    (lambda: (torch.randn(2, 4, 5), torch.zeros(2, 3, dtype=torch.long), 2), ValueError, "labels should be [B, N] = [2, 4]"),
+    (lambda: (torch.randn(4, 5), torch.tensor([0, 1, 2, 1]), 2), ValueError, "labels should lie in [0, k) = [0, 2), got 2"),
+    (lambda: (torch.randn(4, 5), torch.tensor([0, -1, 1, 1]), 2), ValueError, "labels should lie in [0, k) = [0, 2), got -1"),
+    (lambda: (torch.randn(4, 5).double(), torch.zeros(4, dtype=torch.long), 2), TypeError, "x should be float32"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make,error,message", UPDATE_ERRORS)
+def test_update_errors(device, make, error, message):
+    x, labels, k = make()
+    with pytest.raises(error, match=_literal(message)):
+        ops.kmeans_update(x.to(device), labels.to(device), k)
+
+
+def _literal(message: str) -> str:
+    import re
+
+    return re.escape(message)
