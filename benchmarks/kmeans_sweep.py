@@ -15,7 +15,7 @@ import sys
 
 from xdc_fast.bench import bench_kmeans, format_kmeans_table
 
-CPU_SIZES = ["100000x64x256", "400000x256x1024", "100000x512x8192"]
+CPU_SIZES = ["100000x64x256", "400000x256x1024", "50000x256x8192"]
 
 
 def parse_size(text: str) -> tuple[int, int, int]:
