@@ -8,7 +8,7 @@ mkdir -p "$OUT"
 export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 SIZES=("$@")
-[ ${#SIZES[@]} -gt 0 ] || SIZES=(1000000x256x256 1000000x256x1024 1000000x256x8192 10000000x256x1024)
+[ ${#SIZES[@]} -gt 0 ] || SIZES=(1000000x128x1024 1000000x256x256 1000000x256x1024 1000000x512x1024 1000000x256x8192 10000000x256x1024)
 step() { echo "=== $* ($(date +%T))"; }
 
 step machine

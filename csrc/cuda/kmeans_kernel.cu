@@ -1,6 +1,6 @@
 // CUDA kernels of the k-means ops.
 //
-// Assignment: a tiled fp32 GEMM (64 rows x 64 centroids per step, 4 x 4 per thread) whose epilogue
+// Assignment: a tiled fp32 GEMM (128 rows x 128 centroids per step, 8 x 8 per thread) whose epilogue
 // folds each centroid tile into a running (min, index) per row held in registers; the N x K matrix
 // never leaves the chip. The 16 threads sharing a row reduce with warp shuffles at the end, lowest
 // index winning exact ties, and a second small kernel recomputes the winner's distance directly.
@@ -30,11 +30,13 @@
 namespace xdc_fast {
 namespace {
 
-constexpr int kTileRows = 64;        // rows of x per block
-constexpr int kTileCentroids = 64;   // centroids per inner step
-constexpr int kTileDepth = 16;       // feature dimensions per shared-memory stage
-constexpr int kThreads = 256;        // 16 x 16 threads, each owning 4 rows x 4 centroids
-constexpr int kPad = 4;              // keeps the transposed tiles' rows 16-byte aligned and spreads banks
+// Assignment tile: 128 rows x 128 centroids per step, 8 feature dimensions per shared-memory
+// stage (double-buffered), 256 threads each owning 8 rows x 8 centroids, split in two groups of 4
+// 64 apart so that every shared-memory read is a float4 and no bank is shared.
+constexpr int kTileRows = 128;
+constexpr int kTileCentroids = 128;
+constexpr int kTileDepth = 8;
+constexpr int kThreads = 256;
 
 __device__ __forceinline__ void keep_better(float& best, int& index, float other, int other_index) {
   if (other < best || (other == best && other_index < index)) {
@@ -43,68 +45,114 @@ __device__ __forceinline__ void keep_better(float& best, int& index, float other
   }
 }
 
-template <bool kSpherical>
-__global__ void __launch_bounds__(kThreads) assign_kernel(const float* __restrict__ x, const float* __restrict__ c,
-                                                          const float* __restrict__ cnorm,
-                                                          int64_t* __restrict__ labels, int64_t N, int D, int K,
-                                                          int64_t x_batch_stride, int64_t x_row_stride) {
-  __shared__ __align__(16) float xs[kTileDepth][kTileRows + kPad];
-  __shared__ __align__(16) float cs[kTileDepth][kTileCentroids + kPad];
+// Four consecutive dimensions [d, d + 4) of one row of a row-major operand, zero outside the
+// operand. kVector: the row stride and D are multiples of 4 and the base is 16-byte aligned, so the
+// four values are one aligned float4 that lies either wholly inside or wholly past D.
+template <bool kVector>
+__device__ __forceinline__ float4 load_four(const float* __restrict__ base, int64_t rows_left, int64_t row_stride,
+                                            int row, int d, int D) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (row < rows_left) {
+    const float* p = base + row * row_stride + d;
+    if (kVector) {
+      if (d < D) v = __ldg(reinterpret_cast<const float4*>(p));
+    } else {
+      if (d < D) v.x = __ldg(p);
+      if (d + 1 < D) v.y = __ldg(p + 1);
+      if (d + 2 < D) v.z = __ldg(p + 2);
+      if (d + 3 < D) v.w = __ldg(p + 3);
+    }
+  }
+  return v;
+}
+
+__device__ __forceinline__ void store_transposed(float (*tile)[kTileRows], int row, int d, float4 v) {
+  tile[d][row] = v.x;
+  tile[d + 1][row] = v.y;
+  tile[d + 2][row] = v.z;
+  tile[d + 3][row] = v.w;
+}
+
+template <bool kSpherical, bool kVector>
+__global__ void __launch_bounds__(kThreads, 1)
+    assign_kernel(const float* __restrict__ x, const float* __restrict__ c, const float* __restrict__ cnorm,
+                  int64_t* __restrict__ labels, int64_t N, int D, int K, int64_t x_batch_stride,
+                  int64_t x_row_stride) {
+  __shared__ __align__(16) float xs[2][kTileDepth][kTileRows];
+  __shared__ __align__(16) float cs[2][kTileDepth][kTileCentroids];
 
   const int b = blockIdx.y;
   const int64_t row0 = int64_t(blockIdx.x) * kTileRows;
-  const float* xb = x + b * x_batch_stride;
+  const int64_t rows_left = N - row0;
+  const float* xb = x + b * x_batch_stride + row0 * x_row_stride;
   const float* cb = c + int64_t(b) * K * D;
   const float* nb = cnorm + int64_t(b) * K;
   const int tid = threadIdx.x;
   const int ty = tid / 16, tx = tid % 16;
+  // Each thread stages four dimensions of one row of each operand per stage.
+  const int load_row = tid / 2, load_d = (tid % 2) * 4;
 
-  float best[4];
-  int best_index[4];
+  float best[8];
+  int best_index[8];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 8; ++i) {
     best[i] = FLT_MAX;
     best_index[i] = INT_MAX;
   }
 
   for (int k0 = 0; k0 < K; k0 += kTileCentroids) {
-    float acc[4][4] = {};
-    for (int d0 = 0; d0 < D; d0 += kTileDepth) {
-      // 64 x 16 elements of each operand, 4 per thread; consecutive threads read consecutive
-      // dimensions of one row, so the global loads coalesce.
+    const float* ck = cb + int64_t(k0) * D;
+    const int64_t centroids_left = K - k0;
+    float acc[8][8];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int e = tid + i * kThreads;
-        const int r = e / kTileDepth, dd = e % kTileDepth;
-        const int64_t row = row0 + r;
-        const int d = d0 + dd;
-        xs[dd][r] = (row < N && d < D) ? xb[row * x_row_stride + d] : 0.0f;
-        const int centroid = k0 + r;
-        cs[dd][r] = (centroid < K && d < D) ? cb[int64_t(centroid) * D + d] : 0.0f;
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+
+    float4 x_next = load_four<kVector>(xb, rows_left, x_row_stride, load_row, load_d, D);
+    float4 c_next = load_four<kVector>(ck, centroids_left, D, load_row, load_d, D);
+    store_transposed(xs[0], load_row, load_d, x_next);
+    store_transposed(cs[0], load_row, load_d, c_next);
+    __syncthreads();
+
+    int stage = 0;
+    for (int d0 = 0; d0 < D; d0 += kTileDepth) {
+      const bool more = d0 + kTileDepth < D;
+      if (more) {  // the next stage's global loads fly while this stage computes
+        x_next = load_four<kVector>(xb, rows_left, x_row_stride, load_row, d0 + kTileDepth + load_d, D);
+        c_next = load_four<kVector>(ck, centroids_left, D, load_row, d0 + kTileDepth + load_d, D);
       }
-      __syncthreads();
 #pragma unroll
       for (int dd = 0; dd < kTileDepth; ++dd) {
-        const float4 a = *reinterpret_cast<const float4*>(&xs[dd][ty * 4]);
-        const float4 w = *reinterpret_cast<const float4*>(&cs[dd][tx * 4]);
-        const float av[4] = {a.x, a.y, a.z, a.w};
-        const float wv[4] = {w.x, w.y, w.z, w.w};
+        const float4 a0 = *reinterpret_cast<const float4*>(&xs[stage][dd][ty * 4]);
+        const float4 a1 = *reinterpret_cast<const float4*>(&xs[stage][dd][64 + ty * 4]);
+        const float4 w0 = *reinterpret_cast<const float4*>(&cs[stage][dd][tx * 4]);
+        const float4 w1 = *reinterpret_cast<const float4*>(&cs[stage][dd][64 + tx * 4]);
+        const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+        const float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < 8; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], wv[j], acc[i][j]);
+          for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], wv[j], acc[i][j]);
+      }
+      if (more) {
+        // The other buffer was last read before the previous barrier: safe to overwrite.
+        store_transposed(xs[stage ^ 1], load_row, load_d, x_next);
+        store_transposed(cs[stage ^ 1], load_row, load_d, c_next);
       }
       __syncthreads();
+      stage ^= 1;
     }
-    // Epilogue: fold this centroid tile into the running argmin. Within a thread centroids come in
-    // increasing order, so a strict comparison keeps the lowest index on ties.
+
+    // Epilogue: fold this centroid tile into the running argmin. A thread meets its centroids in
+    // increasing order (j < 4 below 64 + ...), so a strict comparison keeps the lowest index.
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int centroid = k0 + tx * 4 + j;
+    for (int j = 0; j < 8; ++j) {
+      const int centroid = k0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + j - 4);
       if (centroid < K) {
-        const float norm = kSpherical ? 0.0f : nb[centroid];
+        const float norm = kSpherical ? 0.0f : __ldg(nb + centroid);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < 8; ++i) {
           const float value = kSpherical ? -acc[i][j] : fmaf(-2.0f, acc[i][j], norm);
           if (value < best[i]) {
             best[i] = value;
@@ -115,16 +163,16 @@ __global__ void __launch_bounds__(kThreads) assign_kernel(const float* __restric
     }
   }
 
-  // The 16 threads of a row group are 16 consecutive lanes of one warp.
+  // The 16 threads sharing rows (same ty) are 16 consecutive lanes of one warp.
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 8; ++i) {
 #pragma unroll
     for (int offset = 8; offset > 0; offset /= 2) {
       const float other = __shfl_xor_sync(0xffffffffu, best[i], offset, 16);
       const int other_index = __shfl_xor_sync(0xffffffffu, best_index[i], offset, 16);
       keep_better(best[i], best_index[i], other, other_index);
     }
-    const int64_t row = row0 + ty * 4 + i;
+    const int64_t row = row0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + i - 4);
     if (tx == 0 && row < N) {
       // INT_MAX survives only when every value was NaN: any in-range label will do then.
       labels[int64_t(b) * N + row] = best_index[i] == INT_MAX ? 0 : best_index[i];
@@ -224,7 +272,11 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cuda(const at::Tensor& x_in, co
   at::Tensor cnorm = c.to(at::kDouble).pow(2).sum(-1).to(at::kFloat).contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid((N + kTileRows - 1) / kTileRows, B);
-  auto launch_assign = spherical ? assign_kernel<true> : assign_kernel<false>;
+  const bool vector = D % 4 == 0 && x.stride(1) % 4 == 0 && x.stride(0) % 4 == 0 &&
+                      reinterpret_cast<uintptr_t>(x.data_ptr<float>()) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(c.data_ptr<float>()) % 16 == 0;
+  auto launch_assign = spherical ? (vector ? assign_kernel<true, true> : assign_kernel<true, false>)
+                                 : (vector ? assign_kernel<false, true> : assign_kernel<false, false>);
   launch_assign<<<grid, kThreads, 0, stream>>>(x.data_ptr<float>(), c.data_ptr<float>(), cnorm.data_ptr<float>(),
                                                labels.data_ptr<int64_t>(), N, int(D), int(K), x.stride(0),
                                                x.stride(1));
