@@ -22,7 +22,7 @@ $(STACK): requirements.txt requirements-dev.txt | $(PY)
 	touch $@
 
 $(EDITABLE): pyproject.toml setup.py | $(STACK)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	XDC_FAST_NO_EXTENSION=1 $(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 # Incremental (ninja keeps build/): after the first build only changed sources recompile.

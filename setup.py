@@ -5,6 +5,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST     GPU targets (default "9.0": H100/H200)
   MAX_JOBS                 parallel compile jobs (ninja)
   XDC_FAST_DEBUG=1         -O0 -g, for debuggers and sanitizers
+  XDC_FAST_NO_EXTENSION=1  register the package only (the Makefile then builds the extension in place,
+                           incrementally, instead of pip compiling it a second time in a temporary folder)
 """
 
 import glob
@@ -53,6 +55,6 @@ def extension():
 
 setup(
     packages=find_packages(include=["xdc_fast", "xdc_fast.*"]),
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("XDC_FAST_NO_EXTENSION") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

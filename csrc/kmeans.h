@@ -82,4 +82,17 @@ inline std::tuple<at::Tensor, at::Tensor> check_update_inputs(const at::Tensor& 
   return {x3, l2};
 }
 
+// Features as float32 rows with unit stride inside a row (what both kernels index); keeps a
+// row-strided view as it is instead of copying it.
+inline at::Tensor float_rows(const at::Tensor& t) {
+  at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  return f.stride(-1) == 1 && f.stride(-2) >= f.size(-1) ? f : f.contiguous();
+}
+
+// The kernels work on [B, ...]; a 2-D call gets its outputs back without the batch dimension.
+inline std::tuple<at::Tensor, at::Tensor> squeeze_if_2d(const at::Tensor& like, at::Tensor a, at::Tensor b) {
+  if (like.dim() == 2) return {a.squeeze(0), b.squeeze(0)};
+  return {a, b};
+}
+
 }  // namespace xdc_fast

@@ -251,3 +251,24 @@ def _literal(message: str) -> str:
     import re
 
     return re.escape(message)
+
+
+def test_fallback_without_extension_warns_once_and_is_correct(monkeypatch):
+    monkeypatch.setattr(ops, "HAS_EXTENSION", False)
+    monkeypatch.setattr(ops, "_warned", set())
+    x, c = torch.randn(2, 300, 9), torch.randn(2, 12, 9)
+    with pytest.warns(RuntimeWarning, match="plain-torch k-means"):
+        labels, dist = ops.kmeans_assign(x, c)
+    check_labels(x, c, labels, dist)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise here
+        sums, counts = ops.kmeans_update(x, labels, 12)
+    sums64, counts64 = update64(x, labels, 12)
+    assert torch.equal(counts, counts64)
+    torch.testing.assert_close(sums.double(), sums64, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=_literal("labels should lie in [0, k) = [0, 12), got 12")):
+        ops.kmeans_update(x, torch.full((2, 300), 12), 12)
+    with pytest.raises(ValueError, match="same dimension D, got 9 and 4"):
+        ops.kmeans_assign(x, torch.randn(2, 12, 4))

@@ -245,16 +245,6 @@ __global__ void __launch_bounds__(32 * kUpdateWarps)
                              static_cast<unsigned long long>(end - run_start));
 }
 
-at::Tensor float_rows(const at::Tensor& t) {
-  at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
-  return f.stride(-1) == 1 && f.stride(-2) >= f.size(-1) ? f : f.contiguous();
-}
-
-std::tuple<at::Tensor, at::Tensor> squeeze_if_2d(const at::Tensor& like, at::Tensor a, at::Tensor b) {
-  if (like.dim() == 2) return {a.squeeze(0), b.squeeze(0)};
-  return {a, b};
-}
-
 std::tuple<at::Tensor, at::Tensor> kmeans_assign_cuda(const at::Tensor& x_in, const at::Tensor& centroids_in,
                                                       bool spherical) {
   auto [x3, c3] = check_assign_inputs(x_in, centroids_in);

@@ -1,0 +1,1 @@
+"""The audio-video data pipeline: prepare (index + audio extraction), clips, decoding backends, synthetic data."""

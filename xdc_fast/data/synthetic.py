@@ -1,0 +1,202 @@
+"""A small labelled audio-video dataset written with PyAV alone, deterministic by seed.
+
+Each class is carried by **both** modalities: a visual motion pattern (a shape moving along a
+class-specific path) and a sound (a class-specific pitch, beeping at a class-specific rate). Everything
+else is nuisance drawn per video: colours of shape and background, pixel noise, speed and phase of
+the motion, loudness, timbre (harmonic mix), noise floor and the timing of the beeps. So colour or
+loudness statistics say nothing about the class; motion and pitch do, and they agree across modalities,
+which is what cross-modal clustering needs to find.
+
+Also here: test media whose frame index is drawn into the pixels, and whose audio clicks at chosen
+instants, for frame-accuracy and alignment tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CLASS_NAMES = ("horizontal-low", "vertical-mid", "diagonal-high", "circle-shrill", "zigzag-bass", "still-chirp")
+# Pitch of each class's beep (Hz) and beeps per second: distinct, and well inside 16 kHz audio.
+CLASS_PITCH = (330.0, 660.0, 1320.0, 2640.0, 165.0, 990.0)
+CLASS_BEEP_RATE = (1.0, 2.0, 3.0, 1.5, 2.5, 4.0)
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    classes: int = 4
+    videos_per_class: int = 8
+    seconds: float = 4.0
+    fps: int = 16
+    width: int = 80
+    height: int = 64
+    sample_rate: int = 16000
+    audio_channels: int = 2  # stereo with different channels, so a downmix by mean is exercised
+    codec: str = "h264"  # or "vp9" (webm), which DALI's CPU decoder can read
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.classes <= len(CLASS_NAMES):
+            raise ValueError(f"classes should be between 1 and {len(CLASS_NAMES)}, got {self.classes}")
+        if self.codec not in ("h264", "vp9"):
+            raise ValueError(f"codec should be 'h264' or 'vp9', got {self.codec!r}")
+
+
+def make_synthetic_dataset(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> list[Path]:
+    """Write ``spec.classes * spec.videos_per_class`` videos as ``root/<class>/<class>_<i>.<ext>``.
+
+    Returns the paths written. Existing files are overwritten, so a fixed seed always gives the same
+    media (bit-exact for a given PyAV/FFmpeg build).
+    """
+    root = Path(root)
+    paths = []
+    ext = "mp4" if spec.codec == "h264" else "webm"
+    for label in range(spec.classes):
+        name = CLASS_NAMES[label]
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(spec.videos_per_class):
+            rng = np.random.default_rng([spec.seed, label, i])
+            frames = _class_video(label, spec, rng)
+            audio = _class_audio(label, spec, rng)
+            path = root / name / f"{name}_{i:03d}.{ext}"
+            write_media(path, frames, spec.fps, audio, spec.sample_rate, codec=spec.codec)
+            paths.append(path)
+    return paths
+
+
+def _class_video(label: int, spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
+    n = int(round(spec.seconds * spec.fps))
+    h, w = spec.height, spec.width
+    background = rng.uniform(0, 255, size=3)
+    colour = rng.uniform(0, 255, size=3)
+    # Keep the shape visible whatever the draw: push it away from the background colour.
+    colour = np.where(np.abs(colour - background) < 80, (background + 128) % 256, colour)
+    speed = rng.uniform(0.6, 1.4)
+    phase = rng.uniform(0, 2 * math.pi)
+    radius = max(3, int(min(h, w) * rng.uniform(0.10, 0.16)))
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = np.empty((n, h, w, 3), dtype=np.uint8)
+    for t in range(n):
+        s = 2 * math.pi * speed * t / spec.fps + phase
+        cx, cy = _path(label, s)
+        px, py = (0.5 + 0.35 * cx) * (w - 1), (0.5 + 0.35 * cy) * (h - 1)
+        mask = (xx - px) ** 2 + (yy - py) ** 2 <= radius**2
+        frame = np.broadcast_to(background, (h, w, 3)) + rng.normal(0, 12, size=(h, w, 3))
+        frame[mask] = colour
+        frames[t] = np.clip(frame, 0, 255).astype(np.uint8)
+    return frames
+
+
+def _path(label: int, s: float) -> tuple[float, float]:
+    """Unit-square trajectory of class ``label`` at phase ``s``."""
+    if label == 0:
+        return math.sin(s), 0.0
+    if label == 1:
+        return 0.0, math.sin(s)
+    if label == 2:
+        return math.sin(s), math.sin(s)
+    if label == 3:
+        return math.cos(s), math.sin(s)
+    if label == 4:
+        return math.sin(s), math.sin(3 * s) * 0.8
+    return 0.1 * math.sin(7 * s), 0.1 * math.cos(5 * s)
+
+
+def _class_audio(label: int, spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
+    sr = spec.sample_rate
+    n = int(round(spec.seconds * sr))
+    t = np.arange(n) / sr
+    pitch = CLASS_PITCH[label] * rng.uniform(0.97, 1.03)
+    harmonics = rng.dirichlet(np.ones(3))
+    tone = sum(a * np.sin(2 * math.pi * pitch * (k + 1) * t + rng.uniform(0, 2 * math.pi))
+               for k, a in enumerate(harmonics))
+    # Beeps at the class's rate with jittered onsets and lengths.
+    envelope = np.zeros(n)
+    period = 1.0 / CLASS_BEEP_RATE[label]
+    start = rng.uniform(0, period)
+    while start < spec.seconds:
+        length = period * rng.uniform(0.3, 0.6)
+        a, b = int(start * sr), min(n, int((start + length) * sr))
+        envelope[a:b] = 1.0
+        start += period * rng.uniform(0.85, 1.15)
+    loudness = rng.uniform(0.2, 0.6)
+    noise = rng.normal(0, rng.uniform(0.01, 0.05), size=(spec.audio_channels, n))
+    balance = rng.uniform(0.7, 1.0, size=(spec.audio_channels, 1))
+    return (loudness * balance * (tone * envelope)[None, :] + noise).astype(np.float32)
+
+
+def write_media(path: str | Path, frames: np.ndarray | None, fps: int, audio: np.ndarray | None = None,
+                sample_rate: int = 16000, codec: str = "h264", keyframe_interval: int | None = None) -> None:
+    """Encode ``frames`` ``[T, H, W, 3] uint8`` and/or ``audio`` ``[C, S] float32`` into one file.
+
+    H.264 + AAC in mp4, or VP9 + Opus in webm. A keyframe every ``keyframe_interval`` frames
+    (default: one per second), so seeking has real work to do.
+    """
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        video = None
+        if frames is not None:
+            video = container.add_stream("libx264" if codec == "h264" else "libvpx-vp9", rate=fps)
+            video.height, video.width = frames.shape[1], frames.shape[2]
+            video.pix_fmt = "yuv420p"
+            gop = str(keyframe_interval or fps)
+            video.options = {"g": gop, "keyint_min": gop, "bf": "0"} if codec == "h264" else {"g": gop}
+            if codec == "h264":
+                video.options["crf"] = "18"
+        sound = None
+        if audio is not None:
+            layout = "mono" if audio.shape[0] == 1 else "stereo"
+            sound = container.add_stream("aac" if codec == "h264" else "libopus", rate=sample_rate, layout=layout)
+        if video is not None:
+            for image in frames:
+                for packet in video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+                    container.mux(packet)
+            for packet in video.encode():
+                container.mux(packet)
+        if sound is not None:
+            chunk = 1024
+            for start in range(0, audio.shape[1], chunk):
+                block = np.ascontiguousarray(audio[:, start : start + chunk], dtype=np.float32)
+                frame = av.AudioFrame.from_ndarray(block, format="fltp", layout=sound.layout.name)
+                frame.sample_rate = sample_rate
+                frame.pts = start
+                for packet in sound.encode(frame):
+                    container.mux(packet)
+            for packet in sound.encode():
+                container.mux(packet)
+
+
+# ---- test media -------------------------------------------------------------------------------------
+
+INDEX_BITS = 10
+INDEX_CELL = 8  # pixels per bit cell: large enough to survive lossy compression
+
+
+def indexed_frames(count: int, height: int = 64, width: int = 96) -> np.ndarray:
+    """Frames whose index is drawn as a row of black/white cells (bit i = cell i, LSB first)."""
+    if width < INDEX_BITS * INDEX_CELL or height < INDEX_CELL:
+        raise ValueError("frames too small to carry the index")
+    frames = np.full((count, height, width, 3), 96, dtype=np.uint8)
+    for t in range(count):
+        for bit in range(INDEX_BITS):
+            value = 255 if (t >> bit) & 1 else 0
+            frames[t, :INDEX_CELL, bit * INDEX_CELL : (bit + 1) * INDEX_CELL] = value
+    return frames
+
+
+def read_index(frame: np.ndarray) -> int:
+    """Inverse of :func:`indexed_frames` on a decoded ``[H, W, 3]`` (or ``[3, H, W]``) frame."""
+    if frame.shape[0] == 3 and frame.shape[-1] != 3:
+        frame = np.moveaxis(frame, 0, -1)
+    value = 0
+    for bit in range(INDEX_BITS):
+        cell = frame[1 : INDEX_CELL - 1, bit * INDEX_CELL + 1 : (bit + 1) * INDEX_CELL - 1]
+        if float(np.mean(cell)) > 127:
+            value |= 1 << bit
+    return value
