@@ -35,3 +35,23 @@ def test_bench_kmeans_bad_input_is_a_clear_error():
     assert "Traceback" not in result.output
     result = CliRunner().invoke(main, ["bench", "kmeans", "--k", "0"])
     assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
+
+
+def test_prepare_command(tmp_path):
+    from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path / "root", SyntheticSpec(classes=2, videos_per_class=1, seconds=1.5, fps=8,
+                                                            width=32, height=32))
+    (tmp_path / "root" / "notes.mp4").write_text("not a video")
+    result = CliRunner().invoke(main, ["prepare", str(tmp_path / "root"), "--out", str(tmp_path / "ds"),
+                                       "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "2 usable, 1 rejected" in result.output
+    again = CliRunner().invoke(main, ["prepare", str(tmp_path / "root"), "--out", str(tmp_path / "ds"),
+                                      "--workers", "1"])
+    assert "0 usable, 0 rejected" in again.output and "3 already done" in again.output
+
+
+def test_prepare_bad_root_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(main, ["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "ds")])
+    assert result.exit_code == 2 and "does not exist" in result.output and "Traceback" not in result.output

@@ -19,6 +19,45 @@ def main():
     """
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("root", type=click.Path(file_okay=False, path_type=str))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="The dataset folder to write (manifest.jsonl, rejects.jsonl, audio/). Re-running resumes.")
+@click.option("--format", "fmt", type=click.Choice(["folder", "ucf101", "hmdb51", "esc50", "kinetics-csv"]),
+              default="folder",
+              help="folder: ROOT/<class>/<file> gives labels (flat: none); ucf101/hmdb51: their official split "
+                   "files, all 3 splits; esc50: audio only, meta/esc50.csv, 5 folds; kinetics-csv: --csv rows.")
+@click.option("--sample-rate", type=click.IntRange(min=1000), default=16000,
+              help="Rate of the extracted mono audio (Hz).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Processes probing files [default: the number of CPUs]; 0 or 1 works in this process.")
+@click.option("--min-seconds", type=click.FloatRange(min=0), default=1.0,
+              help="Files shorter than this are rejected: they cannot hold one clip.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="kinetics-csv only: the annotation CSV (label,youtube_id,time_start,time_end,split).")
+def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path):
+    """Index the media under ROOT, extract each audio track once, and record every unusable file.
+
+    Audio is averaged to mono and resampled once here, because DALI cannot read audio inside video
+    containers and every clip would otherwise decode it again.
+    """
+    import os
+
+    from .data.formats import FormatError
+    from .data.prepare import PrepareError, prepare as run_prepare
+
+    try:
+        summary = run_prepare(root, out, fmt=fmt, sample_rate=sample_rate,
+                              workers=os.cpu_count() if workers is None else workers, min_seconds=min_seconds,
+                              csv_path=csv_path, progress=True)
+    except (PrepareError, FormatError) as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        click.echo("interrupted: everything finished so far is kept; run the same command again to resume", err=True)
+        sys.exit(130)
+    click.echo(str(summary))
+
+
 @main.group(context_settings=CONTEXT)
 def bench():
     """Measure speed against the usual alternatives, side by side in one run."""

@@ -110,7 +110,9 @@ def _class_audio(label: int, spec: SyntheticSpec, rng: np.random.Generator) -> n
     n = int(round(spec.seconds * sr))
     t = np.arange(n) / sr
     pitch = CLASS_PITCH[label] * rng.uniform(0.97, 1.03)
-    harmonics = rng.dirichlet(np.ones(3))
+    # Timbre varies, but the fundamental stays the strongest partial: pitch is the class.
+    harmonics = np.array([1.0, *rng.uniform(0.0, 0.5, size=2)])
+    harmonics /= harmonics.sum()
     tone = sum(a * np.sin(2 * math.pi * pitch * (k + 1) * t + rng.uniform(0, 2 * math.pi))
                for k, a in enumerate(harmonics))
     # Beeps at the class's rate with jittered onsets and lengths.

@@ -1,0 +1,119 @@
+import csv
+
+import numpy as np
+import pytest
+
+from xdc_fast.data.formats import FormatError, list_dataset
+from xdc_fast.data.prepare import load_manifest, prepare, read_jsonl
+from xdc_fast.data.synthetic import write_media
+
+from .conftest import place
+
+
+def test_folder_labels_come_from_subfolders(tmp_path, small_video):
+    place(small_video, tmp_path / "b_class" / "x.mp4")
+    place(small_video, tmp_path / "a_class" / "deep" / "y.mkv")
+    place(small_video, tmp_path / "loose.mp4")
+    listing = list_dataset(tmp_path, "folder")
+    by_id = {i.id: i for i in listing.items}
+    assert listing.classes == ["a_class", "b_class"]
+    assert by_id["a_class/deep/y"].label == 0 and by_id["b_class/x"].label == 1
+    assert by_id["loose"].label is None
+
+
+def test_ucf101_three_splits(tmp_path, small_video):
+    lists = tmp_path / "ucfTrainTestlist"
+    lists.mkdir()
+    (lists / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 Archery\n")
+    videos = ["ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi", "Archery/v_Archery_g02_c01.avi",
+              "Archery/v_Archery_g09_c01.avi"]
+    for v in videos:
+        place(small_video, tmp_path / "UCF-101" / v)
+    for n in (1, 2, 3):
+        train, test = videos[: n % 3 + 1], videos[n % 3 + 1 :]
+        (lists / f"trainlist0{n}.txt").write_text("".join(f"{v} {1 + v.startswith('Archery')}\n" for v in train))
+        (lists / f"testlist0{n}.txt").write_text("".join(f"{v}\n" for v in test))
+    (lists / "testlist01.txt").write_text((lists / "testlist01.txt").read_text() + "Archery/v_Archery_g99_c09.avi\n")
+    prepare(tmp_path, tmp_path / "out", fmt="ucf101", workers=1, progress=False, min_seconds=0.5)
+    records = {r["id"]: r for r in load_manifest(tmp_path / "out")}
+    assert records["ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01"]["label"] == 0
+    assert records["Archery/v_Archery_g02_c01"]["label"] == 1
+    assert records["Archery/v_Archery_g02_c01"]["split"] == {"1": "train", "2": "train", "3": "test"}
+    assert records["Archery/v_Archery_g09_c01"]["split"] == {"1": "test", "2": "train", "3": "test"}
+    assert records["ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01"]["split"] == {"1": "train", "2": "train", "3": "train"}
+    (missing,) = read_jsonl(tmp_path / "out" / "rejects.jsonl")
+    assert missing["reason"].startswith("missing") and missing["path"].endswith("v_Archery_g99_c09.avi")
+
+
+def test_hmdb51_tags(tmp_path, small_video):
+    for video in ("brush_hair_a.avi", "brush_hair_b.avi"):
+        place(small_video, tmp_path / "videos" / "brush_hair" / video)
+    place(small_video, tmp_path / "videos" / "cartwheel" / "wheel_a.avi")
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for n in (1, 2, 3):
+        (splits / f"brush_hair_test_split{n}.txt").write_text(f"brush_hair_a.avi {1 if n != 2 else 2}\nbrush_hair_b.avi 0\n")
+        (splits / f"cartwheel_test_split{n}.txt").write_text("wheel_a.avi 2 \n")
+    listing = list_dataset(tmp_path, "hmdb51")
+    by_id = {i.id: i for i in listing.items}
+    assert listing.classes == ["brush_hair", "cartwheel"]
+    assert by_id["brush_hair/brush_hair_a"].split == {"1": "train", "2": "test", "3": "train"}
+    assert by_id["brush_hair/brush_hair_b"].split == {}  # tag 0: unused
+    assert by_id["cartwheel/wheel_a"].label == 1 and by_id["cartwheel/wheel_a"].split["3"] == "test"
+
+
+def test_esc50_audio_only_folds(tmp_path):
+    rows = [("1-100-A-0.wav", 1, 0, "dog"), ("2-200-A-1.wav", 2, 1, "rooster"), ("5-300-B-0.wav", 5, 0, "dog")]
+    (tmp_path / "meta").mkdir()
+    with (tmp_path / "meta" / "esc50.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filename", "fold", "target", "category", "esc10", "src_file", "take"])
+        for name, fold, target, category in rows:
+            writer.writerow([name, fold, target, category, "False", "x", "A"])
+            tone = 0.3 * np.sin(np.arange(44100 * 5) / 44100 * 2 * np.pi * 440).astype(np.float32)
+            _write_wav(tmp_path / "audio" / name, tone, 44100)
+    prepare(tmp_path, tmp_path / "out", fmt="esc50", workers=1, progress=False)
+    records = {r["id"]: r for r in load_manifest(tmp_path / "out")}
+    assert records["2-200-A-1"]["label"] == 1 and records["2-200-A-1"]["label_name"] == "rooster"
+    assert records["5-300-B-0"]["split"]["5"] == "test" and records["5-300-B-0"]["split"]["1"] == "train"
+    r = records["1-100-A-0"]
+    assert r["fps"] is None and r["has_audio"] and r["duration_s"] == pytest.approx(5.0, abs=0.01)
+    assert r["audio_samples"] == pytest.approx(80000, abs=5)  # resampled from 44.1 kHz to 16 kHz
+
+
+def test_kinetics_csv(tmp_path, small_video):
+    place(small_video, tmp_path / "train" / "abseiling" / "abc123_000010_000020.mp4")
+    (tmp_path / "k.csv").write_text("label,youtube_id,time_start,time_end,split\n"
+                                    "abseiling,abc123,10,20,train\nzumba,zzz999,0,10,val\n")
+    listing = list_dataset(tmp_path, "kinetics-csv", tmp_path / "k.csv")
+    by_id = {i.id: i for i in listing.items}
+    assert listing.classes == ["abseiling", "zumba"]
+    assert not by_id["abc123_000010_000020"].missing and by_id["abc123_000010_000020"].split == {"1": "train"}
+    assert by_id["zzz999_000000_000010"].missing
+
+
+def test_format_errors(tmp_path):
+    with pytest.raises(FormatError, match="classInd.txt"):
+        list_dataset(tmp_path, "ucf101")
+    with pytest.raises(FormatError, match="esc50.csv"):
+        list_dataset(tmp_path, "esc50")
+    with pytest.raises(FormatError, match="unknown format"):
+        list_dataset(tmp_path, "imagenet")
+
+
+def _write_wav(path, samples, rate):
+    import wave
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes((samples * 32767).astype("<i2").tobytes())
+
+
+def test_write_media_round_trip(tmp_path):
+    # The helper every test above leans on: frames and sound come back.
+    frames = np.zeros((20, 32, 32, 3), dtype=np.uint8)
+    frames[:, :16] = 200
+    write_media(tmp_path / "m.mp4", frames, 10, np.zeros((1, 16000), dtype=np.float32), 16000)
+    listing = list_dataset(tmp_path, "folder")
+    assert [i.id for i in listing.items] == ["m"]

@@ -1,0 +1,112 @@
+"""What a clip is, where clips start, and the transforms that turn decoded media into tensors.
+
+A clip is ``frames`` video frames taken every ``stride`` source frames (or at ``fps`` frames per
+second when that is set) from a start time, plus the audio window of ``audio_seconds`` centred on
+the same instant. Transforms are pure functions; randomness comes in as a numpy Generator so that a
+sample depends only on (seed, epoch, index), never on which worker decoded it.
+
+Defaults (not fixed by the paper, see REFERENCE §1): 8 frames at stride 2, short side resized to 128
+then a 112 crop (the R(2+1)D pretraining input); 1 s of 16 kHz mono audio turned into a log-mel
+spectrogram of 40 bands with 25 ms windows every 10 ms (101 frames).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# XDC's input normalisation (the authors' answer in their repository, REFERENCE §1).
+VIDEO_MEAN = (0.43216, 0.394666, 0.37645)
+VIDEO_STD = (0.22803, 0.22145, 0.216989)
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    frames: int = 8  # T
+    stride: int = 2  # source frames between two clip frames
+    fps: float | None = None  # sample at this rate instead of a fixed stride
+    resize_short: int = 128  # short side after resizing, before the crop
+    crop: int = 112  # square crop side
+    audio_seconds: float = 1.0  # audio window, centred on the clip's centre
+    sample_rate: int = 16000
+    n_mels: int = 40
+    window_ms: float = 25.0
+    hop_ms: float = 10.0
+    gain_db: float = 6.0  # training: audio gain drawn uniformly in +-gain_db
+    eval_clips: int = 10  # evaluation: uniformly spaced clips per video
+
+    def clip_seconds(self, video_fps: float) -> float:
+        """Time the clip's frames span (first frame to one frame past the last)."""
+        if self.fps:
+            return self.frames / self.fps
+        return self.frames * self.stride / video_fps
+
+    def frame_times(self, start: float, video_fps: float) -> np.ndarray:
+        step = 1.0 / self.fps if self.fps else self.stride / video_fps
+        return start + step * np.arange(self.frames)
+
+
+def train_start(duration: float, clip_seconds: float, rng: np.random.Generator) -> float:
+    """A start drawn uniformly over all the positions where the clip fits (0 when it never fits)."""
+    return float(rng.uniform(0.0, max(0.0, duration - clip_seconds)))
+
+
+def eval_starts(duration: float, clip_seconds: float, count: int) -> np.ndarray:
+    """``count`` uniformly spaced starts covering the video from beginning to end."""
+    return np.linspace(0.0, max(0.0, duration - clip_seconds), count)
+
+
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side at ``short_side`` and the aspect ratio kept (even sizes)."""
+    if width <= height:
+        w, h = short_side, round(height * short_side / width)
+    else:
+        w, h = round(width * short_side / height), short_side
+    return w + (w % 2), h + (h % 2)
+
+
+def video_to_tensor(frames: np.ndarray, crop: int, rng: np.random.Generator | None) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` -> normalised float ``[3, T, crop, crop]``.
+
+    Training (``rng`` given): random crop position and a horizontal flip half of the time.
+    Evaluation (``rng`` None): the centre crop.
+    """
+    t, h, w, _ = frames.shape
+    crop_h, crop_w = min(crop, h), min(crop, w)
+    if rng is None:
+        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        flip = False
+    else:
+        top, left = int(rng.integers(0, h - crop_h + 1)), int(rng.integers(0, w - crop_w + 1))
+        flip = bool(rng.random() < 0.5)
+    patch = frames[:, top : top + crop_h, left : left + crop_w]
+    if flip:
+        patch = patch[:, :, ::-1]
+    video = torch.from_numpy(np.ascontiguousarray(patch)).permute(3, 0, 1, 2).float().div_(255.0)
+    mean = torch.tensor(VIDEO_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(VIDEO_STD).view(3, 1, 1, 1)
+    return (video - mean) / std
+
+
+class LogMel:
+    """Waveform ``[S]`` -> log-mel ``[1, n_mels, frames]`` (torchaudio's MelSpectrogram, natural log)."""
+
+    def __init__(self, config: ClipConfig):
+        import torchaudio
+
+        window = int(round(config.sample_rate * config.window_ms / 1000))
+        hop = int(round(config.sample_rate * config.hop_ms / 1000))
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=config.sample_rate, n_fft=window, win_length=window, hop_length=hop, n_mels=config.n_mels
+        )
+
+    def __call__(self, waveform: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.mel(waveform) + 1e-6).unsqueeze(0)
+
+
+def audio_gain(waveform: np.ndarray, gain_db: float, rng: np.random.Generator | None) -> np.ndarray:
+    if rng is None or gain_db <= 0:
+        return waveform
+    return waveform * np.float32(10.0 ** (rng.uniform(-gain_db, gain_db) / 20.0))

@@ -1,0 +1,113 @@
+"""Datasets of audio-video clips over a prepared folder (``xdc-fast prepare``), decoded with PyAV.
+
+Each sample is a dict ``{video [3,T,H,W], audio [1,n_mels,frames], index, label, start}``. Training
+draws a random start, crop, flip and gain per (seed, epoch, index); evaluation takes
+``config.eval_clips`` uniformly spaced clips per video with the centre crop. A sample whose decoding
+fails is logged, counted and dropped by :func:`collate_clips`, so one bad file never ends an epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from . import pyav_backend
+from .clips import ClipConfig, LogMel, audio_gain, eval_starts, resized_size, train_start, video_to_tensor
+from .prepare import load_manifest
+
+log = logging.getLogger(__name__)
+
+
+class ClipDataset(Dataset):
+    """Clips of a prepared dataset.
+
+    Args:
+        dataset: the folder written by ``xdc-fast prepare``.
+        config: clip geometry and audio features.
+        train: random clips and augmentation (True) or uniformly spaced evaluation clips (False).
+        seed: with the epoch (``set_epoch``) and the index, fixes every random choice of a sample.
+        modalities: ("video", "audio"), or one of them.
+        split: ``(split_number, "train"|"test")`` to keep only that part, or None for every item.
+    """
+
+    def __init__(self, dataset: str | Path, config: ClipConfig = ClipConfig(), *, train: bool = True, seed: int = 0,
+                 modalities: tuple[str, ...] = ("video", "audio"), split: tuple[str, str] | None = None):
+        self.root = Path(dataset)
+        self.config = config
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self.modalities = tuple(modalities)
+        unknown = set(self.modalities) - {"video", "audio"}
+        if unknown or not self.modalities:
+            raise ValueError(f"modalities should be a non-empty subset of ('video', 'audio'), got {modalities}")
+        items = load_manifest(self.root)
+        if split is not None:
+            number, part = split
+            items = [r for r in items if r.get("split", {}).get(str(number)) == part]
+        if "audio" in self.modalities:
+            silent = [r["id"] for r in items if not r.get("has_audio")]
+            if silent:
+                raise ValueError(f"{len(silent)} item(s) have no audio (e.g. {silent[0]}); use modalities=('video',) "
+                                 "or leave them out")
+        if "video" in self.modalities and any(r.get("fps") is None for r in items):
+            raise ValueError(f"{self.root} holds audio-only items; use modalities=('audio',)")
+        self.items = items
+        self.log_mel = LogMel(config) if "audio" in self.modalities else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items) * (1 if self.train else self.config.eval_clips)
+
+    def _locate(self, index: int) -> tuple[dict, float, np.random.Generator | None]:
+        if self.train:
+            record = self.items[index]
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            start = train_start(record["duration_s"], self._clip_seconds(record), rng)
+            return record, start, rng
+        per_video = self.config.eval_clips
+        record = self.items[index // per_video]
+        starts = eval_starts(record["duration_s"], self._clip_seconds(record), per_video)
+        return record, float(starts[index % per_video]), None
+
+    def _clip_seconds(self, record: dict) -> float:
+        if record.get("fps"):
+            return self.config.clip_seconds(record["fps"])
+        return self.config.audio_seconds
+
+    def __getitem__(self, index: int) -> dict | None:
+        record, start, rng = self._locate(index)
+        try:
+            sample = {"index": index, "label": -1 if record["label"] is None else record["label"], "start": start}
+            centre = start + self._clip_seconds(record) / 2
+            if "video" in self.modalities:
+                size = resized_size(record["width"], record["height"], self.config.resize_short)
+                frames = pyav_backend.decode_frames(record["path"], self.config.frame_times(start, record["fps"]), size)
+                sample["video"] = video_to_tensor(frames, self.config.crop, rng)
+            if "audio" in self.modalities:
+                wave = pyav_backend.read_audio_window(self.root / record["audio"], centre - self.config.audio_seconds / 2,
+                                                      self.config.audio_seconds, self.config.sample_rate)
+                wave = audio_gain(wave, self.config.gain_db, rng)
+                sample["audio"] = self.log_mel(torch.from_numpy(np.ascontiguousarray(wave)))
+            return sample
+        except Exception as error:  # noqa: BLE001 - logged, counted by the collate, never fatal
+            log.warning("skipping %s (clip at %.2f s): %s: %s", record["path"], start, type(error).__name__, error)
+            return None
+
+
+def collate_clips(samples: list[dict | None]) -> dict:
+    """Stack the samples that decoded; ``skipped`` counts those that did not."""
+    good = [s for s in samples if s is not None]
+    batch: dict = {"skipped": len(samples) - len(good)}
+    if not good:
+        return batch
+    for key in good[0]:
+        values = [s[key] for s in good]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values)
+    return batch
