@@ -53,19 +53,25 @@ class KMeansBenchResult:
         return out
 
 
-def _best_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    fn()  # warm-up: first-touch allocations, lazy initialisation, kernel caches
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+
+def _interleaved_best_times(jobs: dict[str, Callable[[], object]], repeats: int,
+                            device: torch.device) -> dict[str, float]:
+    """Best time of each job over ``repeats`` rounds, the jobs taking turns within every round, so a
+    slow spell of a shared machine hits every contender alike instead of one of them."""
+    for fn in jobs.values():  # warm-up: first-touch allocations, lazy initialisation, kernel caches
         fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
+    _sync(device)
+    best = {name: float("inf") for name in jobs}
+    for _ in range(repeats):
+        for name, fn in jobs.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -75,23 +81,22 @@ def _lloyd_step(assign, update, x, centroids, k):
     return sums / counts.clamp_min(1).unsqueeze(-1)
 
 
-def _sgemm_peak(device: torch.device, repeats: int) -> float:
-    """The machine's fp32 GEMM rate through torch.mm on a large square product (2048^3 on the CPU,
-    8192^3 on a GPU): the ceiling an assignment's GEMM could reach."""
+def _sgemm_peak_job(device: torch.device) -> tuple[Callable[[], object], float]:
+    """torch.mm on a large square product (2048^3 on the CPU, 8192^3 on a GPU): the machine's fp32
+    GEMM rate, the ceiling an assignment's GEMM could reach. Returns (job, flops)."""
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     out = torch.empty(n, n, device=device)
-    seconds = _best_time(lambda: torch.mm(a, b, out=out), repeats, device)
-    return 2.0 * n**3 / seconds / 1e9
+    return (lambda: torch.mm(a, b, out=out)), 2.0 * n**3
 
 
-def _shape_gemm_rate(x: torch.Tensor, centroids: torch.Tensor, repeats: int) -> float:
-    """torch.mm on this problem's own shape, the GEMM half of what a user's mm + argmin costs.
+def _shape_gemm_job(x: torch.Tensor, centroids: torch.Tensor) -> tuple[Callable[[], object], float]:
+    """torch.mm on this problem's own shape: the GEMM half of what a user's mm + argmin costs.
 
     The rows go in blocks, so it measures arithmetic rather than writing an N x K result to memory
     (which would not fit for large N): 4096 rows on the CPU, and on the GPU as many as the plain-torch
-    reference takes at once (at least 4096).
+    reference takes at once (at least 4096). Returns (job, flops).
     """
     B, N, D = x.shape
     K = centroids.shape[1]
@@ -104,17 +109,19 @@ def _shape_gemm_rate(x: torch.Tensor, centroids: torch.Tensor, repeats: int) -> 
             for block in range(full_blocks):
                 torch.mm(x[b, block * rows : (block + 1) * rows], centroids[b].T, out=out)
 
-    seconds = _best_time(run, repeats, x.device)
-    return 2.0 * B * full_blocks * rows * D * K / seconds / 1e9
+    return run, 2.0 * B * full_blocks * rows * D * K
 
 
-def _faiss_rows(x: torch.Tensor, centroids: torch.Tensor, threads: int, repeats: int) -> list[Row]:
+Contender = tuple[str, str, Callable[[], object] | None, Callable[[], object] | None]  # name, note, assign, lloyd
+
+
+def _faiss_contender(x: torch.Tensor, centroids: torch.Tensor, threads: int) -> Contender:
     try:
         import faiss
     except ImportError:
-        return [Row("faiss", None, None, "not installed (pip install faiss-cpu)")]
+        return ("faiss", "not installed (pip install faiss-cpu)", None, None)
     if x.device.type != "cpu":
-        return [Row("faiss", None, None, "CPU build only in this comparison")]
+        return ("faiss", "CPU build only in this comparison", None, None)
     faiss.omp_set_num_threads(threads)
     B, _, D = x.shape
     K = centroids.shape[1]
@@ -132,45 +139,35 @@ def _faiss_rows(x: torch.Tensor, centroids: torch.Tensor, threads: int, repeats:
             km = faiss.Kmeans(D, K, niter=1, seed=1, max_points_per_centroid=1 << 30, min_points_per_centroid=1)
             km.train(xb, init_centroids=cb)
 
-    return [Row("faiss", _best_time(assign, repeats, x.device), _best_time(lloyd, repeats, x.device),
-                f"faiss {faiss.__version__}, IndexFlatL2.search / Kmeans(niter=1)")]
+    return ("faiss", f"faiss {faiss.__version__}, IndexFlatL2.search / Kmeans(niter=1)", assign, lloyd)
 
 
-def _sklearn_rows(x: torch.Tensor, centroids: torch.Tensor, threads: int, repeats: int) -> list[Row]:
+def _sklearn_contender(x: torch.Tensor, centroids: torch.Tensor, threads: int) -> Contender:
     try:
         import numpy as np
         import sklearn
         from sklearn.cluster._k_means_lloyd import lloyd_iter_chunked_dense
+        from threadpoolctl import threadpool_limits
     except ImportError:
-        return [Row("scikit-learn", None, None, "not installed, or its Lloyd kernel moved")]
+        return ("scikit-learn", "not installed (with threadpoolctl), or its Lloyd kernel moved", None, None)
     if x.device.type != "cpu":
-        return [Row("scikit-learn", None, None, "CPU only")]
+        return ("scikit-learn", "CPU only", None, None)
     B, N, D = x.shape
     K = centroids.shape[1]
     xs = [np.ascontiguousarray(x[b].numpy()) for b in range(B)]
     cs = [np.ascontiguousarray(centroids[b].numpy()) for b in range(B)]
     weights = np.ones(N, dtype=np.float32)
 
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return [Row("scikit-learn", None, None, "needs threadpoolctl (as scikit-learn itself does)")]
-
     def step(update_centers: bool):
         # As scikit-learn's own KMeans does: its threads call BLAS, which must not spawn threads too.
         with threadpool_limits(limits=1, user_api="blas"):
-            _step(update_centers)
+            for xb, cb in zip(xs, cs):
+                lloyd_iter_chunked_dense(xb, weights, cb, np.empty_like(cb), np.zeros(K, dtype=np.float32),
+                                         np.empty(N, dtype=np.int32), np.zeros(K, dtype=np.float32), threads,
+                                         update_centers=update_centers)
 
-    def _step(update_centers: bool):
-        for xb, cb in zip(xs, cs):
-            new = np.empty_like(cb)
-            lloyd_iter_chunked_dense(xb, weights, cb, new, np.zeros(K, dtype=np.float32),
-                                     np.empty(N, dtype=np.int32), np.zeros(K, dtype=np.float32), threads,
-                                     update_centers=update_centers)
-
-    return [Row("scikit-learn", _best_time(lambda: step(False), repeats, x.device),
-                _best_time(lambda: step(True), repeats, x.device),
-                f"scikit-learn {sklearn.__version__}, its Lloyd kernel (lloyd_iter_chunked_dense)")]
+    return ("scikit-learn", f"scikit-learn {sklearn.__version__}, its Lloyd kernel (lloyd_iter_chunked_dense)",
+            lambda: step(False), lambda: step(True))
 
 
 def bench_kmeans(device: str = "cpu", b: int = 1, n: int = 400_000, d: int = 256, k: int = 1024,
@@ -189,34 +186,37 @@ def bench_kmeans(device: str = "cpu", b: int = 1, n: int = 400_000, d: int = 256
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 ceiling, as our default mode is fp32-exact
 
-    result = KMeansBenchResult(device=str(dev), b=b, n=n, d=d, k=k, threads=threads, repeats=repeats,
-                               machine=_machine(dev), torch_version=torch.__version__, sgemm_gflops=0.0)
-    say("measuring the fp32 GEMM rate (torch.mm)")
-    result.sgemm_gflops = _sgemm_peak(dev, repeats)
-    result.shape_gemm_gflops = _shape_gemm_rate(x, centroids, repeats)
-
     def ours_assign(xx, cc):
         return ops.kmeans_assign(xx, cc, check_finite_input=False)
 
-    say("timing xdc-fast")
-    result.rows.append(Row(
-        "xdc-fast",
-        _best_time(lambda: ours_assign(x, centroids), repeats, dev),
-        _best_time(lambda: _lloyd_step(ours_assign, ops.kmeans_update, x, centroids, k), repeats, dev),
-        "fused kernels" if ops.HAS_EXTENSION else "extension missing: plain-torch fallback",
-    ))
-    say("timing plain torch (mm + argmin)")
-    result.rows.append(Row(
-        "torch mm+argmin",
-        _best_time(lambda: reference.kmeans_assign_reference(x, centroids), repeats, dev),
-        _best_time(lambda: _lloyd_step(reference.kmeans_assign_reference, reference.kmeans_update_reference,
-                                       x, centroids, k), repeats, dev),
-        f"{reference.default_chunk_rows(dev, k)}-row chunks, index_add_ update",
-    ))
-    say("timing faiss")
-    result.rows.extend(_faiss_rows(x, centroids, threads, repeats))
-    say("timing scikit-learn")
-    result.rows.extend(_sklearn_rows(x, centroids, threads, repeats))
+    contenders: list[Contender] = [
+        ("xdc-fast", "fused kernels" if ops.HAS_EXTENSION else "extension missing: plain-torch fallback",
+         lambda: ours_assign(x, centroids),
+         lambda: _lloyd_step(ours_assign, ops.kmeans_update, x, centroids, k)),
+        ("torch mm+argmin", f"{reference.default_chunk_rows(dev, k)}-row chunks, index_add_ update",
+         lambda: reference.kmeans_assign_reference(x, centroids),
+         lambda: _lloyd_step(reference.kmeans_assign_reference, reference.kmeans_update_reference, x, centroids, k)),
+        _faiss_contender(x, centroids, threads),
+        _sklearn_contender(x, centroids, threads),
+    ]
+    peak_job, peak_flops = _sgemm_peak_job(dev)
+    shape_job, shape_flops = _shape_gemm_job(x, centroids)
+    jobs = {"gemm peak": peak_job, "gemm shape": shape_job}
+    for name, _, assign, lloyd in contenders:
+        if assign is not None:
+            jobs[f"{name} assign"], jobs[f"{name} lloyd"] = assign, lloyd
+    say(f"timing {', '.join(c[0] for c in contenders if c[2] is not None)} and torch.mm, "
+        f"{repeats} interleaved rounds")
+    best = _interleaved_best_times(jobs, repeats, dev)
+    result = KMeansBenchResult(device=str(dev), b=b, n=n, d=d, k=k, threads=threads, repeats=repeats,
+                               machine=_machine(dev), torch_version=torch.__version__,
+                               sgemm_gflops=peak_flops / best["gemm peak"] / 1e9,
+                               shape_gemm_gflops=shape_flops / best["gemm shape"] / 1e9)
+    for name, note, assign, _ in contenders:
+        if assign is None:
+            result.rows.append(Row(name, None, None, note))
+        else:
+            result.rows.append(Row(name, best[f"{name} assign"], best[f"{name} lloyd"], note))
     return result
 
 
@@ -255,3 +255,113 @@ def format_kmeans_table(result: KMeansBenchResult) -> str:
 def write_json(result: KMeansBenchResult, path: str) -> None:
     with open(path, "w") as f:
         json.dump(result.to_json(), f, indent=2)
+
+
+# ---- loader ---------------------------------------------------------------------------------------
+
+@dataclass
+class LoaderRow:
+    name: str
+    workers: int
+    clips: int
+    seconds: float
+    skipped: int = 0
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.clips / self.seconds
+
+
+def _naive_clip(record: dict, config, start: float):
+    """What a first attempt does: decode video and audio from the start of the file up to the clip."""
+    import av
+    import numpy as np
+
+    from .data.clips import resized_size
+
+    times = config.frame_times(start, record["fps"])
+    wanted = set(int(i) for i in np.floor(times * record["fps"] + 1e-6))
+    size = resized_size(record["width"], record["height"], config.resize_short)
+    frames = []
+    with av.open(record["path"]) as container:
+        stream = container.streams.video[0]
+        for index, frame in enumerate(container.decode(stream)):
+            if index in wanted:
+                frames.append(frame.to_ndarray(format="rgb24", width=size[0], height=size[1]))
+            if index >= max(wanted):
+                break
+    centre = start + config.clip_seconds(record["fps"]) / 2
+    end = centre + config.audio_seconds / 2
+    audio = []
+    with av.open(record["path"]) as container:
+        if container.streams.audio:
+            resampler = av.AudioResampler(format="fltp", layout="mono", rate=config.sample_rate)
+            for frame in container.decode(container.streams.audio[0]):
+                for out in resampler.resample(frame):
+                    audio.append(out.to_ndarray()[0])
+                if frame.pts is not None and float(frame.pts * frame.time_base) > end:
+                    break
+    return frames, audio
+
+
+def bench_loader(dataset: str | None = None, workers: tuple[int, ...] = (0, 2), clips: int = 48, seed: int = 0,
+                 progress: Callable[[str], None] | None = None) -> list[LoaderRow]:
+    """Clips/s of each available backend and worker count, and of decoding from the file's start."""
+    import tempfile
+
+    from .data.clips import ClipConfig
+    from .data.dataset import ClipDataset, collate_clips
+
+    say = progress or (lambda _msg: None)
+    config = ClipConfig(frames=16, stride=1, resize_short=128, crop=112)
+    workdir = None
+    if dataset is None:
+        from .data.prepare import prepare
+        from .data.synthetic import SyntheticSpec, make_synthetic_dataset
+
+        workdir = tempfile.TemporaryDirectory(prefix="xdc-fast-loader-")
+        say("writing a synthetic dataset (320x240, 10 s videos)")
+        make_synthetic_dataset(f"{workdir.name}/media", SyntheticSpec(classes=4, videos_per_class=2, seconds=10.0,
+                                                                      fps=25, width=320, height=240, seed=seed))
+        prepare(f"{workdir.name}/media", f"{workdir.name}/dataset", workers=2, progress=False)
+        dataset = f"{workdir.name}/dataset"
+    try:
+        data = ClipDataset(dataset, config, seed=seed)
+        order = [i % len(data) for i in range(clips)]
+        rows = []
+        for count in workers:
+            say(f"pyav backend, {count} worker(s)")
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, order), batch_size=8,
+                                                 num_workers=count, collate_fn=collate_clips)
+            t0 = time.perf_counter()
+            skipped = sum(batch["skipped"] for batch in loader)
+            rows.append(LoaderRow("pyav (seek + WAV window)", count, clips, time.perf_counter() - t0, skipped))
+        say("naive baseline: decode from the start")
+        t0 = time.perf_counter()
+        for i in order:
+            record, start, _ = data._locate(i)
+            _naive_clip(record, config, start)
+        rows.append(LoaderRow("naive (decode from start)", 0, clips, time.perf_counter() - t0))
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            rows.append(LoaderRow("dali: not installed", 0, 0, float("nan")))
+        return rows
+    finally:
+        if workdir is not None:
+            workdir.cleanup()
+
+
+def format_loader_table(rows: list[LoaderRow]) -> str:
+    naive = next(r for r in rows if r.name.startswith("naive"))
+    lines = ["| loader | workers | clips | clips/s | vs naive |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if not r.clips:
+            lines.append(f"| {r.name} | – | – | – | – |")
+            continue
+        lines.append(f"| {r.name} | {r.workers} | {r.clips} | {r.clips_per_second:.1f} | "
+                     f"{r.clips_per_second / naive.clips_per_second:.2f}x |")
+    lines.append("")
+    lines.append("Clips of 16 frames (stride 1) resized to a 128 short side and cropped to 112, plus 1 s of "
+                 "audio as a log-mel; 'vs naive' is clips/s over the naive baseline's.")
+    return "\n".join(lines)

@@ -105,6 +105,35 @@ def bench_kmeans_command(device, b, n, d, k, repeats, threads, seed, json_path):
         click.echo(f"wrote {json_path}", err=True)
 
 
+@bench.command("loader", context_settings=CONTEXT)
+@click.option("--data", "dataset", type=click.Path(file_okay=False, exists=True), default=None,
+              help="A prepared dataset [default: a synthetic one, 320x240, written to a temporary folder].")
+@click.option("--workers", multiple=True, type=click.IntRange(min=0), default=(0, 2),
+              help="DataLoader worker counts to try (repeat the option).")
+@click.option("--clips", type=click.IntRange(min=1), default=48, help="Clips decoded per configuration.")
+@click.option("--seed", type=int, default=0, help="Seed of the clip positions (and of the synthetic data).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write the figures as JSON here.")
+def bench_loader_command(dataset, workers, clips, seed, json_path):
+    """Clips/s of each decoding backend and worker count, against decoding each file from its start."""
+    import json
+    from dataclasses import asdict
+
+    from . import bench as bench_module
+    from .data.prepare import PrepareError
+
+    try:
+        rows = bench_module.bench_loader(dataset, tuple(workers), clips, seed,
+                                         progress=lambda msg: click.echo(f"... {msg}", err=True))
+    except PrepareError as error:
+        _fail(str(error))
+    click.echo(bench_module.format_loader_table(rows))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump([{**asdict(r), "clips_per_second": r.clips_per_second if r.clips else None} for r in rows], f,
+                      indent=2)
+
+
 def _memory_budget(device: str) -> int:
     """Bytes one copy of the benchmark's data may take: a quarter of RAM (contenders make copies)."""
     if device == "cuda":
