@@ -339,8 +339,8 @@ def bench_loader(dataset: str | None = None, workers: tuple[int, ...] = (0, 2), 
         say("naive baseline: decode from the start")
         t0 = time.perf_counter()
         for i in order:
-            record, start, _ = data._locate(i)
-            _naive_clip(record, config, start)
+            record, plan = data.plan(i)
+            _naive_clip(record, config, plan.start)
         rows.append(LoaderRow("naive (decode from start)", 0, clips, time.perf_counter() - t0))
         try:
             import nvidia.dali  # noqa: F401

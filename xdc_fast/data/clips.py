@@ -67,21 +67,46 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return w + (w % 2), h + (h % 2)
 
 
-def video_to_tensor(frames: np.ndarray, crop: int, rng: np.random.Generator | None) -> torch.Tensor:
-    """uint8 ``[T, H, W, 3]`` -> normalised float ``[3, T, crop, crop]``.
+@dataclass(frozen=True)
+class ClipPlan:
+    """Everything random about one sample, drawn once, so every backend decodes the same clip."""
 
-    Training (``rng`` given): random crop position and a horizontal flip half of the time.
-    Evaluation (``rng`` None): the centre crop.
-    """
-    t, h, w, _ = frames.shape
-    crop_h, crop_w = min(crop, h), min(crop, w)
-    if rng is None:
-        top, left = (h - crop_h) // 2, (w - crop_w) // 2
-        flip = False
+    start: float  # seconds on the file's timeline
+    frame_indices: tuple[int, ...] | None  # source frames (None for audio-only items)
+    size: tuple[int, int] | None  # (width, height) after resizing
+    crop_top: int
+    crop_left: int
+    flip: bool
+    audio_start: float  # seconds; the window may begin before 0 (padded with silence)
+    gain: float  # linear factor on the waveform
+
+
+def plan_clip(record: dict, config: ClipConfig, start: float, rng: np.random.Generator | None) -> ClipPlan:
+    """The clip of ``record`` at ``start``: crop, flip and gain from ``rng`` (training) or centred and
+    untouched (``rng`` None, evaluation)."""
+    if record.get("fps"):
+        times = config.frame_times(start, record["fps"])
+        # The frame shown at time t started at or before t (the epsilon absorbs float error).
+        indices = tuple(int(i) for i in np.floor(times * record["fps"] + 1e-6))
+        size = resized_size(record["width"], record["height"], config.resize_short)
+        span = config.clip_seconds(record["fps"])
+        room_h, room_w = max(0, size[1] - config.crop), max(0, size[0] - config.crop)
     else:
-        top, left = int(rng.integers(0, h - crop_h + 1)), int(rng.integers(0, w - crop_w + 1))
+        indices, size, span, room_h, room_w = None, None, config.audio_seconds, 0, 0
+    if rng is None:
+        top, left, flip, gain = room_h // 2, room_w // 2, False, 1.0
+    else:
+        top, left = int(rng.integers(0, room_h + 1)), int(rng.integers(0, room_w + 1))
         flip = bool(rng.random() < 0.5)
-    patch = frames[:, top : top + crop_h, left : left + crop_w]
+        gain = float(10.0 ** (rng.uniform(-config.gain_db, config.gain_db) / 20.0)) if config.gain_db > 0 else 1.0
+    return ClipPlan(start, indices, size, top, left, flip, start + span / 2 - config.audio_seconds / 2, gain)
+
+
+def video_to_tensor(frames: np.ndarray, crop: int, top: int, left: int, flip: bool) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` -> the ``crop`` square at (top, left), flipped if asked, normalised with
+    XDC's mean/std, as float ``[3, T, crop, crop]``."""
+    t, h, w, _ = frames.shape
+    patch = frames[:, top : top + min(crop, h), left : left + min(crop, w)]
     if flip:
         patch = patch[:, :, ::-1]
     video = torch.from_numpy(np.ascontiguousarray(patch)).permute(3, 0, 1, 2).float().div_(255.0)
@@ -104,9 +129,3 @@ class LogMel:
 
     def __call__(self, waveform: torch.Tensor) -> torch.Tensor:
         return torch.log(self.mel(waveform) + 1e-6).unsqueeze(0)
-
-
-def audio_gain(waveform: np.ndarray, gain_db: float, rng: np.random.Generator | None) -> np.ndarray:
-    if rng is None or gain_db <= 0:
-        return waveform
-    return waveform * np.float32(10.0 ** (rng.uniform(-gain_db, gain_db) / 20.0))

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import pyav_backend
-from .clips import ClipConfig, LogMel, audio_gain, eval_starts, resized_size, train_start, video_to_tensor
+from .clips import ClipConfig, ClipPlan, LogMel, eval_starts, plan_clip, train_start, video_to_tensor
 from .prepare import load_manifest
 
 log = logging.getLogger(__name__)
@@ -65,16 +65,17 @@ class ClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items) * (1 if self.train else self.config.eval_clips)
 
-    def _locate(self, index: int) -> tuple[dict, float, np.random.Generator | None]:
+    def plan(self, index: int) -> tuple[dict, ClipPlan]:
+        """The item and every random choice of sample ``index``: what any backend must decode."""
         if self.train:
             record = self.items[index]
             rng = np.random.default_rng([self.seed, self.epoch, index])
             start = train_start(record["duration_s"], self._clip_seconds(record), rng)
-            return record, start, rng
+            return record, plan_clip(record, self.config, start, rng)
         per_video = self.config.eval_clips
         record = self.items[index // per_video]
         starts = eval_starts(record["duration_s"], self._clip_seconds(record), per_video)
-        return record, float(starts[index % per_video]), None
+        return record, plan_clip(record, self.config, float(starts[index % per_video]), None)
 
     def _clip_seconds(self, record: dict) -> float:
         if record.get("fps"):
@@ -82,22 +83,19 @@ class ClipDataset(Dataset):
         return self.config.audio_seconds
 
     def __getitem__(self, index: int) -> dict | None:
-        record, start, rng = self._locate(index)
+        record, plan = self.plan(index)
         try:
-            sample = {"index": index, "label": -1 if record["label"] is None else record["label"], "start": start}
-            centre = start + self._clip_seconds(record) / 2
+            sample = {"index": index, "label": -1 if record["label"] is None else record["label"], "start": plan.start}
             if "video" in self.modalities:
-                size = resized_size(record["width"], record["height"], self.config.resize_short)
-                frames = pyav_backend.decode_frames(record["path"], self.config.frame_times(start, record["fps"]), size)
-                sample["video"] = video_to_tensor(frames, self.config.crop, rng)
+                frames = pyav_backend.decode_frame_indices(record["path"], plan.frame_indices, plan.size)
+                sample["video"] = video_to_tensor(frames, self.config.crop, plan.crop_top, plan.crop_left, plan.flip)
             if "audio" in self.modalities:
-                wave = pyav_backend.read_audio_window(self.root / record["audio"], centre - self.config.audio_seconds / 2,
+                wave = pyav_backend.read_audio_window(self.root / record["audio"], plan.audio_start,
                                                       self.config.audio_seconds, self.config.sample_rate)
-                wave = audio_gain(wave, self.config.gain_db, rng)
-                sample["audio"] = self.log_mel(torch.from_numpy(np.ascontiguousarray(wave)))
+                sample["audio"] = self.log_mel(torch.from_numpy(wave * np.float32(plan.gain)))
             return sample
         except Exception as error:  # noqa: BLE001 - logged, counted by the collate, never fatal
-            log.warning("skipping %s (clip at %.2f s): %s: %s", record["path"], start, type(error).__name__, error)
+            log.warning("skipping %s (clip at %.2f s): %s: %s", record["path"], plan.start, type(error).__name__, error)
             return None
 
 

@@ -17,51 +17,68 @@ def decode_frames(path: str | Path, times: np.ndarray, size: tuple[int, int] | N
     """The frames shown at each of ``times`` (seconds on the file's timeline), as uint8 ``[T, H, W, 3]``.
 
     A time maps to the source frame shown then, ``floor(time * fps)``; times past the end repeat the
-    last frame.
-    ``size`` is (width, height) after resizing, or None for the stored size.
+    last frame. ``size`` is (width, height) after resizing, or None for the stored size.
     """
     import av
 
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        fps = float(stream.average_rate or stream.guessed_rate)
-        base = stream.start_time or 0
-        # The frame shown at time t started at or before t (the epsilon absorbs float error at exact starts).
+        stream, fps = _video_stream(container)
+        # The frame shown at time t started at or before t (the epsilon absorbs float error).
         wanted = np.floor(np.asarray(times) * fps + 1e-6).astype(np.int64)
-        container.seek(base + int(int(wanted.min()) / fps / stream.time_base), stream=stream, backward=True,
-                       any_frame=False)
-        targets = sorted(set(int(i) for i in wanted))
-        images: dict[int, np.ndarray] = {}
-        converted: dict[int, np.ndarray] = {}  # by source frame index: each frame converts once
+        return _decode(container, stream, fps, wanted, size, path)
 
-        def rgb(frame, index: int) -> np.ndarray:
-            if index not in converted:
-                converted[index] = _to_rgb(frame, size)
-            return converted[index]
 
-        next_target, previous, previous_index = 0, None, -1
-        for frame in container.decode(stream):
-            if frame.pts is None:
-                continue
-            index = int(round(float((frame.pts - base) * stream.time_base) * fps))
-            # Every target at or before this frame is now settled: this frame if it is the one,
-            # else the frame shown until now (a gap in the stream), else this first frame.
-            while next_target < len(targets) and targets[next_target] <= index:
-                target = targets[next_target]
-                if index == target or previous is None:
-                    images[target] = rgb(frame, index)
-                else:
-                    images[target] = rgb(previous, previous_index)
-                next_target += 1
-            if next_target == len(targets):
-                break
-            previous, previous_index = frame, index
-        if previous is None and not images:
-            raise RuntimeError(f"no frame decodes from {path} at {float(np.min(times)):.3f} s")
-        for target in targets[next_target:]:  # past the end: repeat the last frame (DALI's pad_mode="edge")
-            images[target] = rgb(previous, previous_index)
-        return np.stack([images[int(i)] for i in wanted])
+def decode_frame_indices(path: str | Path, wanted, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Source frames ``wanted`` (indices at the stream's frame rate) as uint8 ``[T, H, W, 3]``; indices
+    past the end repeat the last frame."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream, fps = _video_stream(container)
+        return _decode(container, stream, fps, np.asarray(wanted, dtype=np.int64), size, path)
+
+
+def _video_stream(container):
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return stream, float(stream.average_rate or stream.guessed_rate)
+
+
+def _decode(container, stream, fps: float, wanted: np.ndarray, size, path) -> np.ndarray:
+    base = stream.start_time or 0
+    container.seek(base + int(int(wanted.min()) / fps / stream.time_base), stream=stream, backward=True,
+                   any_frame=False)
+    targets = sorted(set(int(i) for i in wanted))
+    images: dict[int, np.ndarray] = {}
+    converted: dict[int, np.ndarray] = {}  # by source frame index: each frame converts once
+
+    def rgb(frame, index: int) -> np.ndarray:
+        if index not in converted:
+            converted[index] = _to_rgb(frame, size)
+        return converted[index]
+
+    next_target, previous, previous_index = 0, None, -1
+    for frame in container.decode(stream):
+        if frame.pts is None:
+            continue
+        index = int(round(float((frame.pts - base) * stream.time_base) * fps))
+        # Every target at or before this frame is now settled: this frame if it is the one,
+        # else the frame shown until now (a gap in the stream), else this first frame.
+        while next_target < len(targets) and targets[next_target] <= index:
+            target = targets[next_target]
+            if index == target or previous is None:
+                images[target] = rgb(frame, index)
+            else:
+                images[target] = rgb(previous, previous_index)
+            next_target += 1
+        if next_target == len(targets):
+            break
+        previous, previous_index = frame, index
+    if previous is None and not images:
+        raise RuntimeError(f"no frame decodes from {path} at frame {int(wanted.min())}")
+    for target in targets[next_target:]:  # past the end: repeat the last frame (DALI's pad_mode="edge")
+        images[target] = rgb(previous, previous_index)
+    return np.stack([images[int(i)] for i in wanted])
 
 
 def _to_rgb(frame, size):
