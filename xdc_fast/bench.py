@@ -272,30 +272,23 @@ class LoaderRow:
         return self.clips / self.seconds
 
 
-def _naive_clip(record: dict, config, start: float):
+def _naive_clip(record: dict, plan, sample_rate: int, audio_seconds: float):
     """What a first attempt does: decode video and audio from the start of the file up to the clip."""
     import av
-    import numpy as np
 
-    from .data.clips import resized_size
-
-    times = config.frame_times(start, record["fps"])
-    wanted = set(int(i) for i in np.floor(times * record["fps"] + 1e-6))
-    size = resized_size(record["width"], record["height"], config.resize_short)
+    wanted = set(plan.frame_indices)
     frames = []
     with av.open(record["path"]) as container:
-        stream = container.streams.video[0]
-        for index, frame in enumerate(container.decode(stream)):
+        for index, frame in enumerate(container.decode(container.streams.video[0])):
             if index in wanted:
-                frames.append(frame.to_ndarray(format="rgb24", width=size[0], height=size[1]))
+                frames.append(frame.to_ndarray(format="rgb24", width=plan.size[0], height=plan.size[1]))
             if index >= max(wanted):
                 break
-    centre = start + config.clip_seconds(record["fps"]) / 2
-    end = centre + config.audio_seconds / 2
+    end = plan.audio_start + audio_seconds
     audio = []
     with av.open(record["path"]) as container:
         if container.streams.audio:
-            resampler = av.AudioResampler(format="fltp", layout="mono", rate=config.sample_rate)
+            resampler = av.AudioResampler(format="fltp", layout="mono", rate=sample_rate)
             for frame in container.decode(container.streams.audio[0]):
                 for out in resampler.resample(frame):
                     audio.append(out.to_ndarray()[0])
@@ -305,7 +298,7 @@ def _naive_clip(record: dict, config, start: float):
 
 
 def bench_loader(dataset: str | None = None, workers: tuple[int, ...] = (0, 2), clips: int = 48, seed: int = 0,
-                 progress: Callable[[str], None] | None = None) -> list[LoaderRow]:
+                 codec: str = "h264", progress: Callable[[str], None] | None = None) -> list[LoaderRow]:
     """Clips/s of each available backend and worker count, and of decoding from the file's start."""
     import tempfile
 
@@ -320,9 +313,10 @@ def bench_loader(dataset: str | None = None, workers: tuple[int, ...] = (0, 2), 
         from .data.synthetic import SyntheticSpec, make_synthetic_dataset
 
         workdir = tempfile.TemporaryDirectory(prefix="xdc-fast-loader-")
-        say("writing a synthetic dataset (320x240, 10 s videos)")
+        say(f"writing a synthetic dataset ({codec}, 320x240, 10 s videos)")
         make_synthetic_dataset(f"{workdir.name}/media", SyntheticSpec(classes=4, videos_per_class=2, seconds=10.0,
-                                                                      fps=25, width=320, height=240, seed=seed))
+                                                                      fps=25, width=320, height=240, seed=seed,
+                                                                      codec=codec))
         prepare(f"{workdir.name}/media", f"{workdir.name}/dataset", workers=2, progress=False)
         dataset = f"{workdir.name}/dataset"
     try:
@@ -340,16 +334,34 @@ def bench_loader(dataset: str | None = None, workers: tuple[int, ...] = (0, 2), 
         t0 = time.perf_counter()
         for i in order:
             record, plan = data.plan(i)
-            _naive_clip(record, config, plan.start)
+            _naive_clip(record, plan, config.sample_rate, config.audio_seconds)
         rows.append(LoaderRow("naive (decode from start)", 0, clips, time.perf_counter() - t0))
-        try:
-            import nvidia.dali  # noqa: F401
-        except ImportError:
-            rows.append(LoaderRow("dali: not installed", 0, 0, float("nan")))
+        rows.append(_dali_row(data, order, say))
         return rows
     finally:
         if workdir is not None:
             workdir.cleanup()
+
+
+def _dali_row(data, order: list[int], say) -> LoaderRow:
+    from .data.dali_backend import DaliClipLoader, dali_available
+
+    if not dali_available():
+        return LoaderRow("dali: not installed (pip install nvidia-dali-cuda130)", 0, 0, float("nan"))
+    if torch.cuda.is_available():
+        device = "gpu"
+    elif all(r["video_codec"] in ("vp8", "vp9", "mjpeg") for r in data.items):
+        device = "cpu"
+    else:
+        return LoaderRow("dali: H.264 needs NVDEC on a GPU (DALI's CPU decoder reads VP8/VP9/MJPEG)", 0, 0,
+                         float("nan"))
+    say(f"dali backend on the {device}")
+    loader = DaliClipLoader(data, 8, device=device, num_threads=2, indices=order)
+    t0 = time.perf_counter()
+    for _ in loader:
+        pass
+    return LoaderRow(f"dali ({'NVDEC + GPU' if device == 'gpu' else 'CPU graph'})", 2, len(order),
+                     time.perf_counter() - t0)
 
 
 def format_loader_table(rows: list[LoaderRow]) -> str:

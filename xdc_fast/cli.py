@@ -112,9 +112,11 @@ def bench_kmeans_command(device, b, n, d, k, repeats, threads, seed, json_path):
               help="DataLoader worker counts to try (repeat the option).")
 @click.option("--clips", type=click.IntRange(min=1), default=48, help="Clips decoded per configuration.")
 @click.option("--seed", type=int, default=0, help="Seed of the clip positions (and of the synthetic data).")
+@click.option("--codec", type=click.Choice(["h264", "vp9"]), default="h264",
+              help="Codec of the synthetic data (vp9 lets DALI's CPU decoder take part).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the figures as JSON here.")
-def bench_loader_command(dataset, workers, clips, seed, json_path):
+def bench_loader_command(dataset, workers, clips, seed, codec, json_path):
     """Clips/s of each decoding backend and worker count, against decoding each file from its start."""
     import json
     from dataclasses import asdict
@@ -123,7 +125,7 @@ def bench_loader_command(dataset, workers, clips, seed, json_path):
     from .data.prepare import PrepareError
 
     try:
-        rows = bench_module.bench_loader(dataset, tuple(workers), clips, seed,
+        rows = bench_module.bench_loader(dataset, tuple(workers), clips, seed, codec,
                                          progress=lambda msg: click.echo(f"... {msg}", err=True))
     except PrepareError as error:
         _fail(str(error))

@@ -71,3 +71,13 @@ def test_works_in_a_dataloader_with_workers(prepared):
 def test_bad_requests(prepared):
     with pytest.raises(ValueError, match="modalities"):
         ClipDataset(prepared, CONFIG, modalities=("smell",))
+
+
+def test_target_fps_picks_the_frames_shown_at_that_rate(prepared):
+    from xdc_fast.data.clips import plan_clip
+
+    record = ClipDataset(prepared, CONFIG).items[0]  # 12 fps source
+    plan = plan_clip(record, ClipConfig(frames=5, fps=6.0), start=0.25, rng=None)
+    assert plan.frame_indices == (3, 5, 7, 9, 11)  # every other source frame from 0.25 s
+    faster = plan_clip(record, ClipConfig(frames=4, fps=24.0), start=0.0, rng=None)
+    assert faster.frame_indices == (0, 0, 1, 1)  # above the source rate, frames repeat

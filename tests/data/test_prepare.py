@@ -145,3 +145,12 @@ def test_bad_roots_are_clear_errors(tmp_path):
         prepare(tmp_path / "empty", tmp_path / "out")
     with pytest.raises(PrepareError, match="run `xdc-fast prepare"):
         load_manifest(tmp_path / "empty")
+
+
+def test_unreadable_file_is_rejected(tmp_path, small_video, monkeypatch):
+    # Tests run as root here, which reads any file: deny access the way a permission error would.
+    place(small_video, tmp_path / "root" / "c" / "locked.mp4")
+    monkeypatch.setattr(prepare_module.os, "access", lambda path, mode: False)
+    prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)
+    (reject,) = read_jsonl(tmp_path / "out" / "rejects.jsonl")
+    assert reject["reason"] == "unreadable: permission denied"
