@@ -272,3 +272,31 @@ def test_fallback_without_extension_warns_once_and_is_correct(monkeypatch):
         ops.kmeans_update(x, torch.full((2, 300), 12), 12)
     with pytest.raises(ValueError, match="same dimension D, got 9 and 4"):
         ops.kmeans_assign(x, torch.randn(2, 12, 4))
+
+
+def test_blas_tile_path_matches_float64():
+    # The BLAS-tile assignment (CPUs without AVX2, or XDC_FAST_CPU_ASSIGN=blas) is chosen once per
+    # process, so it is checked in a process of its own.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from xdc_fast import ops\n"
+        "from tests.oracle import check_labels\n"
+        "torch.manual_seed(0)\n"
+        "for b, n, d, k in [(1, 5, 1, 1), (3, 300, 7, 17), (2, 1000, 64, 1024), (1, 37, 513, 2)]:\n"
+        "    x, c = torch.randn(b, n, d), torch.randn(b, k, d)\n"
+        "    for spherical in (False, True):\n"
+        "        labels, dist = ops.kmeans_assign(x, c, spherical)\n"
+        "        check_labels(x, c, labels, dist, spherical=spherical)\n"
+        "labels, _ = ops.kmeans_assign(torch.randn(50, 4), torch.ones(1500, 4))\n"
+        "assert int(labels.max()) == 0\n"
+        "print('blas path ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XDC_FAST_CPU_ASSIGN="blas")
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "blas path ok" in result.stdout
