@@ -1,0 +1,55 @@
+import pytest
+import torch
+import torchvision
+
+from xdc_fast.models import build_audio_encoder, build_video_encoder, load_video_weights
+
+
+def test_full_video_encoder_is_torchvision_r2plus1d_18_without_classifier():
+    reference = torchvision.models.video.r2plus1d_18(weights=None)
+    ours = build_video_encoder("r2plus1d_18")
+    theirs = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == theirs
+    dropped = load_video_weights(ours, reference.state_dict())  # strict apart from the classifier
+    assert sorted(dropped) == ["fc.bias", "fc.weight"]
+    reference.fc = torch.nn.Identity()
+    reference.eval(), ours.eval()
+    clip = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(clip), reference(clip))
+    assert ours.feature_dim == 512
+
+
+def test_xdc_release_batchnorm_eps():
+    model = build_video_encoder("r2plus1d_18", bn_eps=1e-3)
+    eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)}
+    assert eps == {1e-3}
+
+
+def test_tiny_video_encoder_is_the_same_architecture_narrower():
+    tiny, full = build_video_encoder("tiny"), build_video_encoder("r2plus1d_18")
+    assert sum(p.numel() for p in tiny.parameters()) < sum(p.numel() for p in full.parameters()) / 30  # 0.8M against 31M
+    features = tiny(torch.randn(2, 3, 8, 56, 56))
+    assert features.shape == (2, tiny.feature_dim) == (2, 128)
+    # Same module structure: every tiny parameter name exists in the full model.
+    assert set(tiny.state_dict()) <= set(full.state_dict())
+
+
+@pytest.mark.parametrize("arch,dim", [("resnet18", 512), ("tiny", 128)])
+def test_audio_encoder_on_log_mel(arch, dim):
+    model = build_audio_encoder(arch)
+    assert model(torch.randn(2, 1, 40, 101)).shape == (2, dim) and model.feature_dim == dim
+
+
+def test_audio_resnet18_follows_torchvision_names():
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    ours = build_audio_encoder("resnet18").state_dict()
+    assert set(ours) == {k for k in reference if not k.startswith("fc.")}
+    assert ours["conv1.weight"].shape == (64, 1, 7, 7)  # one input channel: the log-mel
+
+
+def test_unknown_arch():
+    with pytest.raises(ValueError, match="unknown video arch"):
+        build_video_encoder("resnet50")
+    with pytest.raises(ValueError, match="unknown audio arch"):
+        build_audio_encoder("vgg")

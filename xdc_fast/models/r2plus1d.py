@@ -1,0 +1,89 @@
+"""R(2+1)D video encoders whose parameters are named exactly as torchvision's ``r2plus1d_18``.
+
+The full configuration is torchvision's model with its classifier removed, so torchvision's weights
+and the official XDC release (the same layout, BatchNorm eps 1e-3) load strictly but for the classifier.
+``tiny`` keeps the architecture (R(2+1)D stem, four stages of basic blocks with (2+1)D convolutions,
+the VMZ mid-plane rule) at a fraction of the width, for CPU runs, the demo and the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D
+
+
+@dataclass(frozen=True)
+class VideoArch:
+    widths: tuple[int, int, int, int]
+    blocks: tuple[int, int, int, int]
+    stem_mid: int  # channels between the stem's spatial and temporal convolutions
+
+
+VIDEO_ARCHS = {
+    "r2plus1d_18": VideoArch((64, 128, 256, 512), (2, 2, 2, 2), 45),
+    "tiny": VideoArch((16, 32, 64, 128), (1, 1, 1, 1), 12),
+}
+
+
+class R2Plus1D(nn.Module):
+    """Clips ``[B, 3, T, H, W]`` -> features ``[B, widths[-1]]`` (512 for r2plus1d_18)."""
+
+    def __init__(self, arch: VideoArch, bn_eps: float = 1e-5):
+        super().__init__()
+        width0 = arch.widths[0]
+        self.stem = nn.Sequential(
+            nn.Conv3d(3, arch.stem_mid, kernel_size=(1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False),
+            nn.BatchNorm3d(arch.stem_mid),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(arch.stem_mid, width0, kernel_size=(3, 1, 1), stride=(1, 1, 1), padding=(1, 0, 0), bias=False),
+            nn.BatchNorm3d(width0),
+            nn.ReLU(inplace=True),
+        )
+        self.inplanes = width0
+        for i, (planes, count) in enumerate(zip(arch.widths, arch.blocks)):
+            setattr(self, f"layer{i + 1}", self._make_layer(planes, count, stride=1 if i == 0 else 2))
+        self.avgpool = nn.AdaptiveAvgPool3d((1, 1, 1))
+        self.feature_dim = arch.widths[-1]
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm3d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+                m.eps = bn_eps
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(
+                nn.Conv3d(self.inplanes, planes, kernel_size=1, stride=Conv2Plus1D.get_downsample_stride(stride),
+                          bias=False),
+                nn.BatchNorm3d(planes),
+            )
+        layers = [BasicBlock(self.inplanes, planes, Conv2Plus1D, stride, downsample)]
+        self.inplanes = planes
+        layers += [BasicBlock(planes, planes, Conv2Plus1D) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.avgpool(x).flatten(1)
+
+
+def build_video_encoder(arch: str = "r2plus1d_18", bn_eps: float = 1e-5) -> R2Plus1D:
+    """``arch`` is "r2plus1d_18" or "tiny"; ``bn_eps`` 1e-3 matches the official XDC weights."""
+    if arch not in VIDEO_ARCHS:
+        raise ValueError(f"unknown video arch {arch!r}; choose one of {', '.join(VIDEO_ARCHS)}")
+    return R2Plus1D(VIDEO_ARCHS[arch], bn_eps)
+
+
+def load_video_weights(model: R2Plus1D, state_dict: dict) -> list[str]:
+    """Load a torchvision-layout state dict strictly, except its classifier (``fc.*``), which an
+    encoder does not have. Returns the classifier keys that were left out."""
+    dropped = [key for key in state_dict if key.startswith("fc.")]
+    model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("fc.")}, strict=True)
+    return dropped
