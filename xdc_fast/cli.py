@@ -58,6 +58,46 @@ def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path):
     click.echo(str(summary))
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--variant", type=click.Choice(["xdc", "mdc", "cdc", "sdc-video", "sdc-audio"]), default=None,
+              help="xdc: each encoder learns the other modality's clusters [default: xdc].")
+@click.option("--data", "dataset", required=True, type=click.Path(file_okay=False),
+              help="A dataset written by `xdc-fast prepare`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The run directory.")
+@click.option("--arch", type=click.Choice(["r2plus1d_18", "tiny"]), default=None,
+              help="Encoders: the paper's (GPU) or tiny (CPU) [default: tiny].")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs in all [default: 4].")
+@click.option("--clusters", type=click.IntRange(min=2), default=None,
+              help="k of the k-means [default: 8]; at most the number of clips clustered.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Clips per step [default: 8].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="SGD learning rate [default: 0.01].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]")
+@click.option("--seed", type=int, default=None, help="[default: 0]")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="YAML of PretrainConfig fields; flags given here override it.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+def pretrain(variant, dataset, out, arch, epochs, clusters, batch_size, lr, device, seed, config_path, resume):
+    """Self-supervised pretraining by deep clustering (XDC and the paper's other variants)."""
+    import yaml
+
+    from .data.prepare import PrepareError
+    from .pretrain import ConfigError, PretrainConfig, pretrain as run
+
+    values = yaml.safe_load(open(config_path)) if config_path else {}
+    flags = {"variant": variant, "arch": arch, "epochs": epochs, "clusters": clusters, "batch_size": batch_size,
+             "lr": lr, "device": device, "seed": seed}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        config = PretrainConfig.from_dict(values)
+        run(dataset, out, config, resume=resume, log=click.echo)
+    except (ConfigError, PrepareError) as error:
+        _fail(str(error))
+    except FloatingPointError as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(1)
+    click.echo(f"done: {out}/metrics.jsonl, {out}/checkpoints/last.pt")
+
+
 @main.group(context_settings=CONTEXT)
 def bench():
     """Measure speed against the usual alternatives, side by side in one run."""

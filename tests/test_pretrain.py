@@ -1,0 +1,96 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from xdc_fast.cli import main
+from xdc_fast.data.prepare import prepare
+from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
+from xdc_fast.pretrain import ConfigError, PretrainConfig, balanced_indices, pretrain, targets_for_variant, video_labels
+
+FAST = dict(clusters=3, epochs=1, batch_size=4, frames=4, resize_short=40, crop=32, pca_dim=8, audio_seconds=0.5,
+            n_mels=20)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    make_synthetic_dataset(root / "media", SyntheticSpec(classes=3, videos_per_class=2, seconds=2.0, fps=12,
+                                                         width=48, height=48, seed=2))
+    prepare(root / "media", root / "ds", workers=1, progress=False)
+    return root / "ds"
+
+
+def test_who_learns_what():
+    y_v, y_a, y_c = np.array([0, 1]), np.array([1, 0]), np.array([2, 2])
+    xdc = targets_for_variant("xdc", y_v, y_a)
+    assert xdc["video"][0] is y_a and xdc["audio"][0] is y_v  # cross-modal: each learns the other's clusters
+    mdc = targets_for_variant("mdc", y_v, y_a)
+    assert mdc["video"][0] is y_v and mdc["video"][1] is y_a and mdc["audio"][0] is y_a and mdc["audio"][1] is y_v
+    cdc = targets_for_variant("cdc", y_v, y_a, y_c)
+    assert cdc["video"][0] is y_c and cdc["audio"][0] is y_c
+    assert targets_for_variant("sdc-video", y_v, y_a) == {"video": [y_v]}
+    assert targets_for_variant("sdc-audio", y_v, y_a) == {"audio": [y_a]}
+
+
+def test_balanced_sampler_draws_non_empty_clusters_evenly():
+    labels = np.array([0] * 90 + [1] * 9 + [3] * 1)
+    drawn = labels[balanced_indices(labels, 3000, np.random.default_rng(0))]
+    shares = np.bincount(drawn, minlength=4) / 3000
+    assert shares[2] == 0 and all(abs(shares[c] - 1 / 3) < 0.04 for c in (0, 1, 3))
+
+
+def test_video_label_is_the_mode_of_its_clips():
+    assert video_labels(np.array([2, 2, 1, 0, 1, 0]), 2).tolist() == [2, 0, 0]
+
+
+@pytest.mark.parametrize("variant", ["xdc", "mdc", "cdc", "sdc-video", "sdc-audio"])
+def test_each_variant_runs_a_round(dataset, tmp_path, variant):
+    history = pretrain(dataset, tmp_path / "run", PretrainConfig(variant=variant, **FAST), log=lambda *_: None)
+    (record,) = history
+    heads = {"xdc": 2, "mdc": 4, "cdc": 2, "sdc-video": 1, "sdc-audio": 1}[variant]
+    assert len(record["loss"]) == heads and all(np.isfinite(v) for v in record["loss"].values())
+    assert record["clips"] == 6 and "vs_true_labels" in record
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["round"] == 0
+    saved = torch.load(tmp_path / "run" / "clusters" / "round_000.pt", weights_only=True)
+    assert len(saved["ids"]) == 6
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["round"] == 0 and state["config"]["variant"] == variant
+
+
+def test_resume_continues_where_an_interrupted_run_stopped(dataset, tmp_path):
+    config = PretrainConfig(variant="xdc", **{**FAST, "epochs": 2})
+    straight = pretrain(dataset, tmp_path / "a", config, log=lambda *_: None)
+    pretrain(dataset, tmp_path / "b", PretrainConfig(variant="xdc", **{**FAST, "epochs": 1}), log=lambda *_: None)
+    resumed = pretrain(dataset, tmp_path / "b", config, resume=True, log=lambda *_: None)
+    assert len(resumed) == 2
+    assert resumed[-1]["loss"] == pytest.approx(straight[-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("change,message", [({"variant": "sdc"}, "unknown variant"),
+                                            ({"clusters": 99}, "must lie between 2 and the 12 clips")])
+def test_bad_configuration_fails_before_work(dataset, tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        pretrain(dataset, tmp_path / "run", PretrainConfig(**{**FAST, **change}), log=lambda *_: None)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_existing_run_is_not_overwritten(dataset, tmp_path):
+    pretrain(dataset, tmp_path / "run", PretrainConfig(**FAST), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        pretrain(dataset, tmp_path / "run", PretrainConfig(**FAST), log=lambda *_: None)
+
+
+def test_cli_pretrain(dataset, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("\n".join(f"{k}: {v}" for k, v in FAST.items()) + "\n")
+    result = CliRunner().invoke(main, ["pretrain", "--variant", "xdc", "--data", str(dataset), "--out",
+                                       str(tmp_path / "run"), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "round 0 epoch 0" in result.output
+    bad = CliRunner().invoke(main, ["pretrain", "--data", str(dataset), "--out", str(tmp_path / "r2"),
+                                    "--clusters", "50", "--config", str(config)])
+    assert bad.exit_code == 2 and "must lie between" in bad.output and "Traceback" not in bad.output

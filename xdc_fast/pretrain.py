@@ -1,0 +1,341 @@
+"""``xdc-fast pretrain``: self-supervised pretraining by deep clustering, in rounds.
+
+One round: extract features of fixed clips -> PCA-whitening + L2 -> one batched k-means for both
+modalities -> targets by variant -> fresh heads -> train on augmented clips drawn class-balanced
+over non-empty clusters -> metrics -> checkpoint. Variants (who learns what):
+
+    xdc        video learns the audio clusters, audio learns the video clusters
+    mdc        each encoder has two heads: its own modality's clusters and the other's
+    cdc        both learn the clusters of the concatenated features [f_v ; f_a]
+    sdc-video  the video encoder learns its own clusters (sdc-audio: the audio encoder)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import metrics
+from .cluster import KMeans, pca_whiten
+
+VARIANTS = ("xdc", "mdc", "cdc", "sdc-video", "sdc-audio")
+
+
+@dataclass
+class PretrainConfig:
+    variant: str = "xdc"
+    arch: str = "tiny"  # r2plus1d_18 for the paper's encoders (a GPU job)
+    clusters: int = 8  # k; the XDC lineage uses 64-1024 on Kinetics-size data
+    epochs: int = 4
+    epochs_per_round: int = 1  # re-cluster after this many epochs (DeepCluster: 1)
+    clips_per_video: int = 2  # fixed clips per video whose features are clustered
+    pca_dim: int = 32  # PCA-whitening dimension before k-means (0 = off; DeepCluster: 256)
+    kmeans_niter: int = 20
+    batch_size: int = 8
+    lr: float = 0.01  # SGD; 0.01 suits the tiny encoders, lower it if the loss does not decrease
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    frames: int = 8
+    stride: int = 2
+    resize_short: int = 64
+    crop: int = 56
+    audio_seconds: float = 1.0
+    n_mels: int = 40
+    workers: int = 0
+    device: str = "auto"
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PretrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run (reported before any work starts)."""
+
+
+def modalities_for(variant: str) -> tuple[str, ...]:
+    return {"sdc-video": ("video",), "sdc-audio": ("audio",)}.get(variant, ("video", "audio"))
+
+
+def targets_for_variant(variant: str, y_v, y_a, y_c=None) -> dict[str, list]:
+    """The pseudo-label sets each encoder's heads learn (DESIGN.md's table)."""
+    if variant == "xdc":
+        return {"video": [y_a], "audio": [y_v]}
+    if variant == "mdc":
+        return {"video": [y_v, y_a], "audio": [y_a, y_v]}
+    if variant == "cdc":
+        return {"video": [y_c], "audio": [y_c]}
+    if variant == "sdc-video":
+        return {"video": [y_v]}
+    if variant == "sdc-audio":
+        return {"audio": [y_a]}
+    raise ConfigError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+
+
+def check_config(config: PretrainConfig, items: list[dict]) -> None:
+    if config.variant not in VARIANTS:
+        raise ConfigError(f"unknown variant {config.variant!r}; choose one of {', '.join(VARIANTS)}")
+    clips = len(items) * config.clips_per_video
+    if not 2 <= config.clusters <= clips:
+        raise ConfigError(f"--clusters {config.clusters} must lie between 2 and the {clips} clips clustered "
+                          f"({len(items)} videos x {config.clips_per_video} clips)")
+    if "audio" in modalities_for(config.variant):
+        silent = [r["id"] for r in items if not r.get("has_audio")]
+        if silent:
+            raise ConfigError(f"variant {config.variant} learns from audio, but {len(silent)} item(s) have none "
+                              f"(e.g. {silent[0]}); use sdc-video or drop them")
+    if config.epochs < 1 or config.epochs_per_round < 1:
+        raise ConfigError("--epochs and epochs_per_round must be at least 1")
+
+
+def balanced_indices(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """DeepCluster's sampler: each draw picks a non-empty cluster uniformly, then one of its items."""
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    which = rng.integers(0, len(members), size=count)
+    return np.array([members[c][rng.integers(0, len(members[c]))] for c in which], dtype=np.int64)
+
+
+def video_labels(clip_labels: np.ndarray, clips_per_video: int) -> np.ndarray:
+    """One label per video: the most frequent over its clips (the lowest on a tie)."""
+    per_video = clip_labels.reshape(-1, clips_per_video)
+    return np.array([np.bincount(row).argmax() for row in per_video], dtype=np.int64)
+
+
+def new_head(dim: int, k: int) -> nn.Linear:
+    # Fresh every round: cluster ids permute between clusterings, so old heads mean nothing.
+    head = nn.Linear(dim, k)
+    nn.init.normal_(head.weight, 0, 0.01)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class RoundResult:
+    round: int
+    records: list[dict] = field(default_factory=list)
+
+
+def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resume: bool = False,
+             log=print) -> list[dict]:
+    """Run the rounds; returns the metrics lines written to ``out/metrics.jsonl``."""
+    from .data.clips import ClipConfig
+    from .data.dataset import ClipDataset, collate_clips
+    from .data.prepare import load_manifest
+    from .models import build_audio_encoder, build_video_encoder
+
+    # ===== checking the configuration =====
+    items = load_manifest(dataset)
+    check_config(config, items)
+    out = Path(out)
+    if not resume and (out / "metrics.jsonl").exists():
+        raise ConfigError(f"{out} already holds a run; continue it with --resume or choose another --out")
+    for sub in ("checkpoints", "clusters"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if config.device == "auto" else config.device))
+    torch.manual_seed(config.seed)
+    modalities = modalities_for(config.variant)
+    from . import __version__
+
+    (out / "config.yaml").write_text(_yaml({**asdict(config), "code_version": __version__}))
+
+    # ===== preparing data =====
+    clip = ClipConfig(frames=config.frames, stride=config.stride, resize_short=config.resize_short, crop=config.crop,
+                      audio_seconds=config.audio_seconds, n_mels=config.n_mels, eval_clips=config.clips_per_video)
+    train_set = ClipDataset(dataset, clip, train=True, seed=config.seed, modalities=modalities)
+    fixed_clips = ClipDataset(dataset, clip, train=False, modalities=modalities)
+    true_labels = np.array([-1 if r["label"] is None else r["label"] for r in train_set.items])
+
+    # ===== building networks =====
+    encoders = nn.ModuleDict()
+    if "video" in modalities:
+        encoders["video"] = build_video_encoder(config.arch)
+    if "audio" in modalities:
+        encoders["audio"] = build_audio_encoder(config.arch)
+    encoders.to(device)
+    optimizer = torch.optim.SGD(encoders.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    rounds = math.ceil(config.epochs / config.epochs_per_round)
+    start_round, history, previous = 0, [], None
+    last = out / "checkpoints" / "last.pt"
+    if resume and last.exists():
+        state = torch.load(last, map_location=device, weights_only=True)
+        encoders.load_state_dict(state["encoders"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_round, history = state["round"] + 1, state["history"]
+        previous = {m: np.asarray(v) for m, v in state["previous_labels"].items()}
+        torch.set_rng_state(state["torch_rng"])
+        log(f"resuming after round {state['round']}")
+
+    for round_index in range(start_round, rounds):
+        # ===== extracting features =====
+        t0 = time.perf_counter()
+        features = _extract(encoders, fixed_clips, config, device, collate_clips)
+        t_extract = time.perf_counter() - t0
+
+        # ===== clustering =====
+        t0 = time.perf_counter()
+        clip_labels = _cluster(features, config, round_index)
+        t_cluster = time.perf_counter() - t0
+        per_video = {m: video_labels(v, config.clips_per_video) for m, v in clip_labels.items()}
+        targets = targets_for_variant(config.variant, per_video.get("video"), per_video.get("audio"),
+                                      per_video.get("concat"))
+        ids = [r["id"] for r in fixed_clips.items]
+        torch.save({"ids": ids, "clips_per_video": config.clips_per_video,
+                    **{f"{m}_clip_labels": torch.from_numpy(v) for m, v in clip_labels.items()},
+                    **{f"{m}_video_labels": torch.from_numpy(v) for m, v in per_video.items()}},
+                   out / "clusters" / f"round_{round_index:03d}.pt")
+
+        # ===== fresh heads and their optimizer =====
+        heads = nn.ModuleDict({m: nn.ModuleList([new_head(encoders[m].feature_dim, config.clusters)
+                                                 for _ in targets[m]]) for m in modalities}).to(device)
+        head_optimizer = torch.optim.SGD(heads.parameters(), lr=config.lr, momentum=config.momentum)
+
+        # ===== training =====
+        balance_on = targets[modalities[0]][0]
+        for epoch_in_round in range(config.epochs_per_round):
+            epoch = round_index * config.epochs_per_round + epoch_in_round
+            if epoch >= config.epochs:
+                break
+            t0 = time.perf_counter()
+            stats = _train_one_epoch(encoders, heads, targets, train_set, balance_on, optimizer, head_optimizer,
+                                     config, epoch, device, collate_clips)
+            t_train = time.perf_counter() - t0
+
+            # ===== writing logs =====
+            record = {"round": round_index, "epoch": epoch, **stats, "clusters": _cluster_stats(per_video, config),
+                      "seconds": {"extract": t_extract, "cluster": t_cluster, "train": t_train},
+                      "clips_per_s": stats["clips"] / t_train if t_train else None}
+            if previous is not None:
+                record["nmi_to_previous"] = {m: metrics.nmi(per_video[m], previous[m]) for m in per_video
+                                             if m in previous}
+            if "video" in per_video and "audio" in per_video:
+                record["nmi_video_audio"] = metrics.nmi(per_video["video"], per_video["audio"])
+            if (true_labels >= 0).all():
+                record["vs_true_labels"] = {m: metrics.cluster_quality(v, true_labels) for m, v in per_video.items()}
+            history.append(record)
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            log(_summary(record))
+        previous = per_video
+
+        # ===== checkpoint =====
+        state = {"encoders": encoders.state_dict(), "optimizer": optimizer.state_dict(), "round": round_index,
+                 "history": history, "config": asdict(config), "torch_rng": torch.get_rng_state(),
+                 "previous_labels": {m: torch.from_numpy(v) for m, v in previous.items()}}
+        save_atomic(state, out / "checkpoints" / f"round_{round_index:03d}.pt")
+        save_atomic(state, last)
+    return history
+
+
+def _extract(encoders, fixed_clips, config, device, collate) -> dict[str, np.ndarray]:
+    loader = torch.utils.data.DataLoader(fixed_clips, batch_size=config.batch_size, num_workers=config.workers,
+                                         collate_fn=collate)
+    encoders.eval()
+    chunks: dict[str, list] = {m: [] for m in encoders}
+    with torch.no_grad():
+        for batch in loader:
+            if batch["skipped"]:
+                raise RuntimeError("a fixed clip failed to decode; every clip must be clustered")
+            for m in encoders:
+                chunks[m].append(encoders[m](batch[m].to(device)).float().cpu())
+    return {m: torch.cat(v).numpy() for m, v in chunks.items()}
+
+
+def _cluster(features: dict[str, np.ndarray], config, round_index: int) -> dict[str, np.ndarray]:
+    """Both modalities in one batched k-means call (same dimension after PCA), plus the concatenation for CDC."""
+    seed = config.seed * 1000 + round_index  # a fresh seed every round
+    names = [m for m in ("video", "audio") if m in features]
+    stacked = torch.stack([torch.from_numpy(features[m]) for m in names])
+    white = pca_whiten(stacked, config.pca_dim)
+    km = KMeans(white.shape[-1], config.clusters, niter=config.kmeans_niter, seed=seed).fit(white)
+    labels = {m: km.labels[i].numpy() for i, m in enumerate(names)}
+    if config.variant == "cdc":
+        joint = pca_whiten(torch.cat([torch.from_numpy(features[m]) for m in names], dim=1), config.pca_dim)
+        labels["concat"] = KMeans(joint.shape[-1], config.clusters, niter=config.kmeans_niter,
+                                  seed=seed).fit(joint).labels.numpy()
+    return labels
+
+
+def _train_one_epoch(encoders, heads, targets, train_set, balance_on, optimizer, head_optimizer, config, epoch,
+                     device, collate) -> dict:
+    rng = np.random.default_rng([config.seed, epoch])
+    order = balanced_indices(balance_on, len(train_set), rng)
+    train_set.set_epoch(epoch)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, order.tolist()),
+                                         batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate)
+    encoders.train()
+    heads.train()
+    losses = {f"{m}_{h}": [] for m in heads for h in range(len(heads[m]))}
+    correct = {key: 0 for key in losses}
+    seen = skipped = 0
+    for batch in loader:
+        skipped += batch["skipped"]
+        if "index" not in batch:
+            continue
+        index = batch["index"].numpy()
+        total = 0.0
+        for m in heads:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                feature = encoders[m](batch[m].to(device))
+            for h, head in enumerate(heads[m]):
+                target = torch.from_numpy(targets[m][h][index]).to(device)
+                logits = head(feature.float())
+                loss = nn.functional.cross_entropy(logits, target)
+                total = total + loss
+                losses[f"{m}_{h}"].append(loss.item())
+                correct[f"{m}_{h}"] += int((logits.argmax(1) == target).sum())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"the loss became {float(total)} at epoch {epoch}; the last good checkpoint is "
+                                     "in checkpoints/last.pt (lower --lr and --resume)")
+        optimizer.zero_grad(set_to_none=True)
+        head_optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        nn.utils.clip_grad_norm_(list(encoders.parameters()) + list(heads.parameters()), 10.0)
+        optimizer.step()
+        head_optimizer.step()
+        seen += len(index)
+    return {"loss": {k: float(np.mean(v)) if v else None for k, v in losses.items()},
+            "pseudo_label_acc": {k: correct[k] / max(seen, 1) for k in correct}, "clips": seen, "skipped": skipped}
+
+
+def _cluster_stats(per_video: dict[str, np.ndarray], config) -> dict:
+    out = {}
+    for m, labels in per_video.items():
+        sizes = np.bincount(labels, minlength=config.clusters)
+        out[m] = {"sizes": sizes.tolist(), "empty": int((sizes == 0).sum()),
+                  "imbalance_factor": float(len(sizes) * (sizes**2).sum() / max(sizes.sum(), 1) ** 2)}
+    return out
+
+
+def _summary(record: dict) -> str:
+    losses = " ".join(f"{k}={v:.3f}" for k, v in record["loss"].items() if v is not None)
+    line = f"round {record['round']} epoch {record['epoch']}: loss {losses}"
+    if "vs_true_labels" in record:
+        line += " | NMI to classes " + " ".join(f"{m}={q['nmi']:.3f}" for m, q in record["vs_true_labels"].items())
+    return line
+
+
+def _yaml(values: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False)
