@@ -64,7 +64,7 @@ def test_each_variant_runs_a_round(dataset, tmp_path, variant):
 def test_resume_continues_where_an_interrupted_run_stopped(dataset, tmp_path):
     config = PretrainConfig(variant="xdc", **{**FAST, "epochs": 2})
     straight = pretrain(dataset, tmp_path / "a", config, log=lambda *_: None)
-    pretrain(dataset, tmp_path / "b", PretrainConfig(variant="xdc", **{**FAST, "epochs": 1}), log=lambda *_: None)
+    pretrain(dataset, tmp_path / "b", config, log=lambda *_: None, max_rounds=1)  # stopped after round 0
     resumed = pretrain(dataset, tmp_path / "b", config, resume=True, log=lambda *_: None)
     assert len(resumed) == 2
     assert resumed[-1]["loss"] == pytest.approx(straight[-1]["loss"], rel=1e-5)
@@ -76,6 +76,41 @@ def test_bad_configuration_fails_before_work(dataset, tmp_path, change, message)
     with pytest.raises(ConfigError, match=message):
         pretrain(dataset, tmp_path / "run", PretrainConfig(**{**FAST, **change}), log=lambda *_: None)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_schedule_warms_up_then_decays():
+    from xdc_fast.pretrain import lr_schedule
+
+    rates = lr_schedule(PretrainConfig(lr=0.1, epochs=4, warmup_epochs=1), steps_per_epoch=10)
+    assert len(rates) == 40 and rates[9] == pytest.approx(0.1) and rates[0] == pytest.approx(0.01)
+    assert np.all(np.diff(rates[10:]) < 0) and rates[-1] < 0.001
+
+
+def test_init_checkpoint_and_cluster_transfer(dataset, tmp_path):
+    from xdc_fast.models import build_video_encoder
+    from xdc_fast.pretrain import load_init_checkpoint, load_saved_labels
+
+    pretrain(dataset, tmp_path / "a", PretrainConfig(**FAST), log=lambda *_: None)
+    # Encoders start from run a's: the weights match exactly before any training.
+    encoders = torch.nn.ModuleDict({"video": build_video_encoder("tiny")})
+    assert load_init_checkpoint(encoders, tmp_path / "a" / "checkpoints" / "last.pt") == ["video"]
+    saved = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)["encoders"]
+    assert torch.equal(encoders["video"].stem[0].weight, saved["video.stem.0.weight"])
+    # Torchvision-layout video weights load too.
+    video_weights = {k[len("video."):]: v for k, v in saved.items() if k.startswith("video.")}
+    torch.save(video_weights, tmp_path / "video.pt")
+    assert load_init_checkpoint(torch.nn.ModuleDict({"video": build_video_encoder("tiny")}), tmp_path / "video.pt") == ["video"]
+    # Cluster transfer: run b trains on run a's saved assignments and clusters nothing itself.
+    clusters = tmp_path / "a" / "clusters" / "round_000.pt"
+    history = pretrain(dataset, tmp_path / "b", PretrainConfig(**FAST, labels_from=str(clusters),
+                                                               init_checkpoint=str(tmp_path / "a" / "checkpoints" / "last.pt")),
+                       log=lambda *_: None)
+    assert history[0]["seconds"]["cluster"] == 0.0 and not list((tmp_path / "b" / "clusters").iterdir())
+    ids = sorted(r for r in torch.load(clusters, weights_only=True)["ids"])
+    labels = load_saved_labels(clusters, ids)
+    assert set(labels) == {"video", "audio"} and len(labels["video"]) == len(ids)
+    with pytest.raises(ConfigError, match="no assignment"):
+        load_saved_labels(clusters, ids + ["someone/else"])
 
 
 def test_an_existing_run_is_not_overwritten(dataset, tmp_path):

@@ -75,8 +75,13 @@ def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path):
 @click.option("--seed", type=int, default=None, help="[default: 0]")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="YAML of PretrainConfig fields; flags given here override it.")
+@click.option("--init-checkpoint", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Start the encoders from this checkpoint (another run's, or torchvision/XDC video weights).")
+@click.option("--labels-from", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Cluster transfer: train on these saved assignments (RUN/clusters/round_NNN.pt).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-def pretrain(variant, dataset, out, arch, epochs, clusters, batch_size, lr, device, seed, config_path, resume):
+def pretrain(variant, dataset, out, arch, epochs, clusters, batch_size, lr, device, seed, config_path,
+             init_checkpoint, labels_from, resume):
     """Self-supervised pretraining by deep clustering (XDC and the paper's other variants)."""
     import yaml
 
@@ -85,7 +90,7 @@ def pretrain(variant, dataset, out, arch, epochs, clusters, batch_size, lr, devi
 
     values = yaml.safe_load(open(config_path)) if config_path else {}
     flags = {"variant": variant, "arch": arch, "epochs": epochs, "clusters": clusters, "batch_size": batch_size,
-             "lr": lr, "device": device, "seed": seed}
+             "lr": lr, "device": device, "seed": seed, "init_checkpoint": init_checkpoint, "labels_from": labels_from}
     values.update({k: v for k, v in flags.items() if v is not None})
     try:
         config = PretrainConfig.from_dict(values)

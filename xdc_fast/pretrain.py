@@ -43,6 +43,10 @@ class PretrainConfig:
     lr: float = 0.01  # SGD; 0.01 suits the tiny encoders, lower it if the loss does not decrease
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0  # linear warm-up from 0, then cosine decay to 0 at the last step
+    schedule: str = "cosine"  # or "constant"
+    init_checkpoint: str | None = None  # start the encoders from this checkpoint (ours, or video weights)
+    labels_from: str | None = None  # train on these saved assignments (RUN/clusters/round_NNN.pt) instead
     frames: int = 8
     stride: int = 2
     resize_short: int = 64
@@ -122,6 +126,54 @@ def new_head(dim: int, k: int) -> nn.Linear:
     return head
 
 
+def lr_schedule(config: PretrainConfig, steps_per_epoch: int) -> np.ndarray:
+    """Learning rate of every step of the run, precomputed (DINO's habit): warm-up, then cosine."""
+    total = config.epochs * steps_per_epoch
+    steps = np.arange(total, dtype=np.float64)
+    if config.schedule == "constant":
+        rates = np.full(total, config.lr)
+    else:
+        rates = 0.5 * config.lr * (1 + np.cos(np.pi * steps / max(total, 1)))
+    warm = int(round(config.warmup_epochs * steps_per_epoch))
+    if warm > 0:
+        rates[:warm] = config.lr * (steps[:warm] + 1) / warm
+    return rates
+
+
+def load_init_checkpoint(encoders: nn.ModuleDict, path: str | Path) -> list[str]:
+    """Encoders from another run's checkpoint, or video weights in torchvision's layout (a torchvision
+    or official XDC file). Returns what was loaded."""
+    from .models import load_video_weights
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "encoders" in state:
+        loaded = []
+        for m in encoders:
+            own = {k[len(m) + 1 :]: v for k, v in state["encoders"].items() if k.startswith(m + ".")}
+            if not own:
+                raise ConfigError(f"{path} holds no {m} encoder")
+            encoders[m].load_state_dict(own, strict=True)
+            loaded.append(m)
+        return loaded
+    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    if "video" not in encoders:
+        raise ConfigError(f"{path} holds video weights only, and this variant trains no video encoder")
+    load_video_weights(encoders["video"], state)
+    return ["video"]
+
+
+def load_saved_labels(path: str | Path, ids: list[str]) -> dict[str, np.ndarray]:
+    """Per-video assignments saved by a round, reordered to ``ids``; every id must be there."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    position = {item: i for i, item in enumerate(saved["ids"])}
+    missing = [item for item in ids if item not in position]
+    if missing:
+        raise ConfigError(f"{path} has no assignment for {len(missing)} item(s) of this dataset (e.g. {missing[0]})")
+    order = np.array([position[item] for item in ids])
+    return {key[: -len("_video_labels")]: value.numpy()[order] for key, value in saved.items()
+            if key.endswith("_video_labels")}
+
+
 def save_atomic(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -135,8 +187,11 @@ class RoundResult:
 
 
 def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resume: bool = False,
-             log=print) -> list[dict]:
-    """Run the rounds; returns the metrics lines written to ``out/metrics.jsonl``."""
+             log=print, max_rounds: int | None = None) -> list[dict]:
+    """Run the rounds; returns the metrics lines written to ``out/metrics.jsonl``.
+
+    ``max_rounds`` stops after that many rounds of this call (as an interruption would); ``resume``
+    then continues the run from its last checkpoint."""
     from .data.clips import ClipConfig
     from .data.dataset import ClipDataset, collate_clips
     from .data.prepare import load_manifest
@@ -172,8 +227,14 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
     if "audio" in modalities:
         encoders["audio"] = build_audio_encoder(config.arch)
     encoders.to(device)
+    if config.init_checkpoint and not resume:
+        log(f"encoders from {config.init_checkpoint}: {', '.join(load_init_checkpoint(encoders, config.init_checkpoint))}")
     optimizer = torch.optim.SGD(encoders.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    schedule = lr_schedule(config, steps_per_epoch)
+    transferred = load_saved_labels(config.labels_from, [r["id"] for r in train_set.items]) \
+        if config.labels_from else None
     rounds = math.ceil(config.epochs / config.epochs_per_round)
     start_round, history, previous = 0, [], None
     last = out / "checkpoints" / "last.pt"
@@ -186,27 +247,33 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
         torch.set_rng_state(state["torch_rng"])
         log(f"resuming after round {state['round']}")
 
-    for round_index in range(start_round, rounds):
-        # ===== extracting features =====
-        t0 = time.perf_counter()
-        features = _extract(encoders, fixed_clips, config, device, collate_clips)
-        t_extract = time.perf_counter() - t0
+    end_round = rounds if max_rounds is None else min(rounds, start_round + max_rounds)
+    for round_index in range(start_round, end_round):
+        if transferred is None:
+            # ===== extracting features =====
+            t0 = time.perf_counter()
+            features = _extract(encoders, fixed_clips, config, device, collate_clips)
+            t_extract = time.perf_counter() - t0
 
-        # ===== clustering =====
-        t0 = time.perf_counter()
-        clip_labels = _cluster(features, config, round_index)
-        t_cluster = time.perf_counter() - t0
-        per_video = {m: video_labels(v, config.clips_per_video) for m, v in clip_labels.items()}
+            # ===== clustering =====
+            t0 = time.perf_counter()
+            clip_labels = _cluster(features, config, round_index)
+            t_cluster = time.perf_counter() - t0
+            per_video = {m: video_labels(v, config.clips_per_video) for m, v in clip_labels.items()}
+            ids = [r["id"] for r in fixed_clips.items]
+            torch.save({"ids": ids, "clips_per_video": config.clips_per_video,
+                        **{f"{m}_clip_labels": torch.from_numpy(v) for m, v in clip_labels.items()},
+                        **{f"{m}_video_labels": torch.from_numpy(v) for m, v in per_video.items()}},
+                       out / "clusters" / f"round_{round_index:03d}.pt")
+        else:
+            # ===== cluster transfer: the saved assignments are the targets of every round =====
+            per_video, t_extract, t_cluster = transferred, 0.0, 0.0
         targets = targets_for_variant(config.variant, per_video.get("video"), per_video.get("audio"),
                                       per_video.get("concat"))
-        ids = [r["id"] for r in fixed_clips.items]
-        torch.save({"ids": ids, "clips_per_video": config.clips_per_video,
-                    **{f"{m}_clip_labels": torch.from_numpy(v) for m, v in clip_labels.items()},
-                    **{f"{m}_video_labels": torch.from_numpy(v) for m, v in per_video.items()}},
-                   out / "clusters" / f"round_{round_index:03d}.pt")
+        k = config.clusters if transferred is None else 1 + max(int(v.max()) for v in per_video.values())
 
         # ===== fresh heads and their optimizer =====
-        heads = nn.ModuleDict({m: nn.ModuleList([new_head(encoders[m].feature_dim, config.clusters)
+        heads = nn.ModuleDict({m: nn.ModuleList([new_head(encoders[m].feature_dim, k)
                                                  for _ in targets[m]]) for m in modalities}).to(device)
         head_optimizer = torch.optim.SGD(heads.parameters(), lr=config.lr, momentum=config.momentum)
 
@@ -218,7 +285,8 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
                 break
             t0 = time.perf_counter()
             stats = _train_one_epoch(encoders, heads, targets, train_set, balance_on, optimizer, head_optimizer,
-                                     config, epoch, device, collate_clips)
+                                     config, epoch, device, collate_clips,
+                                     schedule[epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch])
             t_train = time.perf_counter() - t0
 
             # ===== writing logs =====
@@ -277,7 +345,7 @@ def _cluster(features: dict[str, np.ndarray], config, round_index: int) -> dict[
 
 
 def _train_one_epoch(encoders, heads, targets, train_set, balance_on, optimizer, head_optimizer, config, epoch,
-                     device, collate) -> dict:
+                     device, collate, rates: np.ndarray) -> dict:
     rng = np.random.default_rng([config.seed, epoch])
     order = balanced_indices(balance_on, len(train_set), rng)
     train_set.set_epoch(epoch)
@@ -288,7 +356,9 @@ def _train_one_epoch(encoders, heads, targets, train_set, balance_on, optimizer,
     losses = {f"{m}_{h}": [] for m in heads for h in range(len(heads[m]))}
     correct = {key: 0 for key in losses}
     seen = skipped = 0
-    for batch in loader:
+    for step, batch in enumerate(loader):
+        for group in optimizer.param_groups + head_optimizer.param_groups:
+            group["lr"] = float(rates[min(step, len(rates) - 1)])
         skipped += batch["skipped"]
         if "index" not in batch:
             continue
@@ -315,13 +385,14 @@ def _train_one_epoch(encoders, heads, targets, train_set, balance_on, optimizer,
         head_optimizer.step()
         seen += len(index)
     return {"loss": {k: float(np.mean(v)) if v else None for k, v in losses.items()},
-            "pseudo_label_acc": {k: correct[k] / max(seen, 1) for k in correct}, "clips": seen, "skipped": skipped}
+            "pseudo_label_acc": {k: correct[k] / max(seen, 1) for k in correct}, "clips": seen, "skipped": skipped,
+            "lr": float(rates[0]) if len(rates) else None}
 
 
 def _cluster_stats(per_video: dict[str, np.ndarray], config) -> dict:
     out = {}
     for m, labels in per_video.items():
-        sizes = np.bincount(labels, minlength=config.clusters)
+        sizes = np.bincount(labels, minlength=config.clusters if config.labels_from is None else 0)
         out[m] = {"sizes": sizes.tolist(), "empty": int((sizes == 0).sum()),
                   "imbalance_factor": float(len(sizes) * (sizes**2).sum() / max(sizes.sum(), 1) ** 2)}
     return out
