@@ -129,3 +129,36 @@ def test_cli_pretrain(dataset, tmp_path):
     bad = CliRunner().invoke(main, ["pretrain", "--data", str(dataset), "--out", str(tmp_path / "r2"),
                                     "--clusters", "50", "--config", str(config)])
     assert bad.exit_code == 2 and "must lie between" in bad.output and "Traceback" not in bad.output
+
+
+def test_torchrun_two_ranks_cluster_like_one_process(dataset, tmp_path):
+    """Two gloo ranks shard the videos; their round-0 k-means must equal one process's on the same features."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.yaml"
+    config.write_text("\n".join(f"{k}: {v}" for k, v in {**FAST, "clusters": 4}.items()) + "\nworkers: 0\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "xdc_fast.cli", "pretrain", "--data", str(dataset),
+               "--out", str(tmp_path / "ddp"), "--config", str(config), "--device", "cpu"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("round 0 epoch 0") == 1  # only rank 0 speaks
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 1
+
+    single = CliRunner().invoke(main, ["pretrain", "--data", str(dataset), "--out", str(tmp_path / "one"),
+                                       "--config", str(config), "--device", "cpu"])
+    assert single.exit_code == 0, single.output
+    ddp = torch.load(tmp_path / "ddp" / "clusters" / "round_000.pt", weights_only=True)
+    one = torch.load(tmp_path / "one" / "clusters" / "round_000.pt", weights_only=True)
+    assert ddp["ids"] == one["ids"]
+    for key in ("video_clip_labels", "audio_clip_labels"):
+        assert torch.equal(ddp[key], one[key]), key
+    record = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text())
+    assert record["clips"] == 6  # 3 videos per rank

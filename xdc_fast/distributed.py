@@ -51,3 +51,29 @@ def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     buf = _communicable(t).contiguous().clone()
     dist.broadcast(buf, src=src)
     return buf.to(t.device)
+
+
+def init_from_torchrun(use_cuda: bool) -> bool:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs); False when not under torchrun."""
+    if is_distributed():
+        return True
+    if not launched_by_torchrun():
+        return False
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return True
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` when not distributed)."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

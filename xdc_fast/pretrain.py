@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed as xdist
 from . import metrics
 from .cluster import KMeans, pca_whiten
 
@@ -207,18 +208,31 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
         (out / sub).mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if config.device == "auto" else config.device))
-    torch.manual_seed(config.seed)
+    # The same command line runs alone or under torchrun: ranks shard the videos, cluster together
+    # and train one DDP model; only rank 0 writes.
+    if xdist.init_from_torchrun(device.type == "cuda") and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    rank, world = xdist.rank(), xdist.world_size()
+    writer = rank == 0
+    if not writer:
+        log = lambda *_: None  # noqa: E731
+    torch.manual_seed(config.seed)  # identical initial encoders on every rank
     modalities = modalities_for(config.variant)
     from . import __version__
 
-    (out / "config.yaml").write_text(_yaml({**asdict(config), "code_version": __version__}))
+    if writer:
+        (out / "config.yaml").write_text(_yaml({**asdict(config), "code_version": __version__, "world_size": world}))
 
     # ===== preparing data =====
     clip = ClipConfig(frames=config.frames, stride=config.stride, resize_short=config.resize_short, crop=config.crop,
                       audio_seconds=config.audio_seconds, n_mels=config.n_mels, eval_clips=config.clips_per_video)
     train_set = ClipDataset(dataset, clip, train=True, seed=config.seed, modalities=modalities)
     fixed_clips = ClipDataset(dataset, clip, train=False, modalities=modalities)
-    true_labels = np.array([-1 if r["label"] is None else r["label"] for r in train_set.items])
+    all_items = train_set.items
+    true_labels = np.array([-1 if r["label"] is None else r["label"] for r in all_items])
+    shard = np.arange(rank, len(all_items), world)  # this rank's videos (global indices)
+    train_set.items = fixed_clips.items = [all_items[i] for i in shard]
+    samples_per_rank = math.ceil(len(all_items) / world)  # the same step count on every rank
 
     # ===== building networks =====
     encoders = nn.ModuleDict()
@@ -231,7 +245,7 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
         log(f"encoders from {config.init_checkpoint}: {', '.join(load_init_checkpoint(encoders, config.init_checkpoint))}")
     optimizer = torch.optim.SGD(encoders.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    steps_per_epoch = math.ceil(samples_per_rank / config.batch_size)
     schedule = lr_schedule(config, steps_per_epoch)
     transferred = load_saved_labels(config.labels_from, [r["id"] for r in train_set.items]) \
         if config.labels_from else None
@@ -257,20 +271,23 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
 
             # ===== clustering =====
             t0 = time.perf_counter()
-            clip_labels = _cluster(features, config, round_index)
+            clip_labels = _cluster(features, config, round_index, shard, len(all_items))
             t_cluster = time.perf_counter() - t0
             per_video = {m: video_labels(v, config.clips_per_video) for m, v in clip_labels.items()}
-            ids = [r["id"] for r in fixed_clips.items]
-            torch.save({"ids": ids, "clips_per_video": config.clips_per_video,
-                        **{f"{m}_clip_labels": torch.from_numpy(v) for m, v in clip_labels.items()},
-                        **{f"{m}_video_labels": torch.from_numpy(v) for m, v in per_video.items()}},
-                       out / "clusters" / f"round_{round_index:03d}.pt")
+            everyone = _gather_by_video(shard, per_video, len(all_items), 1)
+            everyone_clips = _gather_by_video(shard, clip_labels, len(all_items), config.clips_per_video)
+            if writer:
+                torch.save({"ids": [r["id"] for r in all_items], "clips_per_video": config.clips_per_video,
+                            **{f"{m}_clip_labels": torch.from_numpy(v) for m, v in everyone_clips.items()},
+                            **{f"{m}_video_labels": torch.from_numpy(v) for m, v in everyone.items()}},
+                           out / "clusters" / f"round_{round_index:03d}.pt")
         else:
             # ===== cluster transfer: the saved assignments are the targets of every round =====
-            per_video, t_extract, t_cluster = transferred, 0.0, 0.0
+            everyone, t_extract, t_cluster = transferred, 0.0, 0.0
+            per_video = {m: v[shard] for m, v in transferred.items()}
         targets = targets_for_variant(config.variant, per_video.get("video"), per_video.get("audio"),
                                       per_video.get("concat"))
-        k = config.clusters if transferred is None else 1 + max(int(v.max()) for v in per_video.values())
+        k = config.clusters if transferred is None else 1 + max(int(v.max()) for v in everyone.values())
 
         # ===== fresh heads and their optimizer =====
         heads = nn.ModuleDict({m: nn.ModuleList([new_head(encoders[m].feature_dim, k)
@@ -286,33 +303,47 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
             t0 = time.perf_counter()
             stats = _train_one_epoch(encoders, heads, targets, train_set, balance_on, optimizer, head_optimizer,
                                      config, epoch, device, collate_clips,
-                                     schedule[epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch])
+                                     schedule[epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch],
+                                     samples_per_rank)
             t_train = time.perf_counter() - t0
 
             # ===== writing logs =====
-            record = {"round": round_index, "epoch": epoch, **stats, "clusters": _cluster_stats(per_video, config),
+            record = {"round": round_index, "epoch": epoch, **stats, "clusters": _cluster_stats(everyone, config),
                       "seconds": {"extract": t_extract, "cluster": t_cluster, "train": t_train},
                       "clips_per_s": stats["clips"] / t_train if t_train else None}
             if previous is not None:
-                record["nmi_to_previous"] = {m: metrics.nmi(per_video[m], previous[m]) for m in per_video
+                record["nmi_to_previous"] = {m: metrics.nmi(everyone[m], previous[m]) for m in everyone
                                              if m in previous}
-            if "video" in per_video and "audio" in per_video:
-                record["nmi_video_audio"] = metrics.nmi(per_video["video"], per_video["audio"])
+            if "video" in everyone and "audio" in everyone:
+                record["nmi_video_audio"] = metrics.nmi(everyone["video"], everyone["audio"])
             if (true_labels >= 0).all():
-                record["vs_true_labels"] = {m: metrics.cluster_quality(v, true_labels) for m, v in per_video.items()}
+                record["vs_true_labels"] = {m: metrics.cluster_quality(v, true_labels) for m, v in everyone.items()}
             history.append(record)
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            if writer:
+                with (out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(record) + "\n")
             log(_summary(record))
-        previous = per_video
+        previous = everyone
 
         # ===== checkpoint =====
         state = {"encoders": encoders.state_dict(), "optimizer": optimizer.state_dict(), "round": round_index,
                  "history": history, "config": asdict(config), "torch_rng": torch.get_rng_state(),
                  "previous_labels": {m: torch.from_numpy(v) for m, v in previous.items()}}
-        save_atomic(state, out / "checkpoints" / f"round_{round_index:03d}.pt")
-        save_atomic(state, last)
+        if writer:
+            save_atomic(state, out / "checkpoints" / f"round_{round_index:03d}.pt")
+            save_atomic(state, last)
+        xdist.barrier()  # nobody resumes from, or reads, a checkpoint that is still being written
     return history
+
+
+def _gather_by_video(shard: np.ndarray, labels: dict[str, np.ndarray], n_videos: int, per_video: int) -> dict:
+    """Every rank's labels, placed at their global positions (``per_video`` rows per video)."""
+    full = {m: np.zeros(n_videos * per_video, dtype=np.int64) for m in labels}
+    for other_shard, other in xdist.all_gather_objects((shard, labels)):
+        rows = (np.asarray(other_shard)[:, None] * per_video + np.arange(per_video)).ravel()
+        for m, v in other.items():
+            full[m][rows] = v
+    return full
 
 
 def _extract(encoders, fixed_clips, config, device, collate) -> dict[str, np.ndarray]:
@@ -329,30 +360,63 @@ def _extract(encoders, fixed_clips, config, device, collate) -> dict[str, np.nda
     return {m: torch.cat(v).numpy() for m, v in chunks.items()}
 
 
-def _cluster(features: dict[str, np.ndarray], config, round_index: int) -> dict[str, np.ndarray]:
-    """Both modalities in one batched k-means call (same dimension after PCA), plus the concatenation for CDC."""
+def _cluster(features: dict[str, np.ndarray], config, round_index: int, shard: np.ndarray,
+             n_videos: int) -> dict[str, np.ndarray]:
+    """Both modalities in one batched k-means call (same dimension after PCA), plus the concatenation
+    for CDC. Initial centroids are clips drawn from the whole dataset by a seeded permutation, each
+    contributed by the rank holding it, so sharded and single-process runs start (and end) alike."""
     seed = config.seed * 1000 + round_index  # a fresh seed every round
+    clip_rows = (shard[:, None] * config.clips_per_video + np.arange(config.clips_per_video)).ravel()
+    chosen = torch.randperm(n_videos * config.clips_per_video, generator=torch.Generator().manual_seed(seed))
+    chosen = chosen[: config.clusters].numpy()
+
+    def fit(points: torch.Tensor) -> torch.Tensor:
+        position = {int(g): i for i, g in enumerate(clip_rows)}
+        init = torch.zeros(points.shape[0], config.clusters, points.shape[-1])
+        for j, g in enumerate(chosen):
+            if int(g) in position:
+                init[:, j] = points[:, position[int(g)]]
+        init = xdist.all_reduce_sum(init)
+        km = KMeans(points.shape[-1], config.clusters, niter=config.kmeans_niter, seed=seed)
+        return km.fit(points, init_centroids=init).labels
+
     names = [m for m in ("video", "audio") if m in features]
-    stacked = torch.stack([torch.from_numpy(features[m]) for m in names])
-    white = pca_whiten(stacked, config.pca_dim)
-    km = KMeans(white.shape[-1], config.clusters, niter=config.kmeans_niter, seed=seed).fit(white)
-    labels = {m: km.labels[i].numpy() for i, m in enumerate(names)}
+    white = pca_whiten(torch.stack([torch.from_numpy(features[m]) for m in names]), config.pca_dim)
+    stacked = fit(white)
+    labels = {m: stacked[i].numpy() for i, m in enumerate(names)}
     if config.variant == "cdc":
         joint = pca_whiten(torch.cat([torch.from_numpy(features[m]) for m in names], dim=1), config.pca_dim)
-        labels["concat"] = KMeans(joint.shape[-1], config.clusters, niter=config.kmeans_niter,
-                                  seed=seed).fit(joint).labels.numpy()
+        labels["concat"] = fit(joint[None])[0].numpy()
     return labels
 
 
+class Learner(nn.Module):
+    """Encoders and their heads as one module, so DDP sees every parameter a step uses."""
+
+    def __init__(self, encoders: nn.ModuleDict, heads: nn.ModuleDict):
+        super().__init__()
+        self.encoders, self.heads = encoders, heads
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        out = {}
+        for m in self.heads:
+            with torch.autocast(inputs[m].device.type, dtype=torch.bfloat16, enabled=inputs[m].is_cuda):
+                feature = self.encoders[m](inputs[m])
+            out[m] = [head(feature.float()) for head in self.heads[m]]
+        return out
+
+
 def _train_one_epoch(encoders, heads, targets, train_set, balance_on, optimizer, head_optimizer, config, epoch,
-                     device, collate, rates: np.ndarray) -> dict:
-    rng = np.random.default_rng([config.seed, epoch])
-    order = balanced_indices(balance_on, len(train_set), rng)
+                     device, collate, rates: np.ndarray, samples: int) -> dict:
+    rng = np.random.default_rng([config.seed, epoch, xdist.rank()])
+    order = balanced_indices(balance_on, samples, rng)
     train_set.set_epoch(epoch)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, order.tolist()),
                                          batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate)
-    encoders.train()
-    heads.train()
+    learner = Learner(encoders, heads)
+    if xdist.is_distributed():
+        learner = nn.parallel.DistributedDataParallel(learner, device_ids=[device.index] if device.type == "cuda" else None)
+    learner.train()
     losses = {f"{m}_{h}": [] for m in heads for h in range(len(heads[m]))}
     correct = {key: 0 for key in losses}
     seen = skipped = 0
@@ -363,13 +427,11 @@ def _train_one_epoch(encoders, heads, targets, train_set, balance_on, optimizer,
         if "index" not in batch:
             continue
         index = batch["index"].numpy()
+        outputs = learner({m: batch[m].to(device) for m in heads})
         total = 0.0
         for m in heads:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                feature = encoders[m](batch[m].to(device))
-            for h, head in enumerate(heads[m]):
+            for h, logits in enumerate(outputs[m]):
                 target = torch.from_numpy(targets[m][h][index]).to(device)
-                logits = head(feature.float())
                 loss = nn.functional.cross_entropy(logits, target)
                 total = total + loss
                 losses[f"{m}_{h}"].append(loss.item())
@@ -384,8 +446,14 @@ def _train_one_epoch(encoders, heads, targets, train_set, balance_on, optimizer,
         optimizer.step()
         head_optimizer.step()
         seen += len(index)
-    return {"loss": {k: float(np.mean(v)) if v else None for k, v in losses.items()},
-            "pseudo_label_acc": {k: correct[k] / max(seen, 1) for k in correct}, "clips": seen, "skipped": skipped,
+    # Every rank's figures, so the log describes the whole step, not rank 0's share.
+    keys = list(losses)
+    sums = xdist.all_reduce_sum(torch.tensor([[float(np.sum(losses[k])), len(losses[k]), correct[k]] for k in keys]
+                                             + [[0.0, seen, skipped]], dtype=torch.float64))
+    seen, skipped = int(sums[-1, 1]), int(sums[-1, 2])
+    return {"loss": {k: float(sums[i, 0] / sums[i, 1]) if sums[i, 1] else None for i, k in enumerate(keys)},
+            "pseudo_label_acc": {k: float(sums[i, 2]) / max(seen, 1) for i, k in enumerate(keys)}, "clips": seen,
+            "skipped": skipped,
             "lr": float(rates[0]) if len(rates) else None}
 
 
