@@ -162,3 +162,23 @@ def test_torchrun_two_ranks_cluster_like_one_process(dataset, tmp_path):
         assert torch.equal(ddp[key], one[key]), key
     record = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text())
     assert record["clips"] == 6  # 3 videos per rank
+
+
+def test_kill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(dataset, tmp_path):
+    from xdc_fast.pretrain import Interrupted
+
+    config = PretrainConfig(variant="xdc", **{**FAST, "epochs": 2, "batch_size": 2, "checkpoint_every": 1})
+    straight = pretrain(dataset, tmp_path / "a", config, log=lambda *_: None)
+    with pytest.raises(Interrupted):
+        pretrain(dataset, tmp_path / "b", config, log=lambda *_: None, stop_after_steps=2)  # 2 of 3 steps done
+    state = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["inside"]["step"] == 2 and state["inside"]["epoch"] == 0
+    resumed = pretrain(dataset, tmp_path / "b", config, resume=True, log=lambda *_: None)
+    assert len(resumed) == len(straight) == 2
+    for a, b in zip(straight, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["pseudo_label_acc"] == a["pseudo_label_acc"] and b["clips"] == a["clips"]
+    final_a = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)["encoders"]
+    final_b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["encoders"]
+    for key in final_a:
+        torch.testing.assert_close(final_b[key], final_a[key], rtol=1e-5, atol=1e-6)

@@ -48,6 +48,7 @@ class PretrainConfig:
     schedule: str = "cosine"  # or "constant"
     init_checkpoint: str | None = None  # start the encoders from this checkpoint (ours, or video weights)
     labels_from: str | None = None  # train on these saved assignments (RUN/clusters/round_NNN.pt) instead
+    checkpoint_every: int = 50  # steps between mid-epoch checkpoints (0: only at the end of a round)
     frames: int = 8
     stride: int = 2
     resize_short: int = 64
@@ -119,10 +120,11 @@ def video_labels(clip_labels: np.ndarray, clips_per_video: int) -> np.ndarray:
     return np.array([np.bincount(row).argmax() for row in per_video], dtype=np.int64)
 
 
-def new_head(dim: int, k: int) -> nn.Linear:
-    # Fresh every round: cluster ids permute between clusterings, so old heads mean nothing.
+def new_head(dim: int, k: int, generator: torch.Generator) -> nn.Linear:
+    # Fresh every round: cluster ids permute between clusterings, so old heads mean nothing. Drawn
+    # from the round's own generator, so a resumed run draws the same heads whatever else ran before.
     head = nn.Linear(dim, k)
-    nn.init.normal_(head.weight, 0, 0.01)
+    nn.init.normal_(head.weight, 0, 0.01, generator=generator)
     nn.init.zeros_(head.bias)
     return head
 
@@ -187,12 +189,17 @@ class RoundResult:
     records: list[dict] = field(default_factory=list)
 
 
+class Interrupted(RuntimeError):
+    """Raised by the ``stop_after_steps`` test hook, as a kill would end the process."""
+
+
 def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resume: bool = False,
-             log=print, max_rounds: int | None = None) -> list[dict]:
+             log=print, max_rounds: int | None = None, stop_after_steps: int | None = None) -> list[dict]:
     """Run the rounds; returns the metrics lines written to ``out/metrics.jsonl``.
 
-    ``max_rounds`` stops after that many rounds of this call (as an interruption would); ``resume``
-    then continues the run from its last checkpoint."""
+    ``max_rounds`` stops after that many rounds of this call; ``stop_after_steps`` raises
+    ``Interrupted`` right after the mid-epoch checkpoint of that step (both stand in for a killed
+    process in tests); ``resume`` then continues the run from its last checkpoint, mid-epoch included."""
     from .data.clips import ClipConfig
     from .data.dataset import ClipDataset, collate_clips
     from .data.prepare import load_manifest
@@ -250,20 +257,32 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
     transferred = load_saved_labels(config.labels_from, [r["id"] for r in train_set.items]) \
         if config.labels_from else None
     rounds = math.ceil(config.epochs / config.epochs_per_round)
-    start_round, history, previous = 0, [], None
+    start_round, history, previous, inside = 0, [], None, None
     last = out / "checkpoints" / "last.pt"
     if resume and last.exists():
         state = torch.load(last, map_location=device, weights_only=True)
         encoders.load_state_dict(state["encoders"])
         optimizer.load_state_dict(state["optimizer"])
-        start_round, history = state["round"] + 1, state["history"]
-        previous = {m: np.asarray(v) for m, v in state["previous_labels"].items()}
+        history = state["history"]
+        previous = {m: v.numpy() for m, v in state["previous_labels"].items()} if state["previous_labels"] else None
         torch.set_rng_state(state["torch_rng"])
-        log(f"resuming after round {state['round']}")
+        if state.get("inside") is not None:  # killed mid-epoch: finish that epoch from its next step
+            inside = state["inside"]
+            start_round = state["round"]
+            log(f"resuming round {state['round']} at epoch {inside['epoch']}, step {inside['step']}")
+        else:
+            start_round = state["round"] + 1
+            log(f"resuming after round {state['round']}")
 
     end_round = rounds if max_rounds is None else min(rounds, start_round + max_rounds)
     for round_index in range(start_round, end_round):
-        if transferred is None:
+        resuming = inside is not None and inside["round"] == round_index
+        if resuming:
+            # ===== the round's clusters, as the interrupted process had them =====
+            everyone = {m: v.numpy() for m, v in inside["everyone"].items()}
+            per_video = {m: v[shard] for m, v in everyone.items()}
+            t_extract, t_cluster = inside["seconds"]
+        elif transferred is None:
             # ===== extracting features =====
             t0 = time.perf_counter()
             features = _extract(encoders, fixed_clips, config, device, collate_clips)
@@ -290,9 +309,13 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
         k = config.clusters if transferred is None else 1 + max(int(v.max()) for v in everyone.values())
 
         # ===== fresh heads and their optimizer =====
-        heads = nn.ModuleDict({m: nn.ModuleList([new_head(encoders[m].feature_dim, k)
+        head_generator = torch.Generator().manual_seed(config.seed * 7919 + round_index)
+        heads = nn.ModuleDict({m: nn.ModuleList([new_head(encoders[m].feature_dim, k, head_generator)
                                                  for _ in targets[m]]) for m in modalities}).to(device)
         head_optimizer = torch.optim.SGD(heads.parameters(), lr=config.lr, momentum=config.momentum)
+        if resuming:
+            heads.load_state_dict(inside["heads"])
+            head_optimizer.load_state_dict(inside["head_optimizer"])
 
         # ===== training =====
         balance_on = targets[modalities[0]][0]
@@ -300,11 +323,35 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
             epoch = round_index * config.epochs_per_round + epoch_in_round
             if epoch >= config.epochs:
                 break
+            start_step, running = 0, None
+            if resuming:
+                if epoch < inside["epoch"]:
+                    continue
+                if epoch == inside["epoch"]:
+                    start_step, running = inside["step"], inside["running"][rank]
+
+            def checkpoint_inside(step: int, local_running: dict, epoch=epoch) -> None:
+                # Everything an interrupted process needs to finish this epoch as if nothing happened.
+                state = {"encoders": encoders.state_dict(), "optimizer": optimizer.state_dict(),
+                         "round": round_index, "history": history, "config": asdict(config),
+                         "torch_rng": torch.get_rng_state(),
+                         "previous_labels": {m: torch.from_numpy(v) for m, v in (previous or {}).items()},
+                         "inside": {"round": round_index, "epoch": epoch, "step": step, "heads": heads.state_dict(),
+                                    "head_optimizer": head_optimizer.state_dict(),
+                                    "running": xdist.all_gather_objects(local_running),
+                                    "everyone": {m: torch.from_numpy(v) for m, v in everyone.items()},
+                                    "seconds": [t_extract, t_cluster]}}
+                if writer:
+                    save_atomic(state, last)
+                xdist.barrier()
+                if stop_after_steps is not None and step >= stop_after_steps:
+                    raise Interrupted(f"stopped after step {step} (test hook)")
+
             t0 = time.perf_counter()
             stats = _train_one_epoch(encoders, heads, targets, train_set, balance_on, optimizer, head_optimizer,
                                      config, epoch, device, collate_clips,
                                      schedule[epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch],
-                                     samples_per_rank)
+                                     samples_per_rank, start_step, running, checkpoint_inside)
             t_train = time.perf_counter() - t0
 
             # ===== writing logs =====
@@ -323,7 +370,7 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
                 with (out / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(record) + "\n")
             log(_summary(record))
-        previous = everyone
+        previous, inside = everyone, None
 
         # ===== checkpoint =====
         state = {"encoders": encoders.state_dict(), "optimizer": optimizer.state_dict(), "round": round_index,
@@ -407,23 +454,27 @@ class Learner(nn.Module):
 
 
 def _train_one_epoch(encoders, heads, targets, train_set, balance_on, optimizer, head_optimizer, config, epoch,
-                     device, collate, rates: np.ndarray, samples: int) -> dict:
+                     device, collate, rates: np.ndarray, samples: int, start_step: int = 0,
+                     running: dict | None = None, checkpoint=None) -> dict:
+    # The epoch's whole sample order comes from (seed, epoch, rank): a resumed epoch skips what the
+    # interrupted one had done and sees the same batches after it.
     rng = np.random.default_rng([config.seed, epoch, xdist.rank()])
     order = balanced_indices(balance_on, samples, rng)
     train_set.set_epoch(epoch)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, order.tolist()),
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, order[start_step * config.batch_size :].tolist()),
                                          batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate)
+    total_steps = math.ceil(samples / config.batch_size)
     learner = Learner(encoders, heads)
     if xdist.is_distributed():
         learner = nn.parallel.DistributedDataParallel(learner, device_ids=[device.index] if device.type == "cuda" else None)
     learner.train()
-    losses = {f"{m}_{h}": [] for m in heads for h in range(len(heads[m]))}
-    correct = {key: 0 for key in losses}
-    seen = skipped = 0
-    for step, batch in enumerate(loader):
+    keys = [f"{m}_{h}" for m in heads for h in range(len(heads[m]))]
+    run = running or {"loss_sum": {k: 0.0 for k in keys}, "loss_count": {k: 0 for k in keys},
+                      "correct": {k: 0 for k in keys}, "seen": 0, "skipped": 0}
+    for step, batch in enumerate(loader, start=start_step):
         for group in optimizer.param_groups + head_optimizer.param_groups:
             group["lr"] = float(rates[min(step, len(rates) - 1)])
-        skipped += batch["skipped"]
+        run["skipped"] += batch["skipped"]
         if "index" not in batch:
             continue
         index = batch["index"].numpy()
@@ -434,8 +485,9 @@ def _train_one_epoch(encoders, heads, targets, train_set, balance_on, optimizer,
                 target = torch.from_numpy(targets[m][h][index]).to(device)
                 loss = nn.functional.cross_entropy(logits, target)
                 total = total + loss
-                losses[f"{m}_{h}"].append(loss.item())
-                correct[f"{m}_{h}"] += int((logits.argmax(1) == target).sum())
+                run["loss_sum"][f"{m}_{h}"] += loss.item()
+                run["loss_count"][f"{m}_{h}"] += 1
+                run["correct"][f"{m}_{h}"] += int((logits.argmax(1) == target).sum())
         if not torch.isfinite(total):
             raise FloatingPointError(f"the loss became {float(total)} at epoch {epoch}; the last good checkpoint is "
                                      "in checkpoints/last.pt (lower --lr and --resume)")
@@ -445,11 +497,15 @@ def _train_one_epoch(encoders, heads, targets, train_set, balance_on, optimizer,
         nn.utils.clip_grad_norm_(list(encoders.parameters()) + list(heads.parameters()), 10.0)
         optimizer.step()
         head_optimizer.step()
-        seen += len(index)
+        run["seen"] += len(index)
+        done = step + 1
+        if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
+                and done < total_steps:
+            checkpoint(done, run)
     # Every rank's figures, so the log describes the whole step, not rank 0's share.
-    keys = list(losses)
-    sums = xdist.all_reduce_sum(torch.tensor([[float(np.sum(losses[k])), len(losses[k]), correct[k]] for k in keys]
-                                             + [[0.0, seen, skipped]], dtype=torch.float64))
+    sums = xdist.all_reduce_sum(torch.tensor([[run["loss_sum"][k], run["loss_count"][k], run["correct"][k]]
+                                              for k in keys] + [[0.0, run["seen"], run["skipped"]]],
+                                             dtype=torch.float64))
     seen, skipped = int(sums[-1, 1]), int(sums[-1, 2])
     return {"loss": {k: float(sums[i, 0] / sums[i, 1]) if sums[i, 1] else None for i, k in enumerate(keys)},
             "pseudo_label_acc": {k: float(sums[i, 2]) / max(seen, 1) for i, k in enumerate(keys)}, "clips": seen,
