@@ -25,3 +25,14 @@ def test_bench_loader_rows(tmp_path):
                                        "--clips", "2"])
     assert result.exit_code == 0, result.output
     assert "clips/s" in result.output
+
+
+def test_bench_train_times_each_encoder():
+    from xdc_fast.bench import bench_train, format_train_table
+
+    rows, shares = bench_train("cpu", ("tiny",), batch_size=2, steps=1, round_shares=False)
+    assert [(r.arch, r.modality) for r in rows] == [("tiny", "video"), ("tiny", "audio")]
+    assert all(r.seconds_per_step > 0 and r.clips_per_second > 0 for r in rows)
+    assert "| tiny | video | 2 |" in format_train_table(rows, shares, "cpu")
+    result = CliRunner().invoke(main, ["bench", "train", "--steps", "1", "--batch-size", "2", "--no-round"])
+    assert result.exit_code == 0, result.output and "clips/s" in result.output

@@ -377,3 +377,82 @@ def format_loader_table(rows: list[LoaderRow]) -> str:
     lines.append("Clips of 16 frames (stride 1) resized to a 128 short side and cropped to 112, plus 1 s of "
                  "audio as a log-mel; 'vs naive' is clips/s over the naive baseline's.")
     return "\n".join(lines)
+
+
+# ---- training ---------------------------------------------------------------------------------------
+
+@dataclass
+class TrainRow:
+    arch: str
+    modality: str
+    batch_size: int
+    seconds_per_step: float
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.batch_size / self.seconds_per_step
+
+
+def bench_train(device: str = "cpu", archs: tuple[str, ...] = ("tiny",), batch_size: int = 4, steps: int = 3,
+                round_shares: bool = True, progress: Callable[[str], None] | None = None) -> tuple[list[TrainRow], dict]:
+    """Clips/s of one SGD step (forward, backward, update) per encoder and arch on ``device``; and,
+    from one tiny pretraining round on synthetic data, the share of a round each phase takes."""
+    import tempfile
+
+    from torch import nn
+
+    from .data.clips import ClipConfig
+    from .models import build_audio_encoder, build_video_encoder
+    from .pretrain import PretrainConfig, pretrain
+
+    say = progress or (lambda _msg: None)
+    dev = torch.device(device)
+    clip = ClipConfig()
+    mel_frames = int(clip.audio_seconds * 1000 / clip.hop_ms) + 1
+    rows = []
+    for arch in archs:
+        for modality in ("video", "audio"):
+            say(f"{arch} {modality} encoder")
+            encoder = (build_video_encoder(arch) if modality == "video" else build_audio_encoder(arch)).to(dev)
+            head = nn.Linear(encoder.feature_dim, 256).to(dev)
+            optimizer = torch.optim.SGD(list(encoder.parameters()) + list(head.parameters()), lr=0.01, momentum=0.9)
+            shape = (batch_size, 3, clip.frames, clip.crop, clip.crop) if modality == "video" else \
+                (batch_size, 1, clip.n_mels, mel_frames)
+            inputs = torch.randn(shape, device=dev)
+            target = torch.randint(0, 256, (batch_size,), device=dev)
+
+            def step():
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                    logits = head(encoder(inputs).float())
+                loss = nn.functional.cross_entropy(logits, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+            best = _interleaved_best_times({"step": step}, steps, dev)["step"]
+            rows.append(TrainRow(arch, modality, batch_size, best))
+    shares = {}
+    if round_shares:
+        from .data.prepare import prepare
+        from .data.synthetic import SyntheticSpec, make_synthetic_dataset
+
+        say("one tiny pretraining round on synthetic data")
+        with tempfile.TemporaryDirectory(prefix="xdc-fast-train-") as work:
+            make_synthetic_dataset(f"{work}/media", SyntheticSpec(classes=4, videos_per_class=4, seconds=3.0))
+            prepare(f"{work}/media", f"{work}/ds", workers=2, progress=False)
+            (record,) = pretrain(f"{work}/ds", f"{work}/run", PretrainConfig(clusters=4, epochs=1, device=device),
+                                 log=lambda *_: None)
+        total = sum(record["seconds"].values())
+        shares = {phase: seconds / total for phase, seconds in record["seconds"].items()}
+    return rows, shares
+
+
+def format_train_table(rows: list[TrainRow], shares: dict, device: str) -> str:
+    lines = [f"training step on {device} (forward + backward + SGD, bf16 autocast on CUDA)", "",
+             "| arch | encoder | batch | s/step | clips/s |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.arch} | {r.modality} | {r.batch_size} | {r.seconds_per_step:.3f} | {r.clips_per_second:.1f} |")
+    if shares:
+        lines += ["", "share of one tiny pretraining round: " +
+                  ", ".join(f"{phase} {100 * share:.0f}%" for phase, share in shares.items())]
+    return "\n".join(lines)

@@ -181,6 +181,29 @@ def bench_loader_command(dataset, workers, clips, seed, codec, json_path):
                       indent=2)
 
 
+@bench.command("train", context_settings=CONTEXT)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Where the step runs.")
+@click.option("--arch", "archs", multiple=True, type=click.Choice(["tiny", "r2plus1d_18"]), default=None,
+              help="Encoders to time (repeat) [default: tiny on the CPU, both on CUDA: r2plus1d_18 takes "
+                   "~25 s a step on two CPU cores].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, help="Clips per step.")
+@click.option("--steps", type=click.IntRange(min=1), default=3, help="Timed steps after a warm-up; the best counts.")
+@click.option("--no-round", is_flag=True, help="Skip the tiny pretraining round that measures phase shares.")
+def bench_train_command(device, archs, batch_size, steps, no_round):
+    """Clips/s of a training step per encoder and arch, and the share of a round spent extracting,
+    clustering and training."""
+    import torch
+
+    from . import bench as bench_module
+
+    if device == "cuda" and not torch.cuda.is_available():
+        _fail("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    archs = tuple(archs) or (("tiny", "r2plus1d_18") if device == "cuda" else ("tiny",))
+    rows, shares = bench_module.bench_train(device, archs, batch_size, steps, not no_round,
+                                            progress=lambda msg: click.echo(f"... {msg}", err=True))
+    click.echo(bench_module.format_train_table(rows, shares, device))
+
+
 def _memory_budget(device: str) -> int:
     """Bytes one copy of the benchmark's data may take: a quarter of RAM (contenders make copies)."""
     if device == "cuda":
