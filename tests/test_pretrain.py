@@ -182,3 +182,14 @@ def test_kill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(dataset, tmp_
     final_b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["encoders"]
     for key in final_a:
         torch.testing.assert_close(final_b[key], final_a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_tensorboard_scalars_when_installed(dataset, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pretrain(dataset, tmp_path / "run", PretrainConfig(**FAST), log=lambda *_: None)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/video_0", "loss/audio_0", "nmi_video_audio", "vs_true_labels/video/nmi"} <= tags

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -369,6 +370,7 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
             if writer:
                 with (out / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                _tensorboard(out, record)
             log(_summary(record))
         previous, inside = everyone, None
 
@@ -381,6 +383,28 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
             save_atomic(state, last)
         xdist.barrier()  # nobody resumes from, or reads, a checkpoint that is still being written
     return history
+
+
+def _tensorboard(out: Path, record: dict) -> None:
+    """TensorBoard scalars of an epoch, when tensorboard is installed (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return
+    with SummaryWriter(str(out / "tensorboard")) as board:
+        step = record["epoch"]
+        for key, value in record["loss"].items():
+            if value is not None:
+                board.add_scalar(f"loss/{key}", value, step)
+        for key, value in record["pseudo_label_acc"].items():
+            board.add_scalar(f"pseudo_label_acc/{key}", value, step)
+        for name, value in record.get("nmi_to_previous", {}).items():
+            board.add_scalar(f"nmi_to_previous/{name}", value, step)
+        if "nmi_video_audio" in record:
+            board.add_scalar("nmi_video_audio", record["nmi_video_audio"], step)
+        for name, quality in record.get("vs_true_labels", {}).items():
+            for key, value in quality.items():
+                board.add_scalar(f"vs_true_labels/{name}/{key}", value, step)
 
 
 def _gather_by_video(shard: np.ndarray, labels: dict[str, np.ndarray], n_videos: int, per_video: int) -> dict:
@@ -464,6 +488,10 @@ def _train_one_epoch(encoders, heads, targets, train_set, balance_on, optimizer,
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, order[start_step * config.batch_size :].tolist()),
                                          batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate)
     total_steps = math.ceil(samples / config.batch_size)
+    if xdist.is_main_process() and sys.stderr.isatty():  # a bar on a terminal, plain log lines otherwise
+        from tqdm import tqdm
+
+        loader = tqdm(loader, total=total_steps, initial=start_step, desc=f"epoch {epoch}", unit="step", leave=False)
     learner = Learner(encoders, heads)
     if xdist.is_distributed():
         learner = nn.parallel.DistributedDataParallel(learner, device_ids=[device.index] if device.type == "cuda" else None)
