@@ -193,3 +193,21 @@ def test_tensorboard_scalars_when_installed(dataset, tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"loss/video_0", "loss/audio_0", "nmi_video_audio", "vs_true_labels/video/nmi"} <= tags
+
+
+def test_plateau_reclustering_follows_the_heldout_loss(dataset, tmp_path):
+    config = PretrainConfig(**{**FAST, "epochs": 4, "epochs_per_round": 3, "recluster": "plateau",
+                               "heldout_fraction": 0.34, "patience": 1})
+    history = pretrain(dataset, tmp_path / "run", config, log=lambda *_: None)
+    assert [r["epoch"] for r in history] == [0, 1, 2, 3]
+    assert all("heldout_loss" in r and r["clips"] == 4 for r in history)  # 2 of 6 videos held out
+    by_round: dict[int, list] = {}
+    for r in history:
+        by_round.setdefault(r["round"], []).append(r["heldout_loss"])
+    for losses in list(by_round.values())[:-1]:  # every finished round ended on the rule
+        assert len(losses) >= 2  # the first epoch of a round always improves on nothing
+        improved_last = losses[-1] < min(losses[:-1]) - 1e-4
+        assert len(losses) == 3 or not improved_last  # the cap, or a stalled held-out loss
+    with pytest.raises(ConfigError, match="heldout_fraction"):
+        pretrain(dataset, tmp_path / "bad", PretrainConfig(**{**FAST, "recluster": "plateau", "heldout_fraction": 0}),
+                 log=lambda *_: None)

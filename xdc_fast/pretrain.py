@@ -50,6 +50,10 @@ class PretrainConfig:
     init_checkpoint: str | None = None  # start the encoders from this checkpoint (ours, or video weights)
     labels_from: str | None = None  # train on these saved assignments (RUN/clusters/round_NNN.pt) instead
     checkpoint_every: int = 50  # steps between mid-epoch checkpoints (0: only at the end of a round)
+    recluster: str = "epochs"  # "epochs": every epochs_per_round epochs; "plateau": when the held-out
+    #   pseudo-label loss stops improving for `patience` epochs (epochs_per_round then caps a round)
+    heldout_fraction: float = 0.1  # plateau mode: share of videos kept out of training to watch the loss
+    patience: int = 1
     frames: int = 8
     stride: int = 2
     resize_short: int = 64
@@ -106,6 +110,10 @@ def check_config(config: PretrainConfig, items: list[dict]) -> None:
                               f"(e.g. {silent[0]}); use sdc-video or drop them")
     if config.epochs < 1 or config.epochs_per_round < 1:
         raise ConfigError("--epochs and epochs_per_round must be at least 1")
+    if config.recluster not in ("epochs", "plateau"):
+        raise ConfigError(f"recluster should be 'epochs' or 'plateau', got {config.recluster!r}")
+    if config.recluster == "plateau" and not 0 < config.heldout_fraction < 1:
+        raise ConfigError("recluster 'plateau' needs a heldout_fraction between 0 and 1")
 
 
 def balanced_indices(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -239,8 +247,18 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
     all_items = train_set.items
     true_labels = np.array([-1 if r["label"] is None else r["label"] for r in all_items])
     shard = np.arange(rank, len(all_items), world)  # this rank's videos (global indices)
-    train_set.items = fixed_clips.items = [all_items[i] for i in shard]
-    samples_per_rank = math.ceil(len(all_items) / world)  # the same step count on every rank
+    fixed_clips.items = [all_items[i] for i in shard]
+    held = np.zeros(len(all_items), dtype=bool)  # plateau mode: videos that only measure the loss
+    if config.recluster == "plateau":
+        count = max(1, int(round(config.heldout_fraction * len(all_items))))
+        held[np.random.default_rng([config.seed, 99]).permutation(len(all_items))[:count]] = True
+    train_shard = shard[~held[shard]]
+    train_set.items = [all_items[i] for i in train_shard]
+    heldout_shard = np.flatnonzero(held)[rank::world]
+    heldout_set = ClipDataset(dataset, ClipConfig(**{**clip.__dict__, "eval_clips": 1}), train=False,
+                              modalities=modalities)
+    heldout_set.items = [all_items[i] for i in heldout_shard]
+    samples_per_rank = math.ceil(int((~held).sum()) / world)  # the same step count on every rank
 
     # ===== building networks =====
     encoders = nn.ModuleDict()
@@ -257,8 +275,7 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
     schedule = lr_schedule(config, steps_per_epoch)
     transferred = load_saved_labels(config.labels_from, [r["id"] for r in train_set.items]) \
         if config.labels_from else None
-    rounds = math.ceil(config.epochs / config.epochs_per_round)
-    start_round, history, previous, inside = 0, [], None, None
+    round_index, next_epoch, history, previous, inside = 0, 0, [], None, None
     last = out / "checkpoints" / "last.pt"
     if resume and last.exists():
         state = torch.load(last, map_location=device, weights_only=True)
@@ -269,14 +286,14 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
         torch.set_rng_state(state["torch_rng"])
         if state.get("inside") is not None:  # killed mid-epoch: finish that epoch from its next step
             inside = state["inside"]
-            start_round = state["round"]
+            round_index, next_epoch = state["round"], inside["epoch"]
             log(f"resuming round {state['round']} at epoch {inside['epoch']}, step {inside['step']}")
         else:
-            start_round = state["round"] + 1
+            round_index, next_epoch = state["round"] + 1, state["next_epoch"]
             log(f"resuming after round {state['round']}")
 
-    end_round = rounds if max_rounds is None else min(rounds, start_round + max_rounds)
-    for round_index in range(start_round, end_round):
+    rounds_run = 0
+    while next_epoch < config.epochs and (max_rounds is None or rounds_run < max_rounds):
         resuming = inside is not None and inside["round"] == round_index
         if resuming:
             # ===== the round's clusters, as the interrupted process had them =====
@@ -305,8 +322,11 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
             # ===== cluster transfer: the saved assignments are the targets of every round =====
             everyone, t_extract, t_cluster = transferred, 0.0, 0.0
             per_video = {m: v[shard] for m, v in transferred.items()}
+        per_video = {m: everyone[m][train_shard] for m in everyone}  # the videos this rank trains on
         targets = targets_for_variant(config.variant, per_video.get("video"), per_video.get("audio"),
                                       per_video.get("concat"))
+        heldout_targets = targets_for_variant(config.variant, *(everyone[m][heldout_shard] if m in everyone else None
+                                                                for m in ("video", "audio", "concat")))
         k = config.clusters if transferred is None else 1 + max(int(v.max()) for v in everyone.values())
 
         # ===== fresh heads and their optimizer =====
@@ -320,16 +340,12 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
 
         # ===== training =====
         balance_on = targets[modalities[0]][0]
-        for epoch_in_round in range(config.epochs_per_round):
-            epoch = round_index * config.epochs_per_round + epoch_in_round
-            if epoch >= config.epochs:
-                break
+        best, stale, in_round = (inside["plateau"] if resuming else (float("inf"), 0, 0))
+        while next_epoch < config.epochs and in_round < config.epochs_per_round:
+            epoch = next_epoch
             start_step, running = 0, None
-            if resuming:
-                if epoch < inside["epoch"]:
-                    continue
-                if epoch == inside["epoch"]:
-                    start_step, running = inside["step"], inside["running"][rank]
+            if resuming and epoch == inside["epoch"]:
+                start_step, running = inside["step"], inside["running"][rank]
 
             def checkpoint_inside(step: int, local_running: dict, epoch=epoch) -> None:
                 # Everything an interrupted process needs to finish this epoch as if nothing happened.
@@ -341,7 +357,7 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
                                     "head_optimizer": head_optimizer.state_dict(),
                                     "running": xdist.all_gather_objects(local_running),
                                     "everyone": {m: torch.from_numpy(v) for m, v in everyone.items()},
-                                    "seconds": [t_extract, t_cluster]}}
+                                    "seconds": [t_extract, t_cluster], "plateau": [best, stale, in_round]}}
                 if writer:
                     save_atomic(state, last)
                 xdist.barrier()
@@ -354,6 +370,9 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
                                      schedule[epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch],
                                      samples_per_rank, start_step, running, checkpoint_inside)
             t_train = time.perf_counter() - t0
+            if config.recluster == "plateau":
+                stats["heldout_loss"] = _heldout_loss(encoders, heads, heldout_targets, heldout_set, config, device,
+                                                      collate_clips)
 
             # ===== writing logs =====
             record = {"round": round_index, "epoch": epoch, **stats, "clusters": _cluster_stats(everyone, config),
@@ -372,17 +391,48 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
                     f.write(json.dumps(record) + "\n")
                 _tensorboard(out, record)
             log(_summary(record))
+            next_epoch, in_round = next_epoch + 1, in_round + 1
+            if config.recluster == "plateau":
+                # Re-cluster once the held-out loss has stopped improving for `patience` epochs.
+                if stats["heldout_loss"] < best - 1e-4:
+                    best, stale = stats["heldout_loss"], 0
+                else:
+                    stale += 1
+                if stale >= config.patience:
+                    break
         previous, inside = everyone, None
 
         # ===== checkpoint =====
         state = {"encoders": encoders.state_dict(), "optimizer": optimizer.state_dict(), "round": round_index,
-                 "history": history, "config": asdict(config), "torch_rng": torch.get_rng_state(),
+                 "next_epoch": next_epoch, "history": history, "config": asdict(config),
+                 "torch_rng": torch.get_rng_state(),
                  "previous_labels": {m: torch.from_numpy(v) for m, v in previous.items()}}
         if writer:
             save_atomic(state, out / "checkpoints" / f"round_{round_index:03d}.pt")
             save_atomic(state, last)
         xdist.barrier()  # nobody resumes from, or reads, a checkpoint that is still being written
+        round_index, rounds_run = round_index + 1, rounds_run + 1
     return history
+
+
+def _heldout_loss(encoders, heads, targets, heldout_set, config, device, collate) -> float:
+    """Mean pseudo-label cross-entropy, summed over heads, on the held-out videos of every rank."""
+    loader = torch.utils.data.DataLoader(heldout_set, batch_size=config.batch_size, collate_fn=collate)
+    encoders.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in loader:
+            if "index" not in batch:
+                continue
+            index = batch["index"].numpy()
+            for m in heads:
+                feature = encoders[m](batch[m].to(device)).float()
+                for h, head in enumerate(heads[m]):
+                    target = torch.from_numpy(targets[m][h][index]).to(device)
+                    total[0] += float(nn.functional.cross_entropy(head(feature), target, reduction="sum"))
+            total[1] += len(index)
+    total = xdist.all_reduce_sum(total)
+    return float(total[0] / max(float(total[1]), 1.0))
 
 
 def _tensorboard(out: Path, record: dict) -> None:
