@@ -211,3 +211,34 @@ def test_plateau_reclustering_follows_the_heldout_loss(dataset, tmp_path):
     with pytest.raises(ConfigError, match="heldout_fraction"):
         pretrain(dataset, tmp_path / "bad", PretrainConfig(**{**FAST, "recluster": "plateau", "heldout_fraction": 0}),
                  log=lambda *_: None)
+
+
+def test_presets_are_valid_configurations():
+    import yaml
+    from pathlib import Path
+
+    import xdc_fast
+
+    for name in ("tiny", "paper"):
+        values = yaml.safe_load((Path(xdc_fast.__file__).parent / "configs" / f"{name}.yaml").read_text())
+        config = PretrainConfig.from_dict(values)
+        assert config.arch == {"tiny": "tiny", "paper": "r2plus1d_18"}[name]
+
+
+def test_audio_variant_on_silent_data_is_refused(tmp_path):
+    from xdc_fast.data.synthetic import write_media
+
+    for i in range(4):
+        write_media(tmp_path / "media" / "c" / f"v{i}.mp4", np.zeros((24, 32, 32, 3), dtype=np.uint8), 12)
+    prepare(tmp_path / "media", tmp_path / "ds", workers=1, progress=False)
+    with pytest.raises(ConfigError, match="learns from audio"):
+        pretrain(tmp_path / "ds", tmp_path / "run", PretrainConfig(**{**FAST, "clusters": 2}), log=lambda *_: None)
+    history = pretrain(tmp_path / "ds", tmp_path / "video_only",
+                       PretrainConfig(**{**FAST, "clusters": 2, "variant": "sdc-video"}), log=lambda *_: None)
+    assert len(history) == 1
+
+
+def test_cli_config_presets_and_unknown_names(dataset, tmp_path):
+    bad = CliRunner().invoke(main, ["pretrain", "--data", str(dataset), "--out", str(tmp_path / "x"),
+                                    "--config", "huge"])
+    assert bad.exit_code == 2 and "neither a preset" in bad.output

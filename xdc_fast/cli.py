@@ -73,8 +73,8 @@ def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path):
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="SGD learning rate [default: 0.01].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]")
 @click.option("--seed", type=int, default=None, help="[default: 0]")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="YAML of PretrainConfig fields; flags given here override it.")
+@click.option("--config", "config_path", type=str, default=None,
+              help="A preset (tiny, paper) or a YAML file of PretrainConfig fields; flags given here override it.")
 @click.option("--init-checkpoint", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Start the encoders from this checkpoint (another run's, or torchvision/XDC video weights).")
 @click.option("--labels-from", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -88,7 +88,15 @@ def pretrain(variant, dataset, out, arch, epochs, clusters, batch_size, lr, devi
     from .data.prepare import PrepareError
     from .pretrain import ConfigError, PretrainConfig, pretrain as run
 
-    values = yaml.safe_load(open(config_path)) if config_path else {}
+    values = {}
+    if config_path:
+        from pathlib import Path
+
+        preset = Path(__file__).parent / "configs" / f"{config_path}.yaml"
+        path = preset if preset.exists() else Path(config_path)
+        if not path.exists():
+            _fail(f"--config {config_path}: neither a preset (tiny, paper) nor an existing file")
+        values = yaml.safe_load(path.read_text()) or {}
     flags = {"variant": variant, "arch": arch, "epochs": epochs, "clusters": clusters, "batch_size": batch_size,
              "lr": lr, "device": device, "seed": seed, "init_checkpoint": init_checkpoint, "labels_from": labels_from}
     values.update({k: v for k, v in flags.items() if v is not None})
