@@ -57,6 +57,7 @@ def test_each_variant_runs_a_round(dataset, tmp_path, variant):
     assert json.loads(lines[0])["round"] == 0
     saved = torch.load(tmp_path / "run" / "clusters" / "round_000.pt", weights_only=True)
     assert len(saved["ids"]) == 6
+    assert all(c.shape[-2] == 3 for c in saved["centroids"])  # k = 3 centroids per problem
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert state["round"] == 0 and state["config"]["variant"] == variant
 

@@ -273,7 +273,7 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
                                 weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(samples_per_rank / config.batch_size)
     schedule = lr_schedule(config, steps_per_epoch)
-    transferred = load_saved_labels(config.labels_from, [r["id"] for r in train_set.items]) \
+    transferred = load_saved_labels(config.labels_from, [r["id"] for r in all_items]) \
         if config.labels_from else None
     round_index, next_epoch, history, previous, inside = 0, 0, [], None, None
     last = out / "checkpoints" / "last.pt"
@@ -308,13 +308,14 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
 
             # ===== clustering =====
             t0 = time.perf_counter()
-            clip_labels = _cluster(features, config, round_index, shard, len(all_items))
+            clip_labels, centroids = _cluster(features, config, round_index, shard, len(all_items))
             t_cluster = time.perf_counter() - t0
             per_video = {m: video_labels(v, config.clips_per_video) for m, v in clip_labels.items()}
             everyone = _gather_by_video(shard, per_video, len(all_items), 1)
             everyone_clips = _gather_by_video(shard, clip_labels, len(all_items), config.clips_per_video)
             if writer:
                 torch.save({"ids": [r["id"] for r in all_items], "clips_per_video": config.clips_per_video,
+                            "centroids": centroids,
                             **{f"{m}_clip_labels": torch.from_numpy(v) for m, v in everyone_clips.items()},
                             **{f"{m}_video_labels": torch.from_numpy(v) for m, v in everyone.items()}},
                            out / "clusters" / f"round_{round_index:03d}.pt")
@@ -482,7 +483,7 @@ def _extract(encoders, fixed_clips, config, device, collate) -> dict[str, np.nda
 
 
 def _cluster(features: dict[str, np.ndarray], config, round_index: int, shard: np.ndarray,
-             n_videos: int) -> dict[str, np.ndarray]:
+             n_videos: int) -> tuple[dict[str, np.ndarray], list[torch.Tensor]]:
     """Both modalities in one batched k-means call (same dimension after PCA), plus the concatenation
     for CDC. Initial centroids are clips drawn from the whole dataset by a seeded permutation, each
     contributed by the rank holding it, so sharded and single-process runs start (and end) alike."""
@@ -499,8 +500,11 @@ def _cluster(features: dict[str, np.ndarray], config, round_index: int, shard: n
                 init[:, j] = points[:, position[int(g)]]
         init = xdist.all_reduce_sum(init)
         km = KMeans(points.shape[-1], config.clusters, niter=config.kmeans_niter, seed=seed)
-        return km.fit(points, init_centroids=init).labels
+        km.fit(points, init_centroids=init)
+        centroids.append(km.centroids)
+        return km.labels
 
+    centroids: list[torch.Tensor] = []
     names = [m for m in ("video", "audio") if m in features]
     white = pca_whiten(torch.stack([torch.from_numpy(features[m]) for m in names]), config.pca_dim)
     stacked = fit(white)
@@ -508,7 +512,7 @@ def _cluster(features: dict[str, np.ndarray], config, round_index: int, shard: n
     if config.variant == "cdc":
         joint = pca_whiten(torch.cat([torch.from_numpy(features[m]) for m in names], dim=1), config.pca_dim)
         labels["concat"] = fit(joint[None])[0].numpy()
-    return labels
+    return labels, centroids
 
 
 class Learner(nn.Module):
