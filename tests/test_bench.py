@@ -16,10 +16,10 @@ def test_bench_loader_rows(tmp_path):
     names = [r.name for r in rows]
     assert names[0].startswith("pyav") and names[1].startswith("naive") and names[2].startswith("dali")
     for r in rows[:2]:
-        assert r.clips == 4 and r.seconds > 0 and r.skipped == 0
+        assert r.clips == 4 and r.skipped == 0 and math.isfinite(r.clips_per_second)  # a measurement, no speed claim
     assert "| naive (decode from start) | 0 | 4 |" in format_loader_table(rows)
     # The synthetic data is H.264, which DALI decodes only on a GPU: reported, not measured, here.
-    assert rows[2].clips == 0 or not math.isnan(rows[2].seconds)
+    assert rows[2].clips == 0 or math.isfinite(rows[2].clips_per_second)
 
     result = CliRunner().invoke(main, ["bench", "loader", "--data", str(tmp_path / "ds"), "--workers", "0",
                                        "--clips", "2"])
@@ -28,11 +28,13 @@ def test_bench_loader_rows(tmp_path):
 
 
 def test_bench_train_times_each_encoder():
+    import math
+
     from xdc_fast.bench import bench_train, format_train_table
 
     rows, shares = bench_train("cpu", ("tiny",), batch_size=2, steps=1, round_shares=False)
     assert [(r.arch, r.modality) for r in rows] == [("tiny", "video"), ("tiny", "audio")]
-    assert all(r.seconds_per_step > 0 and r.clips_per_second > 0 for r in rows)
+    assert all(math.isfinite(r.clips_per_second) for r in rows)  # each encoder was measured
     assert "| tiny | video | 2 |" in format_train_table(rows, shares, "cpu")
     result = CliRunner().invoke(main, ["bench", "train", "--steps", "1", "--batch-size", "2", "--no-round"])
     assert result.exit_code == 0, result.output

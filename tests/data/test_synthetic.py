@@ -5,7 +5,6 @@ from xdc_fast.data.clips import ClipConfig
 from xdc_fast.data.dataset import ClipDataset
 from xdc_fast.data.synthetic import CLASS_PITCH, SyntheticSpec, make_synthetic_dataset
 
-from .conftest import SMALL
 
 
 def test_same_seed_same_media(tmp_path):

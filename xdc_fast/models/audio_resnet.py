@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
+from .init import init_like_torchvision
+
 AUDIO_ARCHS = {
     "r2plus1d_18": ((64, 128, 256, 512), (2, 2, 2, 2)),  # paired with the full video encoder: ResNet-18
     "resnet18": ((64, 128, 256, 512), (2, 2, 2, 2)),
@@ -29,12 +31,7 @@ class AudioResNet(nn.Module):
             setattr(self, f"layer{i + 1}", self._make_layer(planes, count, stride=1 if i == 0 else 2))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.feature_dim = widths[-1]
-        for m in self.modules():  # torchvision's initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_like_torchvision(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None

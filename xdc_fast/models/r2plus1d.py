@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D
 
+from .init import init_like_torchvision
+
 
 @dataclass(frozen=True)
 class VideoArch:
@@ -47,13 +49,7 @@ class R2Plus1D(nn.Module):
             setattr(self, f"layer{i + 1}", self._make_layer(planes, count, stride=1 if i == 0 else 2))
         self.avgpool = nn.AdaptiveAvgPool3d((1, 1, 1))
         self.feature_dim = arch.widths[-1]
-        for m in self.modules():  # torchvision's initialisation
-            if isinstance(m, nn.Conv3d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm3d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-                m.eps = bn_eps
+        init_like_torchvision(self, bn_eps)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
