@@ -83,32 +83,165 @@ def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path):
 def pretrain(variant, dataset, out, arch, epochs, clusters, batch_size, lr, device, seed, config_path,
              init_checkpoint, labels_from, resume):
     """Self-supervised pretraining by deep clustering (XDC and the paper's other variants)."""
-    import yaml
-
+    from .checkpoint import CheckpointError
     from .data.prepare import PrepareError
     from .pretrain import ConfigError, PretrainConfig, pretrain as run
 
-    values = {}
-    if config_path:
-        from pathlib import Path
-
-        preset = Path(__file__).parent / "configs" / f"{config_path}.yaml"
-        path = preset if preset.exists() else Path(config_path)
-        if not path.exists():
-            _fail(f"--config {config_path}: neither a preset (tiny, paper) nor an existing file")
-        values = yaml.safe_load(path.read_text()) or {}
+    values = _config_values(config_path, "")
     flags = {"variant": variant, "arch": arch, "epochs": epochs, "clusters": clusters, "batch_size": batch_size,
              "lr": lr, "device": device, "seed": seed, "init_checkpoint": init_checkpoint, "labels_from": labels_from}
     values.update({k: v for k, v in flags.items() if v is not None})
     try:
         config = PretrainConfig.from_dict(values)
         run(dataset, out, config, resume=resume, log=click.echo)
-    except (ConfigError, PrepareError) as error:
+    except (ConfigError, PrepareError, CheckpointError) as error:
         _fail(str(error))
     except FloatingPointError as error:
         click.echo(f"Error: {error}", err=True)
         sys.exit(1)
     click.echo(f"done: {out}/metrics.jsonl, {out}/checkpoints/last.pt")
+
+
+def _config_values(config_path: str | None, preset_prefix: str) -> dict:
+    """Fields of a preset (``xdc_fast/configs/<prefix><name>.yaml``) or of a YAML file; {} without one."""
+    if not config_path:
+        return {}
+    from pathlib import Path
+
+    import yaml
+
+    preset = Path(__file__).parent / "configs" / f"{preset_prefix}{config_path}.yaml"
+    path = preset if preset.exists() else Path(config_path)
+    if not path.is_file():
+        _fail(f"--config {config_path}: neither a preset nor an existing file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        _fail(f"--config {config_path} is not valid YAML: {error}")
+    if not isinstance(values, dict):
+        _fail(f"--config {config_path} should hold a mapping of field: value")
+    return values
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--checkpoint", default="random",
+              help="RUN/checkpoints/last.pt of a pretraining (or finetuning) run, a torchvision / official XDC "
+                   "video weight file, or 'random' (the untrained baseline every table needs).")
+@click.option("--data", "dataset", required=True, type=click.Path(file_okay=False),
+              help="A labelled dataset written by `xdc-fast prepare`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Where metrics.json, confusion.png and checkpoints/last.pt go.")
+@click.option("--modality", type=click.Choice(["video", "audio"]), default=None, help="[default: video]")
+@click.option("--mode", type=click.Choice(["full", "linear"]), default=None,
+              help="full: train encoder and classifier; linear: frozen encoder, cached features, logistic "
+                   "regression [default: full].")
+@click.option("--arch", type=click.Choice(["r2plus1d_18", "tiny"]), default=None,
+              help="[default: the checkpoint's; tiny for random]")
+@click.option("--split", type=click.IntRange(min=1), default=None,
+              help="UCF101/HMDB51 split 1-3, ESC-50 test fold 1-5 [default: 1]. Datasets without splits get "
+                   "a seeded stratified one (test_fraction), recorded in metrics.json.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Full mode [default: 8].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 8]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Full mode: SGD learning rate, cosine-decayed [default: 0.01].")
+@click.option("--test-clips", type=click.IntRange(min=1), default=None,
+              help="Uniformly spaced clips per test video; video accuracy averages their softmax [default: 10].")
+@click.option("--eval-every", type=click.IntRange(min=0), default=None,
+              help="Full mode: also score the test split every N epochs; the final epoch is the result, the "
+                   "best one is reported beside it, labelled as selected on the test set [default: 0 = final only].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers [default: 0].")
+@click.option("--seed", type=int, default=None, help="[default: 0]")
+@click.option("--config", "config_path", type=str, default=None,
+              help="A YAML file of FinetuneConfig fields (clip geometry, train_clips, linear_c, bn_eps, ...); "
+                   "flags given here override it.")
+def finetune(checkpoint, dataset, out, modality, mode, arch, split, epochs, batch_size, lr, test_clips, eval_every,
+             device, workers, seed, config_path):
+    """Transfer an encoder to a labelled dataset and report clip and video accuracy on its test split.
+
+    Video accuracy averages the softmax over --test-clips uniformly spaced clips per video, at the final
+    epoch. The same command runs under torchrun for several GPUs.
+    """
+    from .checkpoint import CheckpointError
+    from .data.prepare import PrepareError
+    from .finetune import FinetuneConfig, FinetuneError, finetune as run
+
+    values = _config_values(config_path, "finetune_")
+    flags = {"checkpoint": checkpoint if checkpoint != "random" or "checkpoint" not in values else None,
+             "modality": modality, "mode": mode, "arch": arch, "split": split, "epochs": epochs,
+             "batch_size": batch_size, "lr": lr, "test_clips": test_clips, "eval_every": eval_every,
+             "device": device, "workers": workers, "seed": seed}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        config = FinetuneConfig.from_dict(values)
+        run(dataset, out, config, log=click.echo)
+    except (FinetuneError, PrepareError, CheckpointError) as error:
+        _fail(str(error))
+    except FloatingPointError as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(1)
+    click.echo(f"done: {out}/metrics.json, {out}/confusion.png, {out}/checkpoints/last.pt")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--checkpoint", default="random",
+              help="A pretraining or finetuning checkpoint, torchvision / official XDC video weights, or 'random'.")
+@click.option("--data", "dataset", required=True, type=click.Path(file_okay=False),
+              help="A dataset written by `xdc-fast prepare`.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="The file to write: .pt (torch) or .npz (numpy).")
+@click.option("--modality", type=click.Choice(["video", "audio"]), default="video")
+@click.option("--clips-per-video", type=click.IntRange(min=1), default=10, help="Uniformly spaced clips per item.")
+@click.option("--aggregate", type=click.Choice(["mean", "all"]), default="mean",
+              help="mean: one row per item; all: every clip ([items, clips, dim]).")
+@click.option("--arch", type=click.Choice(["r2plus1d_18", "tiny"]), default=None,
+              help="[default: the checkpoint's; tiny for random]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--workers", type=click.IntRange(min=0), default=0, help="DataLoader workers.")
+@click.option("--seed", type=int, default=0, help="Seed of a random encoder.")
+def extract(checkpoint, dataset, out, modality, clips_per_video, aggregate, arch, batch_size, device, workers, seed):
+    """Features of a checkpoint's encoder for every item of a dataset, saved with the manifest ids.
+
+    Clip geometry follows the checkpoint's pretraining configuration. The output holds ids, labels,
+    features and the ids of items that could not be decoded (NaN rows).
+    """
+    from .checkpoint import CheckpointError
+    from .data.prepare import PrepareError
+    from .extract import ExtractConfig, extract as run
+    from .finetune import FinetuneError
+
+    config = ExtractConfig(checkpoint=checkpoint, modality=modality, clips_per_video=clips_per_video,
+                           aggregate=aggregate, arch=arch, batch_size=batch_size, device=device, workers=workers,
+                           seed=seed)
+    try:
+        run(dataset, out, config, log=click.echo)
+    except (FinetuneError, PrepareError, CheckpointError) as error:
+        _fail(str(error))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--data", "dataset", type=click.Path(file_okay=False), default=None,
+              help="The dataset the run trained on, for the montages [default: the one in RUN/config.yaml].")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="[default: RUN/report]")
+@click.option("--clusters", "montage_clusters", type=click.IntRange(min=1), default=4,
+              help="Largest clusters shown in each montage.")
+@click.option("--videos", "montage_videos", type=click.IntRange(min=1), default=6, help="Videos per cluster shown.")
+def report(run, dataset, out, montage_clusters, montage_videos):
+    """PNG figures of a pretraining run: loss and cluster-quality curves per round, cluster sizes, and
+    montages of the largest clusters' videos (what a cluster means)."""
+    import logging
+
+    from .report import ReportError, write_report
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        paths = write_report(run, dataset, out, montage_clusters=montage_clusters, montage_videos=montage_videos)
+    except ReportError as error:
+        _fail(str(error))
+    for path in paths:
+        click.echo(str(path))
 
 
 @main.group(context_settings=CONTEXT)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -26,6 +25,7 @@ from torch import nn
 
 from . import distributed as xdist
 from . import metrics
+from .checkpoint import is_ours, own_encoder_state, read_checkpoint, save_atomic, torchvision_video_state
 from .cluster import KMeans, pca_whiten
 
 VARIANTS = ("xdc", "mdc", "cdc", "sdc-video", "sdc-audio")
@@ -157,20 +157,14 @@ def load_init_checkpoint(encoders: nn.ModuleDict, path: str | Path) -> list[str]
     or official XDC file). Returns what was loaded."""
     from .models import load_video_weights
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "encoders" in state:
-        loaded = []
+    state = read_checkpoint(path)
+    if is_ours(state):
         for m in encoders:
-            own = {k[len(m) + 1 :]: v for k, v in state["encoders"].items() if k.startswith(m + ".")}
-            if not own:
-                raise ConfigError(f"{path} holds no {m} encoder")
-            encoders[m].load_state_dict(own, strict=True)
-            loaded.append(m)
-        return loaded
-    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+            encoders[m].load_state_dict(own_encoder_state(state, m, path), strict=True)
+        return list(encoders)
     if "video" not in encoders:
         raise ConfigError(f"{path} holds video weights only, and this variant trains no video encoder")
-    load_video_weights(encoders["video"], state)
+    load_video_weights(encoders["video"], torchvision_video_state(state))
     return ["video"]
 
 
@@ -184,12 +178,6 @@ def load_saved_labels(path: str | Path, ids: list[str]) -> dict[str, np.ndarray]
     order = np.array([position[item] for item in ids])
     return {key[: -len("_video_labels")]: value.numpy()[order] for key, value in saved.items()
             if key.endswith("_video_labels")}
-
-
-def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class Interrupted(RuntimeError):
@@ -231,7 +219,8 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
     from . import __version__
 
     if writer:
-        (out / "config.yaml").write_text(_yaml({**asdict(config), "code_version": __version__, "world_size": world}))
+        (out / "config.yaml").write_text(_yaml({**asdict(config), "code_version": __version__, "world_size": world,
+                                                 "dataset": str(Path(dataset).resolve())}))
 
     # ===== preparing data =====
     clip = ClipConfig(frames=config.frames, stride=config.stride, resize_short=config.resize_short, crop=config.crop,

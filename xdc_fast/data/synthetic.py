@@ -1,11 +1,11 @@
 """A small labelled audio-video dataset written with PyAV alone, deterministic by seed.
 
-Each class is carried by **both** modalities: a visual motion pattern (a shape moving along a
-class-specific path) and a sound (a class-specific pitch, beeping at a class-specific rate). Everything
-else is nuisance drawn per video: colours of shape and background, pixel noise, speed and phase of
-the motion, loudness, timbre (harmonic mix), noise floor and the timing of the beeps. So colour or
-loudness statistics say nothing about the class; motion and pitch do, and they agree across modalities,
-which is what cross-modal clustering needs to find.
+Each class is carried by **both** modalities: what is seen (a class-specific shape moving along a
+class-specific path, as an action has its objects and its motion) and what is heard (a class-specific
+pitch, beeping at a class-specific rate). Everything else is nuisance drawn per video: colours of shape
+and background, pixel noise, size, speed and phase of the motion, loudness, timbre (harmonic mix), noise
+floor and the timing of the beeps. So colour or loudness statistics say nothing about the class; shape,
+motion and pitch do, and they agree across modalities, which is what cross-modal clustering needs to find.
 
 Also here: test media whose frame index is drawn into the pixels, and whose audio clicks at chosen
 instants, for frame-accuracy and alignment tests.
@@ -76,18 +76,30 @@ def _class_video(label: int, spec: SyntheticSpec, rng: np.random.Generator) -> n
     colour = np.where(np.abs(colour - background) < 80, (background + 128) % 256, colour)
     speed = rng.uniform(0.6, 1.4)
     phase = rng.uniform(0, 2 * math.pi)
-    radius = max(3, int(min(h, w) * rng.uniform(0.10, 0.16)))
+    radius = max(3, int(min(h, w) * rng.uniform(0.12, 0.18)))
     yy, xx = np.mgrid[0:h, 0:w]
     frames = np.empty((n, h, w, 3), dtype=np.uint8)
     for t in range(n):
         s = 2 * math.pi * speed * t / spec.fps + phase
         cx, cy = _path(label, s)
         px, py = (0.5 + 0.35 * cx) * (w - 1), (0.5 + 0.35 * cy) * (h - 1)
-        mask = (xx - px) ** 2 + (yy - py) ** 2 <= radius**2
+        mask = _shape_mask(label, xx - px, yy - py, radius)
         frame = np.broadcast_to(background, (h, w, 3)) + rng.normal(0, 12, size=(h, w, 3))
         frame[mask] = colour
         frames[t] = np.clip(frame, 0, 255).astype(np.uint8)
     return frames
+
+
+def _shape_mask(label: int, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """Pixels covered by class ``label``'s shape of size ``r``, at offsets (dx, dy) from its centre."""
+    kind = label % 4
+    if kind == 0:  # disc
+        return dx**2 + dy**2 <= r**2
+    if kind == 1:  # square
+        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    if kind == 2:  # plus
+        return ((np.abs(dx) <= 1.6 * r) & (np.abs(dy) <= r / 2.5)) | ((np.abs(dy) <= 1.6 * r) & (np.abs(dx) <= r / 2.5))
+    return (np.abs(dx) + np.abs(dy) <= 1.3 * r) & (np.abs(dx) + np.abs(dy) >= 0.6 * r)  # diamond outline
 
 
 def _path(label: int, s: float) -> tuple[float, float]:

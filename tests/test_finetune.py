@@ -1,0 +1,186 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import confusion_matrix, top_k_accuracy_score
+from sklearn.preprocessing import StandardScaler
+
+from xdc_fast.checkpoint import CheckpointError, load_encoder
+from xdc_fast.cli import main
+from xdc_fast.finetune import (FinetuneConfig, FinetuneError, choose_split, finetune, linear_classifier, score,
+                               softmax_numpy, stratified_split, video_accuracy)
+
+FAST = dict(frames=4, resize_short=32, crop=28, audio_seconds=0.5, n_mels=20, test_clips=2, train_clips=2,
+            batch_size=4, test_fraction=0.34)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from xdc_fast.data.prepare import prepare
+    from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("finetune")
+    make_synthetic_dataset(root / "m", SyntheticSpec(classes=3, videos_per_class=3, seconds=1.5, fps=8, width=32,
+                                                     height=32, seed=3))
+    prepare(root / "m", root / "ds", workers=1, progress=False)
+    return root / "ds"
+
+
+def test_video_accuracy_averages_softmax_over_clips():
+    # Video 0 (label 1): clips disagree, the mean favours class 1. Video 1 (label 0): one confident
+    # wrong clip outweighs two mildly right ones, so the video is wrong though most clips are right.
+    probabilities = np.array([[0.6, 0.4], [0.1, 0.9], [0.2, 0.8],
+                              [0.55, 0.45], [0.55, 0.45], [0.0, 1.0]])
+    video_of_clip = np.array([0, 0, 0, 1, 1, 1])
+    labels = np.array([1, 0])
+    assert video_accuracy(probabilities, video_of_clip, labels) == pytest.approx(0.5)
+    scored = score(probabilities, video_of_clip, labels, 2)
+    assert scored["clip_acc"] == pytest.approx(4 / 6) and scored["video_acc"] == pytest.approx(0.5)
+    assert scored["confusion"] == [[0, 1], [0, 1]]
+
+
+def test_score_agrees_with_scikit_learn():
+    rng = np.random.default_rng(0)
+    probabilities = softmax_numpy(rng.normal(size=(60, 7)) * 3)
+    video_of_clip = np.repeat(np.arange(20), 3)
+    labels = rng.integers(0, 7, size=20)
+    scored = score(probabilities, video_of_clip, labels, 7)
+    clip_labels = labels[video_of_clip]
+    assert scored["clip_acc"] == pytest.approx(top_k_accuracy_score(clip_labels, probabilities, k=1, labels=range(7)))
+    assert scored["clip_top5"] == pytest.approx(top_k_accuracy_score(clip_labels, probabilities, k=5, labels=range(7)))
+    per_video = probabilities.reshape(20, 3, 7).mean(1)
+    assert scored["video_top5"] == pytest.approx(top_k_accuracy_score(labels, per_video, k=5, labels=range(7)))
+    assert np.array_equal(scored["confusion"], confusion_matrix(labels, per_video.argmax(1), labels=range(7)))
+
+
+def test_stratified_split_takes_every_class():
+    labels = np.array([0] * 10 + [1] * 5 + [2] * 1 + [2])
+    test = stratified_split(labels, 0.3, seed=0)
+    assert test[:10].sum() == 3 and test[10:15].sum() == 2 and test[15:].sum() == 1
+    assert np.array_equal(test, stratified_split(labels, 0.3, seed=0))
+
+
+def test_manifest_splits_are_used_and_a_missing_one_is_refused():
+    items = [{"id": f"v{i}", "label": i % 2, "split": {"1": "train" if i < 4 else "test", "2": "test" if i < 4 else "train"}}
+             for i in range(6)]
+    chosen = choose_split(items, 1, 0.3, 0)
+    assert [r["id"] for r in chosen.test] == ["v4", "v5"] and chosen.description["kind"] == "manifest"
+    assert [r["id"] for r in choose_split(items, 2, 0.3, 0).test] == ["v0", "v1", "v2", "v3"]
+    with pytest.raises(FinetuneError, match="--split 3 is not in this dataset"):
+        choose_split(items, 3, 0.3, 0)
+    kinetics = [{"id": "a", "label": 0, "split": {"1": "train"}}, {"id": "b", "label": 0, "split": {"1": "val"}}]
+    assert choose_split(kinetics, 1, 0.3, 0).description["test_part"] == "val"
+    with pytest.raises(FinetuneError, match="no label"):
+        choose_split([{"id": "x", "label": None}], 1, 0.3, 0)
+
+
+def test_linear_classifier_reproduces_scikit_learns_probabilities():
+    rng = np.random.default_rng(1)
+    for classes in (2, 4):
+        x = rng.normal(size=(80, 6)) * rng.uniform(0.5, 5, size=6) + rng.normal(size=6)
+        y = rng.integers(0, classes, size=80)
+        layer = linear_classifier(x, y, classes + 1, c=0.5, seed=0)  # one class never seen in training
+        scaler = StandardScaler().fit(x)
+        oracle = LogisticRegression(C=0.5, max_iter=3000, random_state=0).fit(scaler.transform(x), y)
+        ours = softmax_numpy(layer(torch.from_numpy(x).float()).detach().double().numpy())
+        assert np.allclose(ours[:, :classes], oracle.predict_proba(scaler.transform(x)), atol=1e-4)
+        assert np.all(ours[:, classes] < 1e-6)
+
+
+@pytest.mark.parametrize("modality,mode", [("audio", "linear"), ("video", "linear"), ("audio", "full"), ("video", "full")])
+def test_finetune_writes_metrics_that_the_saved_model_reproduces(dataset, tmp_path, modality, mode):
+    from xdc_fast.data.clips import ClipConfig
+    from xdc_fast.data.dataset import ClipDataset
+    from xdc_fast.finetune import extract_features
+
+    config = FinetuneConfig(modality=modality, mode=mode, epochs=2, **FAST)
+    metrics = finetune(dataset, tmp_path / "ft", config, log=lambda *_: None)
+    written = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert written["clip_acc"] == metrics["clip_acc"] and written["num_test_videos"] == 3
+    assert written["split"]["kind"] == "stratified" and len(written["split"]["test_ids"]) == 3
+    assert sum(map(sum, written["confusion"])) == 3 and written["num_test_clips"] == 6
+    assert (tmp_path / "ft" / "confusion.png").stat().st_size > 0
+    assert written["final_epoch"] == (1 if mode == "full" else None)
+    # The saved encoder and layer, run independently over the test clips, give the reported accuracies.
+    encoder, source = load_encoder(tmp_path / "ft" / "checkpoints" / "last.pt", modality)
+    saved = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=True)
+    head = torch.nn.Linear(encoder.feature_dim, 3)
+    head.load_state_dict(saved["head"])
+    geometry = {k: saved["config"][k] for k in ("frames", "stride", "resize_short", "crop", "audio_seconds", "n_mels")}
+    test_set = ClipDataset(dataset, ClipConfig(**geometry, eval_clips=2), train=False, modalities=(modality,))
+    test_set.items = [r for r in test_set.items if r["id"] in set(written["split"]["test_ids"])]
+    features, video_of_clip = extract_features(encoder, test_set, 4, torch.device("cpu"))
+    probabilities = softmax_numpy(head(torch.from_numpy(features)).detach().numpy())
+    labels = np.array([r["label"] for r in test_set.items])
+    assert video_accuracy(probabilities, video_of_clip, labels) == pytest.approx(written["video_acc"])
+    if mode == "full":
+        assert len(written["history"]) == 2 and all(np.isfinite(r["train_loss"]) for r in written["history"])
+
+
+def test_linear_probe_of_audio_finds_the_pitch_classes(dataset, tmp_path):
+    # Pitch carries the class and a random audio encoder keeps it: a working probe must beat chance (1/3).
+    metrics = finetune(dataset, tmp_path / "ft", FinetuneConfig(modality="audio", mode="linear", **FAST),
+                       log=lambda *_: None)
+    assert metrics["clip_acc"] > 0.5
+
+
+def test_existing_results_are_not_overwritten(dataset, tmp_path):
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "metrics.json").write_text("{}")
+    with pytest.raises(FinetuneError, match="already holds results"):
+        finetune(dataset, tmp_path / "ft", FinetuneConfig(**FAST), log=lambda *_: None)
+
+
+def test_load_encoder_reads_torchvision_layout_weights(tmp_path):
+    from torchvision.models.video import r2plus1d_18
+
+    reference = r2plus1d_18(weights=None).eval()
+    # Released files are often wrapped: {"state_dict": {"module.<key>": ...}}.
+    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "w.pt")
+    encoder, source = load_encoder(tmp_path / "w.pt", "video")
+    assert source == {"source": "torchvision", "arch": "r2plus1d_18"}
+    x = torch.randn(1, 3, 4, 32, 32)
+    reference.fc = torch.nn.Identity()
+    with torch.no_grad():
+        assert torch.allclose(encoder.eval()(x), reference(x), atol=1e-5)
+    with pytest.raises(CheckpointError, match="holds a r2plus1d_18 encoder"):
+        load_encoder(tmp_path / "w.pt", "video", arch="tiny")
+    with pytest.raises(CheckpointError, match="no audio encoder"):
+        load_encoder(tmp_path / "w.pt", "audio")
+
+
+def test_random_checkpoint_is_seeded_and_bad_files_are_refused(tmp_path):
+    a, _ = load_encoder("random", "audio", seed=4)
+    b, _ = load_encoder("random", "audio", seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_encoder(tmp_path / "junk.pt", "video")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_encoder(tmp_path / "missing.pt", "video")
+
+
+def test_cli_finetune_reports_bad_input_without_a_traceback(dataset, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["finetune", "--data", str(dataset), "--out", str(tmp_path / "o"),
+                                  "--checkpoint", str(tmp_path / "missing.pt")])
+    assert result.exit_code == 2 and "does not exist" in result.output and "Traceback" not in result.output
+    (tmp_path / "bad.yaml").write_text("frames: 4\nlearning_rate: 0.1\n")
+    result = runner.invoke(main, ["finetune", "--data", str(dataset), "--out", str(tmp_path / "o"),
+                                  "--config", str(tmp_path / "bad.yaml")])
+    assert result.exit_code == 2 and "unknown configuration keys: learning_rate" in result.output
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_cli_finetune_linear_audio(dataset, tmp_path):
+    import yaml
+
+    (tmp_path / "fast.yaml").write_text(yaml.safe_dump(FAST))
+    result = CliRunner().invoke(main, ["finetune", "--data", str(dataset), "--out", str(tmp_path / "o"),
+                                       "--modality", "audio", "--mode", "linear", "--config", str(tmp_path / "fast.yaml")])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert f"video accuracy {written['video_acc']:.1%}" in result.output and written["config"]["mode"] == "linear"
