@@ -32,8 +32,10 @@ build: $(EDITABLE)
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Each demo gets its own folder, so running it again never overwrites an earlier one.
+DEMO_OUT ?= xdc-fast-demo/$(shell date +%Y%m%d-%H%M%S)
 demo: build
-	$(VENV)/bin/xdc-fast bench kmeans
+	$(VENV)/bin/xdc-fast demo --out $(DEMO_OUT)
 
 bench-sweep: build
 	$(PY) benchmarks/kmeans_sweep.py --out benchmarks/results/kmeans_cpu.md

@@ -184,3 +184,42 @@ def test_cli_finetune_linear_audio(dataset, tmp_path):
     assert result.exit_code == 0, result.output
     written = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert f"video accuracy {written['video_acc']:.1%}" in result.output and written["config"]["mode"] == "linear"
+
+
+def _torchrun(args, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "xdc_fast.cli", *args, "--device", "cpu"]
+    return subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_torchrun_two_ranks_score_like_one_process(dataset, tmp_path):
+    """Ranks split the test videos and gather the features: the linear probe's result equals one process's;
+    full finetuning runs as one DDP model with only rank 0 writing."""
+    import yaml
+
+    (tmp_path / "fast.yaml").write_text(yaml.safe_dump(FAST))
+    common = ["--data", str(dataset), "--modality", "audio", "--config", str(tmp_path / "fast.yaml")]
+    result = _torchrun(["finetune", *common, "--mode", "linear", "--out", str(tmp_path / "ddp")], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("test: clip accuracy") == 1  # only rank 0 speaks
+    single = CliRunner().invoke(main, ["finetune", *common, "--mode", "linear", "--out", str(tmp_path / "one"),
+                                       "--device", "cpu"])
+    assert single.exit_code == 0, single.output
+    ddp, one = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ddp", "one"))
+    assert ddp["world_size"] == 2 and one["world_size"] == 1
+    for key in ("clip_acc", "video_acc", "num_test_videos", "num_test_clips", "confusion"):
+        assert ddp[key] == one[key], key
+
+    result = _torchrun(["finetune", *common, "--mode", "full", "--epochs", "1", "--out", str(tmp_path / "full")], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert written["history"][0]["clips"] == 6 and written["num_test_videos"] == 3  # 6 training videos, both ranks

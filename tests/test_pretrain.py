@@ -243,3 +243,22 @@ def test_cli_config_presets_and_unknown_names(dataset, tmp_path):
     bad = CliRunner().invoke(main, ["pretrain", "--data", str(dataset), "--out", str(tmp_path / "x"),
                                     "--config", "huge"])
     assert bad.exit_code == 2 and "neither a preset" in bad.output
+
+
+def test_kmeans_restarts_keep_each_modalitys_lowest_objective():
+    from xdc_fast.pretrain import _cluster
+
+    rng = np.random.default_rng(0)
+    features = {m: rng.normal(size=(40, 6)).astype(np.float32) for m in ("video", "audio")}
+
+    def objective(labels, centroids, points):
+        return float(((points - centroids[labels]) ** 2).sum())
+
+    points = {m: torch.nn.functional.normalize(torch.from_numpy(v), dim=1).numpy() for m, v in features.items()}
+    results = {}
+    for nredo in (1, 4):
+        config = PretrainConfig(clusters=5, pca_dim=0, clips_per_video=2, kmeans_nredo=nredo)
+        labels, centroids = _cluster(features, config, 0, np.arange(20), 20)
+        results[nredo] = [objective(labels[m], centroids[0][i].numpy(), points[m]) for i, m in enumerate(("video", "audio"))]
+    assert all(many <= one + 1e-4 for many, one in zip(results[4], results[1]))
+    assert any(many < one - 1e-3 for many, one in zip(results[4], results[1]))  # the restarts found something better

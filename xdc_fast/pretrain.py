@@ -41,6 +41,7 @@ class PretrainConfig:
     clips_per_video: int = 2  # fixed clips per video whose features are clustered
     pca_dim: int = 32  # PCA-whitening dimension before k-means (0 = off; DeepCluster: 256)
     kmeans_niter: int = 20
+    kmeans_nredo: int = 1  # k-means restarts from different clips; each modality keeps its lowest objective
     batch_size: int = 8
     lr: float = 0.01  # SGD; 0.01 suits the tiny encoders, lower it if the loss does not decrease
     momentum: float = 0.9
@@ -214,6 +215,10 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
     writer = rank == 0
     if not writer:
         log = lambda *_: None  # noqa: E731
+    clustered = len(items) * config.clips_per_video
+    if config.pca_dim and clustered < 10 * config.pca_dim:
+        log(f"note: PCA-whitening {clustered} clips to {config.pca_dim} dimensions gives noise the weight of "
+            "signal; with fewer than 10 clips per dimension a smaller pca_dim (or 0: L2 only) clusters better")
     torch.manual_seed(config.seed)  # identical initial encoders on every rank
     modalities = modalities_for(config.variant)
     from . import __version__
@@ -472,20 +477,31 @@ def _cluster(features: dict[str, np.ndarray], config, round_index: int, shard: n
     contributed by the rank holding it, so sharded and single-process runs start (and end) alike."""
     seed = config.seed * 1000 + round_index  # a fresh seed every round
     clip_rows = (shard[:, None] * config.clips_per_video + np.arange(config.clips_per_video)).ravel()
-    chosen = torch.randperm(n_videos * config.clips_per_video, generator=torch.Generator().manual_seed(seed))
-    chosen = chosen[: config.clusters].numpy()
+    position = {int(g): i for i, g in enumerate(clip_rows)}
 
     def fit(points: torch.Tensor) -> torch.Tensor:
-        position = {int(g): i for i, g in enumerate(clip_rows)}
-        init = torch.zeros(points.shape[0], config.clusters, points.shape[-1])
-        for j, g in enumerate(chosen):
-            if int(g) in position:
-                init[:, j] = points[:, position[int(g)]]
-        init = xdist.all_reduce_sum(init)
-        km = KMeans(points.shape[-1], config.clusters, niter=config.kmeans_niter, seed=seed)
-        km.fit(points, init_centroids=init)
-        centroids.append(km.centroids)
-        return km.labels
+        best_obj = best_labels = best_centroids = None
+        for redo in range(config.kmeans_nredo):
+            # Objectives are all-reduced, so every rank keeps the same restart of each problem.
+            chosen = torch.randperm(n_videos * config.clips_per_video,
+                                    generator=torch.Generator().manual_seed(seed + 7919 * redo))[: config.clusters]
+            init = torch.zeros(points.shape[0], config.clusters, points.shape[-1])
+            for j, g in enumerate(chosen.tolist()):
+                if g in position:
+                    init[:, j] = points[:, position[g]]
+            init = xdist.all_reduce_sum(init)
+            km = KMeans(points.shape[-1], config.clusters, niter=config.kmeans_niter, seed=seed + redo)
+            km.fit(points, init_centroids=init)
+            final = torch.from_numpy(np.atleast_2d(km.obj)[-1].copy())
+            if best_obj is None:
+                best_obj, best_labels, best_centroids = final, km.labels.clone(), km.centroids.clone()
+            else:
+                better = final < best_obj
+                best_obj = torch.where(better, final, best_obj)
+                best_labels[better] = km.labels[better]
+                best_centroids[better] = km.centroids[better]
+        centroids.append(best_centroids)
+        return best_labels
 
     centroids: list[torch.Tensor] = []
     names = [m for m in ("video", "audio") if m in features]

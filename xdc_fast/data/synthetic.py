@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-CLASS_NAMES = ("horizontal-low", "vertical-mid", "diagonal-high", "circle-shrill", "zigzag-bass", "still-chirp")
+CLASS_NAMES = ("disc-horizontal-low", "square-vertical-mid", "plus-diagonal-high", "diamond-circle-shrill",
+               "disc-zigzag-bass", "square-still-chirp")
 # Pitch of each class's beep (Hz) and beeps per second: distinct, and well inside 16 kHz audio.
 CLASS_PITCH = (330.0, 660.0, 1320.0, 2640.0, 165.0, 990.0)
 CLASS_BEEP_RATE = (1.0, 2.0, 3.0, 1.5, 2.5, 4.0)
