@@ -223,3 +223,33 @@ def test_torchrun_two_ranks_score_like_one_process(dataset, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     written = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert written["history"][0]["clips"] == 6 and written["num_test_videos"] == 3  # 6 training videos, both ranks
+
+
+def test_esc50_folds_linear_audio_probe(tmp_path):
+    """ESC-50 layout: fold N is split N's test set; pure tones of two pitches are told apart by a probe
+    of a random audio encoder, and asking for video on audio-only data is refused."""
+    import csv
+
+    from tests.data.test_formats import _write_wav
+    from xdc_fast.data.prepare import prepare
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "esc" / "meta").mkdir(parents=True)
+    with (tmp_path / "esc" / "meta" / "esc50.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filename", "fold", "target", "category", "esc10", "src_file", "take"])
+        for fold in range(1, 6):
+            for target, (category, pitch) in enumerate((("hum", 200.0), ("whistle", 3000.0))):
+                name = f"{fold}-{target}-A-{target}.wav"
+                writer.writerow([name, fold, target, category, "False", "x", "A"])
+                t = np.arange(16000 * 2) / 16000
+                tone = 0.3 * np.sin(2 * np.pi * pitch * rng.uniform(0.95, 1.05) * t) + rng.normal(0, 0.01, t.size)
+                _write_wav(tmp_path / "esc" / "audio" / name, tone.astype(np.float32), 16000)
+    prepare(tmp_path / "esc", tmp_path / "ds", fmt="esc50", workers=1, progress=False)
+    config = FinetuneConfig(modality="audio", mode="linear", split=3, **FAST)
+    metrics = finetune(tmp_path / "ds", tmp_path / "ft", config, log=lambda *_: None)
+    assert metrics["split"] == {"kind": "manifest", "split": 3, "test_part": "test"}
+    assert metrics["num_test_videos"] == 2 and metrics["num_train_videos"] == 8
+    assert metrics["video_acc"] == 1.0 and metrics["classes"] == ["hum", "whistle"]
+    with pytest.raises(FinetuneError, match="audio-only"):
+        finetune(tmp_path / "ds", tmp_path / "ft2", FinetuneConfig(modality="video", **FAST), log=lambda *_: None)
