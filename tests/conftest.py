@@ -12,3 +12,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def prepared_synthetic(root, **spec):
+    """The built-in synthetic dataset written under ``root/media`` and prepared into ``root/ds`` (returned)."""
+    from xdc_fast.data.prepare import prepare
+    from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
+
+    make_synthetic_dataset(root / "media", SyntheticSpec(**spec))
+    prepare(root / "media", root / "ds", workers=1, progress=False)
+    return root / "ds"

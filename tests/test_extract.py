@@ -3,6 +3,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from tests.conftest import prepared_synthetic
 from xdc_fast.checkpoint import load_encoder
 from xdc_fast.cli import main
 from xdc_fast.data.prepare import load_manifest
@@ -14,14 +15,8 @@ GEOMETRY = dict(frames=4, resize_short=32, crop=28, audio_seconds=0.5, n_mels=20
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from xdc_fast.data.prepare import prepare
-    from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("extract")
-    make_synthetic_dataset(root / "m", SyntheticSpec(classes=2, videos_per_class=2, seconds=1.5, fps=8, width=32,
-                                                     height=32, seed=5))
-    prepare(root / "m", root / "ds", workers=1, progress=False)
-    return root / "ds"
+    return prepared_synthetic(tmp_path_factory.mktemp("extract"), classes=2, videos_per_class=2, seconds=1.5, fps=8,
+                              width=32, height=32, seed=5)
 
 
 def test_one_row_per_manifest_item_equal_to_the_encoder_on_its_clips(dataset, tmp_path):

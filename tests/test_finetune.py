@@ -8,6 +8,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix, top_k_accuracy_score
 from sklearn.preprocessing import StandardScaler
 
+from tests.conftest import prepared_synthetic
 from xdc_fast.checkpoint import CheckpointError, load_encoder
 from xdc_fast.cli import main
 from xdc_fast.finetune import (FinetuneConfig, FinetuneError, choose_split, finetune, linear_classifier, score,
@@ -19,14 +20,8 @@ FAST = dict(frames=4, resize_short=32, crop=28, audio_seconds=0.5, n_mels=20, te
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from xdc_fast.data.prepare import prepare
-    from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("finetune")
-    make_synthetic_dataset(root / "m", SyntheticSpec(classes=3, videos_per_class=3, seconds=1.5, fps=8, width=32,
-                                                     height=32, seed=3))
-    prepare(root / "m", root / "ds", workers=1, progress=False)
-    return root / "ds"
+    return prepared_synthetic(tmp_path_factory.mktemp("finetune"), classes=3, videos_per_class=3, seconds=1.5, fps=8,
+                              width=32, height=32, seed=3)
 
 
 def test_video_accuracy_averages_softmax_over_clips():

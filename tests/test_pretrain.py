@@ -5,9 +5,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from tests.conftest import prepared_synthetic
 from xdc_fast.cli import main
-from xdc_fast.data.prepare import prepare
-from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from xdc_fast.pretrain import ConfigError, PretrainConfig, balanced_indices, pretrain, targets_for_variant, video_labels
 
 FAST = dict(clusters=3, epochs=1, batch_size=4, frames=4, resize_short=40, crop=32, pca_dim=8, audio_seconds=0.5,
@@ -17,10 +16,7 @@ FAST = dict(clusters=3, epochs=1, batch_size=4, frames=4, resize_short=40, crop=
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
-    make_synthetic_dataset(root / "media", SyntheticSpec(classes=3, videos_per_class=2, seconds=2.0, fps=12,
-                                                         width=48, height=48, seed=2))
-    prepare(root / "media", root / "ds", workers=1, progress=False)
-    return root / "ds"
+    return prepared_synthetic(root, classes=3, videos_per_class=2, seconds=2.0, fps=12, width=48, height=48, seed=2)
 
 
 def test_who_learns_what():
@@ -227,6 +223,7 @@ def test_presets_are_valid_configurations():
 
 
 def test_audio_variant_on_silent_data_is_refused(tmp_path):
+    from xdc_fast.data.prepare import prepare
     from xdc_fast.data.synthetic import write_media
 
     for i in range(4):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from xdc_fast.data.prepare import load_manifest, prepare, read_jsonl
+from tests.conftest import prepared_synthetic
+from xdc_fast.data.prepare import load_manifest, read_jsonl
 from xdc_fast.data.pyav_backend import decode_frame_indices
-from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from xdc_fast.pretrain import PretrainConfig, pretrain
 from xdc_fast.report import (ReportError, largest_clusters, latest_clusters, montage_tiles, read_curves,
                              round_boundaries, sorted_sizes, write_report)
@@ -22,9 +22,7 @@ FAST = dict(clusters=3, epochs=2, batch_size=4, frames=4, resize_short=40, crop=
 def trained(tmp_path_factory):
     """A real two-round run (one epoch per round) and its dataset."""
     root = tmp_path_factory.mktemp("report")
-    make_synthetic_dataset(root / "media", SyntheticSpec(classes=3, videos_per_class=2, seconds=2.0, fps=12,
-                                                         width=48, height=48, seed=2))
-    prepare(root / "media", root / "ds", workers=1, progress=False)
+    prepared_synthetic(root, classes=3, videos_per_class=2, seconds=2.0, fps=12, width=48, height=48, seed=2)
     pretrain(root / "ds", root / "run", PretrainConfig(**FAST), log=lambda *a: None)
     return root / "run", root / "ds"
 

@@ -177,6 +177,9 @@ def finetune(checkpoint, dataset, out, modality, mode, arch, split, epochs, batc
         run(dataset, out, config, log=click.echo)
     except (FinetuneError, PrepareError, CheckpointError) as error:
         _fail(str(error))
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: {out}/metrics.json was not written; run the command again", err=True)
+        sys.exit(130)
     except FloatingPointError as error:
         click.echo(f"Error: {error}", err=True)
         sys.exit(1)
@@ -265,6 +268,9 @@ def demo(out, videos_per_class, epochs, seed):
         run_demo(out, config, log=click.echo)
     except FileExistsError as error:
         _fail(str(error))
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: run `xdc-fast demo --out {out}` again to start it over", err=True)
+        sys.exit(130)
 
 
 @main.group(context_settings=CONTEXT)

@@ -77,3 +77,13 @@ def all_gather_objects(obj) -> list:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def setup_device(name: str) -> torch.device:
+    """The device a command asked for ("auto": CUDA when there is one), after joining torchrun's process
+    group when torchrun launched this process (each rank then works on its own GPU)."""
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                          ("cpu" if name == "auto" else name))
+    if init_from_torchrun(device.type == "cuda") and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device

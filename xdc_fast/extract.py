@@ -16,7 +16,7 @@ import torch
 
 from . import distributed as xdist
 from .checkpoint import load_encoder, save_atomic
-from .finetune import FinetuneError, clip_geometry, gathered_features
+from .finetune import FinetuneError, check_modality, clip_geometry, gathered_features
 
 AGGREGATES = ("mean", "all")
 
@@ -54,14 +54,8 @@ def extract(dataset: str | Path, out: str | Path, config: ExtractConfig, log=pri
     if out.suffix not in (".pt", ".npz"):
         raise FinetuneError(f"--out should end in .pt or .npz, got {out.name}")
     items = load_manifest(dataset)
-    if config.modality == "audio" and any(not r.get("has_audio") for r in items):
-        raise FinetuneError("--modality audio, but some items have no audio track")
-    if config.modality == "video" and any(r.get("fps") is None for r in items):
-        raise FinetuneError("--modality video, but this dataset holds audio-only items; use --modality audio")
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if config.device == "auto" else config.device))
-    if xdist.init_from_torchrun(device.type == "cuda") and device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    check_modality(items, config.modality)
+    device = xdist.setup_device(config.device)
     encoder, source = load_encoder(config.checkpoint, config.modality, config.arch, config.bn_eps, config.seed)
     encoder.to(device)
     geometry = clip_geometry(source, config)

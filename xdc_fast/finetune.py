@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import distributed as xdist
+from .config import dataclass_from_dict
 from .checkpoint import CheckpointError, load_encoder, save_atomic
 
 MODES = ("full", "linear")
@@ -70,11 +71,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "FinetuneConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise FinetuneError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, FinetuneError)
 
 
 @dataclass
@@ -93,6 +90,14 @@ def clip_geometry(source: dict, overrides) -> dict:
     geometry.update({k: v for k, v in source.get("config", {}).items() if k in geometry and v is not None})
     geometry.update({k: getattr(overrides, k) for k in geometry if getattr(overrides, k, None) is not None})
     return geometry
+
+
+def check_modality(items: list[dict], modality: str) -> None:
+    """Every item must carry ``modality``: audio-only datasets have no frames, silent videos no sound."""
+    if modality == "audio" and any(not r.get("has_audio") for r in items):
+        raise FinetuneError("--modality audio, but some items have no audio track")
+    if modality == "video" and any(r.get("fps") is None for r in items):
+        raise FinetuneError("--modality video, but this dataset holds audio-only items; use --modality audio")
 
 
 # ---- scoring ----------------------------------------------------------------------------------------
@@ -328,18 +333,12 @@ def finetune(dataset: str | Path, out: str | Path, config: FinetuneConfig, log=p
     if (out / "metrics.json").exists():
         raise FinetuneError(f"{out} already holds results (metrics.json); choose another --out")
     items = load_manifest(dataset)
-    if config.modality == "audio" and any(not r.get("has_audio") for r in items):
-        raise FinetuneError("--modality audio, but some items have no audio track")
-    if config.modality == "video" and any(r.get("fps") is None for r in items):
-        raise FinetuneError("--modality video, but this dataset holds audio-only items; use --modality audio")
+    check_modality(items, config.modality)
     split = choose_split(items, config.split, config.test_fraction, config.seed)
     classes = _class_names(dataset, items)
     num_classes = len(classes)
 
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if config.device == "auto" else config.device))
-    if xdist.init_from_torchrun(device.type == "cuda") and device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = xdist.setup_device(config.device)
     writer = xdist.is_main_process()
     if not writer:
         log = lambda *_: None  # noqa: E731

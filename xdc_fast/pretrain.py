@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import distributed as xdist
+from .config import dataclass_from_dict
 from . import metrics
 from .checkpoint import is_ours, own_encoder_state, read_checkpoint, save_atomic, torchvision_video_state
 from .cluster import KMeans, pca_whiten
@@ -67,11 +68,7 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "PretrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, ConfigError)
 
 
 class ConfigError(ValueError):
@@ -205,12 +202,9 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
         raise ConfigError(f"{out} already holds a run; continue it with --resume or choose another --out")
     for sub in ("checkpoints", "clusters"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if config.device == "auto" else config.device))
     # The same command line runs alone or under torchrun: ranks shard the videos, cluster together
     # and train one DDP model; only rank 0 writes.
-    if xdist.init_from_torchrun(device.type == "cuda") and device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = xdist.setup_device(config.device)
     rank, world = xdist.rank(), xdist.world_size()
     writer = rank == 0
     if not writer:
