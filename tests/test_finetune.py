@@ -113,6 +113,10 @@ def test_finetune_writes_metrics_that_the_saved_model_reproduces(dataset, tmp_pa
     assert video_accuracy(probabilities, video_of_clip, labels) == pytest.approx(written["video_acc"])
     if mode == "full":
         assert len(written["history"]) == 2 and all(np.isfinite(r["train_loss"]) for r in written["history"])
+    # Linear keeps the encoder frozen (equal to the seeded random start); full trains it.
+    start, _ = load_encoder("random", modality, seed=0)
+    same = [torch.equal(a, b) for a, b in zip(start.state_dict().values(), encoder.state_dict().values())]
+    assert all(same) if mode == "linear" else not all(same)
 
 
 def test_linear_probe_of_audio_finds_the_pitch_classes(dataset, tmp_path):
