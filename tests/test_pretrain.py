@@ -159,6 +159,8 @@ def test_torchrun_two_ranks_cluster_like_one_process(dataset, tmp_path):
         assert torch.equal(ddp[key], one[key]), key
     record = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text())
     assert record["clips"] == 6  # 3 videos per rank
+    # The command ends by drawing the run's figures (rank 0 only under torchrun).
+    assert all((tmp_path / run / "report" / "curves.png").exists() for run in ("ddp", "one"))
 
 
 def test_kill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(dataset, tmp_path):

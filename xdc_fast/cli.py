@@ -99,7 +99,21 @@ def pretrain(variant, dataset, out, arch, epochs, clusters, batch_size, lr, devi
     except FloatingPointError as error:
         click.echo(f"Error: {error}", err=True)
         sys.exit(1)
-    click.echo(f"done: {out}/metrics.jsonl, {out}/checkpoints/last.pt")
+    from . import distributed as xdist
+
+    if xdist.is_main_process():
+        _report_quietly(out)
+    click.echo(f"done: {out}/metrics.jsonl, {out}/checkpoints/last.pt, {out}/report/")
+
+
+def _report_quietly(run: str) -> None:
+    """The run's figures; a failure to draw them costs a line, never the finished run."""
+    from .report import write_report
+
+    try:
+        write_report(run)
+    except Exception as error:  # noqa: BLE001 - drawing is a courtesy after the real work
+        click.echo(f"(figures skipped: {error}; try `xdc-fast report {run}`)", err=True)
 
 
 def _config_values(config_path: str | None, preset_prefix: str) -> dict:

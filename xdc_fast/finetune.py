@@ -349,6 +349,9 @@ def finetune(dataset: str | Path, out: str | Path, config: FinetuneConfig, log=p
     geometry = clip_geometry(source, config)
     log(f"{config.modality} encoder: {source['source']} ({arch}); {len(split.train)} training and {len(split.test)} "
         f"test videos, {num_classes} classes; mode {config.mode}")
+    if split.description["kind"] == "stratified":
+        log(f"the manifest has no splits: a stratified split with {config.test_fraction:.0%} of each class for "
+            f"testing (seed {config.seed}), its test ids written to metrics.json")
     encoder.to(device)
     torch.manual_seed(config.seed)
     clip = ClipConfig(**geometry, eval_clips=config.test_clips)
