@@ -27,7 +27,7 @@ def test_demo_runs_end_to_end_in_a_reduced_size(tmp_path):
                                                        ("audio", "xdc")]
     assert all(0 <= r.clip_acc <= 1 and 0 <= r.video_acc <= 1 and 0 <= r.nmi <= 1 for r in rows)
     written = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    assert written["rows"][1]["video_acc"] == rows[1].video_acc and written["seconds"]["total"] > 0
+    assert written["rows"][1]["video_acc"] == rows[1].video_acc and set(written["seconds"]) == {"data", "pretrain", "scoring", "total"}
     for name in ("video_random", "video_xdc", "audio_random", "audio_xdc"):
         probe = json.loads((tmp_path / "demo" / "probe" / name / "metrics.json").read_text())
         assert probe["config"]["mode"] == "linear" and probe["num_test_videos"] == 2

@@ -138,9 +138,9 @@ def _config_values(config_path: str | None, preset_prefix: str) -> dict:
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--checkpoint", default="random",
+@click.option("--checkpoint", default=None,
               help="RUN/checkpoints/last.pt of a pretraining (or finetuning) run, a torchvision / official XDC "
-                   "video weight file, or 'random' (the untrained baseline every table needs).")
+                   "video weight file, or 'random' (the untrained baseline every table needs) [default: random].")
 @click.option("--data", "dataset", required=True, type=click.Path(file_okay=False),
               help="A labelled dataset written by `xdc-fast prepare`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -181,8 +181,7 @@ def finetune(checkpoint, dataset, out, modality, mode, arch, split, epochs, batc
     from .finetune import FinetuneConfig, FinetuneError, finetune as run
 
     values = _config_values(config_path, "finetune_")
-    flags = {"checkpoint": checkpoint if checkpoint != "random" or "checkpoint" not in values else None,
-             "modality": modality, "mode": mode, "arch": arch, "split": split, "epochs": epochs,
+    flags = {"checkpoint": checkpoint, "modality": modality, "mode": mode, "arch": arch, "split": split, "epochs": epochs,
              "batch_size": batch_size, "lr": lr, "test_clips": test_clips, "eval_every": eval_every,
              "device": device, "workers": workers, "seed": seed}
     values.update({k: v for k, v in flags.items() if v is not None})

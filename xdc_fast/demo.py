@@ -107,8 +107,8 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), log=print) -> l
 
 def score_encoder(out: Path, modality: str, name: str, checkpoint: str, pretrain_config: PretrainConfig,
                   config: DemoConfig) -> DemoRow:
-    """Linear probe (``xdc-fast finetune --mode linear``) and k-means NMI of one encoder."""
-    from .extract import ExtractConfig, extract
+    """Linear probe (``xdc-fast finetune --mode linear``) and k-means NMI of one encoder's features, the ones
+    the probe computed (saved with it in extract's format)."""
     from .finetune import FinetuneConfig, finetune
 
     geometry = {k: getattr(pretrain_config, k) for k in ("frames", "stride", "resize_short", "crop", "audio_seconds",
@@ -120,11 +120,9 @@ def score_encoder(out: Path, modality: str, name: str, checkpoint: str, pretrain
                        FinetuneConfig(checkpoint=checkpoint, modality=modality, mode="linear", arch="tiny",
                                       train_clips=config.probe_clips, test_clips=config.probe_clips,
                                       seed=config.seed, **geometry), log=lambda *_: None)
-    features = extract(out / "data", probe_dir / "features.pt",
-                       ExtractConfig(checkpoint=checkpoint, modality=modality, clips_per_video=config.probe_clips,
-                                     arch="tiny", seed=config.seed, **geometry), log=lambda *_: None)
+    features = torch.load(probe_dir / "features.pt", weights_only=True)
     return DemoRow(modality, name, metrics["clip_acc"], metrics["video_acc"],
-                   cluster_nmi(features["features"], np.array(features["labels"]), config.classes, config.seed))
+                   cluster_nmi(features["features"].numpy(), features["labels"].numpy(), config.classes, config.seed))
 
 
 def cluster_nmi(features: np.ndarray, labels: np.ndarray, k: int, seed: int) -> float:

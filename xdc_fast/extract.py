@@ -16,7 +16,7 @@ import torch
 
 from . import distributed as xdist
 from .checkpoint import load_encoder, save_atomic
-from .finetune import FinetuneError, check_modality, clip_geometry, gathered_features
+from .finetune import FinetuneError, check_modality, clip_geometry, gathered_features, mean_per_video
 
 AGGREGATES = ("mean", "all")
 
@@ -64,19 +64,17 @@ def extract(dataset: str | Path, out: str | Path, config: ExtractConfig, log=pri
     log(f"{config.modality} features of {len(items)} items x {config.clips_per_video} clips "
         f"({source['source']} {source['arch']} encoder)")
     features, video_of_clip = gathered_features(encoder, clips, config, device, "extracting")
-    per_clip = np.full((len(items), config.clips_per_video, encoder.feature_dim), np.nan, dtype=np.float32)
-    # Clips come back in dataset order within each video, but a failed clip leaves a gap: place by count.
-    slot = np.zeros(len(items), dtype=np.int64)
-    for row, video in zip(features, video_of_clip):
-        per_clip[video, slot[video]] = row
-        slot[video] += 1
-    failed = [items[i]["id"] for i in np.flatnonzero(slot == 0)]
+    means, counts = mean_per_video(features, video_of_clip, len(items))
+    failed = [items[i]["id"] for i in np.flatnonzero(counts == 0)]
     if config.aggregate == "mean":
-        result = np.full((len(items), encoder.feature_dim), np.nan, dtype=np.float32)
-        some = slot > 0
-        result[some] = np.nansum(per_clip[some], axis=1) / slot[some, None]
+        result = means.astype(np.float32)
     else:
-        result = per_clip
+        # Clips come back in dataset order within each video, but a failed clip leaves a gap: place by count.
+        result = np.full((len(items), config.clips_per_video, encoder.feature_dim), np.nan, dtype=np.float32)
+        slot = np.zeros(len(items), dtype=np.int64)
+        for row, video in zip(features, video_of_clip):
+            result[video, slot[video]] = row
+            slot[video] += 1
     saved = {"ids": [r["id"] for r in items], "labels": [-1 if r.get("label") is None else r["label"] for r in items],
              "features": result, "failed": failed, "aggregate": config.aggregate, "modality": config.modality,
              "checkpoint": str(config.checkpoint), "encoder": source["source"], "arch": source["arch"], "clip": geometry}

@@ -13,6 +13,7 @@ dataset without them gets a seeded stratified split whose test ids are written d
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -109,12 +110,14 @@ def topk_correct(probabilities: np.ndarray, labels: np.ndarray, k: int) -> np.nd
     return (top == labels[:, None]).any(axis=1)
 
 
-def video_probabilities(probabilities: np.ndarray, video_of_clip: np.ndarray, num_videos: int) -> np.ndarray:
-    """Mean softmax over each video's clips: ``[num_videos, classes]``; a video without clips is all zeros."""
-    sums = np.zeros((num_videos, probabilities.shape[1]))
-    np.add.at(sums, video_of_clip, probabilities)
-    counts = np.bincount(video_of_clip, minlength=num_videos)[:, None]
-    return sums / np.maximum(counts, 1)
+def mean_per_video(rows: np.ndarray, video_of_row: np.ndarray, num_videos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of each video's rows (clip softmaxes or features), ``[num_videos, dim]``, and how many rows each
+    video had; a video without rows gets NaN."""
+    sums = np.zeros((num_videos, rows.shape[1]))
+    np.add.at(sums, video_of_row, rows)
+    counts = np.bincount(video_of_row, minlength=num_videos)
+    with np.errstate(invalid="ignore"):
+        return sums / counts[:, None], counts
 
 
 def video_accuracy(probabilities: np.ndarray, video_of_clip: np.ndarray, labels: np.ndarray) -> float:
@@ -122,16 +125,14 @@ def video_accuracy(probabilities: np.ndarray, video_of_clip: np.ndarray, labels:
 
     ``probabilities`` [clips, classes], ``video_of_clip`` [clips] (video index), ``labels`` [videos].
     Videos without any clip are left out."""
-    per_video = video_probabilities(probabilities, video_of_clip, len(labels))
-    present = np.bincount(video_of_clip, minlength=len(labels)) > 0
-    return float(topk_correct(per_video[present], labels[present], 1).mean())
+    return score(probabilities, video_of_clip, labels, probabilities.shape[1])["video_acc"]
 
 
 def score(probabilities: np.ndarray, video_of_clip: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
     """Clip and video top-1/top-5 and the video-level confusion matrix (rows: true, columns: predicted)."""
     clip_labels = labels[video_of_clip]
-    per_video = video_probabilities(probabilities, video_of_clip, len(labels))
-    present = np.bincount(video_of_clip, minlength=len(labels)) > 0
+    per_video, counts = mean_per_video(probabilities, video_of_clip, len(labels))
+    present = counts > 0
     per_video, video_labels = per_video[present], labels[present]
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (video_labels, per_video.argmax(1)), 1)
@@ -216,8 +217,7 @@ def _progress(iterable, description: str | None, total: int | None = None):
 
 def _sharded(dataset, rank: int, world: int):
     """This rank's videos of an evaluation dataset (whole videos, so no clip is scored twice)."""
-    shard = dataset.__class__.__new__(dataset.__class__)
-    shard.__dict__.update(dataset.__dict__)
+    shard = copy.copy(dataset)
     shard.items = dataset.items[rank::world]
     return shard, np.arange(rank, len(dataset.items), world)
 
@@ -308,11 +308,9 @@ def _train_epoch(model, train_set, labels: np.ndarray, optimizer, config, epoch:
             "train_acc": float(totals[1] / max(totals[2], 1)), "clips": int(totals[2]), "skipped": int(totals[3])}
 
 
-def _test_probabilities(encoder, head, test_set, config, device, progress=None) -> tuple[np.ndarray, np.ndarray]:
-    features, video_of_clip = gathered_features(encoder, test_set, config, device, progress)
+def _probabilities(head: nn.Linear, features: np.ndarray, device: torch.device) -> np.ndarray:
     with torch.no_grad():
-        logits = head(torch.from_numpy(features).to(device)).float().cpu().numpy()
-    return softmax_numpy(logits), video_of_clip
+        return softmax_numpy(head(torch.from_numpy(features).to(device)).float().cpu().numpy())
 
 
 # ---- the command ------------------------------------------------------------------------------------
@@ -371,9 +369,14 @@ def finetune(dataset: str | Path, out: str | Path, config: FinetuneConfig, log=p
         features, video_of_clip = gathered_features(encoder, train_view, config, device, "train features")
         train_labels = np.array([r["label"] for r in split.train])[video_of_clip]
         head = linear_classifier(features, train_labels, num_classes, config.linear_c, config.seed).to(device)
-        final = score(*_test_probabilities(encoder, head, test_set, config, device, "test features"), test_labels,
-                      num_classes)
+        test_features, test_video_of_clip = gathered_features(encoder, test_set, config, device, "test features")
+        final = score(_probabilities(head, test_features, device), test_video_of_clip, test_labels, num_classes)
         final["epoch"] = None
+        cached = {"ids": [r["id"] for r in split.train + split.test],
+                  "labels": torch.tensor([r["label"] for r in split.train + split.test]),
+                  "features": torch.from_numpy(np.concatenate(
+                      [mean_per_video(features, video_of_clip, len(split.train))[0],
+                       mean_per_video(test_features, test_video_of_clip, len(split.test))[0]]).astype(np.float32))}
     else:
         # ===== full finetuning =====
         train_set = ClipDataset(dataset, clip, train=True, seed=config.seed, modalities=(config.modality,))
@@ -397,7 +400,9 @@ def finetune(dataset: str | Path, out: str | Path, config: FinetuneConfig, log=p
                                   rates[epoch * steps : (epoch + 1) * steps], device)
             last = epoch == config.epochs - 1
             if last or (config.eval_every and (epoch + 1) % config.eval_every == 0):
-                scored = score(*_test_probabilities(encoder, head, test_set, config, device), test_labels, num_classes)
+                test_features, test_video_of_clip = gathered_features(encoder, test_set, config, device)
+                scored = score(_probabilities(head, test_features, device), test_video_of_clip, test_labels,
+                               num_classes)
                 record.update({k: scored[k] for k in ("clip_acc", "video_acc", "clip_top5", "video_top5")})
                 if last:
                     final = {**scored, "epoch": epoch}
@@ -421,6 +426,9 @@ def finetune(dataset: str | Path, out: str | Path, config: FinetuneConfig, log=p
         save_atomic({"encoders": {f"{config.modality}.{k}": v for k, v in encoder.state_dict().items()},
                      "head": head.state_dict(), "classes": classes,
                      "config": {**asdict(config), "arch": arch, **geometry}}, out / "checkpoints" / "last.pt")
+        if config.mode == "linear":
+            save_atomic({**cached, "aggregate": "mean", "modality": config.modality, "checkpoint": str(config.checkpoint),
+                         "clip": geometry}, out / "features.pt")
         draw_confusion(np.array(final["confusion"]), classes, out / "confusion.png",
                        f"{config.modality} {config.mode}: video accuracy {final['video_acc']:.1%}")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
