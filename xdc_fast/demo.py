@@ -101,7 +101,7 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), log=print) -> l
     log(f"  data/             the prepared dataset ({out / 'data' / 'manifest.jsonl'})")
     log("  pretrain/         the XDC run: metrics.jsonl, checkpoints/last.pt, clusters/")
     log(f"  pretrain/report/  {', '.join(p.name for p in figures)}")
-    log("  probe/            metrics.json and confusion.png of each probe")
+    log("  probe/            metrics.json, confusion.png and features.pt of each probe")
     return rows
 
 
