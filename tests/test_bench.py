@@ -1,11 +1,19 @@
+import ast
+import json
 import math
+from pathlib import Path
 
+import pytest
+import torch
 from click.testing import CliRunner
 
-from xdc_fast.bench import bench_loader, format_loader_table
+from xdc_fast.bench.loader import bench_loader, format_loader_table, loader_json
+from xdc_fast.bench.timing import check_device, interleaved_best_times, memory_budget, write_json
+from xdc_fast.bench.train import bench_train, format_train_table
 from xdc_fast.cli import main
 from xdc_fast.data.prepare import prepare
 from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
+from xdc_fast.errors import XdcError
 
 
 def test_bench_loader_rows(tmp_path):
@@ -20,22 +28,82 @@ def test_bench_loader_rows(tmp_path):
     assert "| naive (decode from start) | 0 | 4 |" in format_loader_table(rows)
     # The synthetic data is H.264, which DALI decodes only on a GPU: reported, not measured, here.
     assert rows[2].clips == 0 or math.isfinite(rows[2].clips_per_second)
+    records = loader_json(rows)
+    assert [r["name"] for r in records] == names and records[0]["clips_per_second"] > 0
+    assert all(r["clips_per_second"] is None for r, row in zip(records, rows) if not row.clips)
+    json.dumps(records, allow_nan=True)
 
+    out = tmp_path / "loader.json"
     result = CliRunner().invoke(main, ["bench", "loader", "--data", str(tmp_path / "ds"), "--workers", "0",
-                                       "--clips", "2"])
+                                       "--clips", "2", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "clips/s" in result.output
+    assert [r["clips"] for r in json.loads(out.read_text())][:2] == [2, 2]
 
 
 def test_bench_train_times_each_encoder():
-    import math
-
-    from xdc_fast.bench import bench_train, format_train_table
-
-    rows, shares = bench_train("cpu", ("tiny",), batch_size=2, steps=1, round_shares=False)
+    rows, shares = bench_train("cpu", ("tiny",), batch_size=2, steps=1, round_runner=None)
     assert [(r.arch, r.modality) for r in rows] == [("tiny", "video"), ("tiny", "audio")]
     assert all(math.isfinite(r.clips_per_second) for r in rows)  # each encoder was measured
+    assert shares == {}
     assert "| tiny | video | 2 |" in format_train_table(rows, shares, "cpu")
     result = CliRunner().invoke(main, ["bench", "train", "--steps", "1", "--batch-size", "2", "--no-round"])
     assert result.exit_code == 0, result.output
     assert "clips/s" in result.output
+
+
+def test_bench_train_round_runner_gives_phase_shares():
+    calls = []
+
+    def fake_round(dataset_dir: str, run_dir: str) -> dict:
+        # The runner sees a prepared dataset that is still there, and a run folder of its own.
+        calls.append((dataset_dir, run_dir, Path(dataset_dir).is_dir(), any(Path(dataset_dir).iterdir())))
+        return {"seconds": {"extract": 1.0, "cluster": 1.0, "train": 2.0}}
+
+    rows, shares = bench_train("cpu", (), round_runner=fake_round)
+    assert rows == []
+    ((dataset_dir, run_dir, existed, filled),) = calls
+    assert existed and filled and dataset_dir != run_dir and not Path(dataset_dir).exists()  # cleaned up after
+    assert shares == {"extract": 0.25, "cluster": 0.25, "train": 0.5}
+    assert math.isclose(sum(shares.values()), 1.0)
+    assert "extract 25%, cluster 25%, train 50%" in format_train_table(rows, shares, "cpu")
+
+
+def test_bench_train_true_skips_the_round_with_a_warning():
+    with pytest.warns(UserWarning, match="callable round_runner"):
+        rows, shares = bench_train("cpu", (), round_runner=True)
+    assert (rows, shares) == ([], {})
+
+
+def test_timing_helpers(tmp_path, monkeypatch):
+    best = interleaved_best_times({"a": lambda: sum(range(100)), "b": lambda: None}, 2, torch.device("cpu"))
+    assert set(best) == {"a", "b"} and all(0 <= t < math.inf for t in best.values())
+    assert memory_budget("cpu") > 0
+    write_json({"x": [1, 2]}, tmp_path / "a.json")
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": [1, 2]}
+    check_device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(XdcError, match="--device cuda was asked for"):
+        check_device("cuda")
+
+
+COMMAND_MODULES = {"pretrain", "finetune", "probe", "extract", "demo", "cli"}
+
+
+def _imported_names(source: str) -> set[str]:
+    """Every module path part and imported name of ``source``'s imports (``from .. import pretrain`` gives
+    pretrain, ``from xdc_fast.extract import x`` gives extract)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            names |= set((node.module or "").split(".")) | {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {part for a in node.names for part in a.name.split(".")}
+    return names
+
+
+def test_bench_imports_no_command_module():
+    assert COMMAND_MODULES & _imported_names("def f():\n    from ..pretrain import pretrain\n")  # the check bites
+    assert COMMAND_MODULES & _imported_names("import xdc_fast.extract\n")
+    for path in (Path(__file__).parents[1] / "xdc_fast" / "bench").glob("*.py"):
+        assert not COMMAND_MODULES & _imported_names(path.read_text()), path.name

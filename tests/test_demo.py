@@ -5,10 +5,11 @@ import pytest
 from click.testing import CliRunner
 
 from xdc_fast.cli import main
-from xdc_fast.demo import DEMO_PRETRAIN, DemoConfig, cluster_nmi, format_table, run_demo
+from xdc_fast.demo import DemoConfig, cluster_nmi, demo_config, format_table, run_demo
+from xdc_fast.errors import XdcError
 
-SMALL_PRETRAIN = {**DEMO_PRETRAIN, "epochs": 2, "epochs_per_round": 1, "clusters": 2, "frames": 4, "resize_short": 32,
-                  "crop": 28, "audio_seconds": 0.5, "n_mels": 20, "batch_size": 4}
+SMALL_PRETRAIN = {**demo_config().pretrain, "epochs": 2, "epochs_per_round": 1, "clusters": 2, "batch_size": 4,
+                  "clip": {"frames": 4, "resize_short": 32, "crop": 28, "audio_seconds": 0.5, "n_mels": 20}}
 
 
 def test_cluster_nmi_finds_separated_classes_and_not_noise():
@@ -37,7 +38,7 @@ def test_demo_runs_end_to_end_in_a_reduced_size(tmp_path):
     assert len(tests) == 1
     assert (tmp_path / "demo" / "pretrain" / "report" / "curves.png").exists()
     assert format_table(rows, 2) in "\n".join(lines)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(XdcError, match="already holds a demo"):
         run_demo(tmp_path / "demo", config, log=lines.append)
 
 
@@ -46,3 +47,12 @@ def test_cli_demo_help_and_existing_output(tmp_path):
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "already holds a demo" in result.output
     assert "--videos-per-class" in CliRunner().invoke(main, ["demo", "--help"]).output
+
+
+def test_demo_settings_come_from_the_yaml_with_the_clis_overrides(tmp_path):
+    config = demo_config(epochs=30, videos_per_class=5, seed=2)
+    assert config.pretrain["epochs"] == 30 and config.pretrain["epochs_per_round"] == 10
+    assert config.videos_per_class == 5 and config.seed == 2 and config.pretrain["variant"] == "xdc"
+    (tmp_path / "bad.yaml").write_text("classes: 4\npretrain:\n  lr: -1\n")
+    with pytest.raises(XdcError, match="lr: -1.0 is out of range"):
+        demo_config(tmp_path / "bad.yaml")

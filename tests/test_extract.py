@@ -7,8 +7,9 @@ from tests.conftest import prepared_synthetic
 from xdc_fast.checkpoint import load_encoder
 from xdc_fast.cli import main
 from xdc_fast.data.prepare import load_manifest
-from xdc_fast.extract import ExtractConfig, extract
-from xdc_fast.finetune import FinetuneError
+from xdc_fast.config import ExtractConfig
+from xdc_fast.errors import XdcError
+from xdc_fast.extract import extract
 
 GEOMETRY = dict(frames=4, resize_short=32, crop=28, audio_seconds=0.5, n_mels=20)
 
@@ -23,7 +24,7 @@ def test_one_row_per_manifest_item_equal_to_the_encoder_on_its_clips(dataset, tm
     from xdc_fast.data.clips import ClipConfig
     from xdc_fast.data.dataset import ClipDataset
 
-    saved = extract(dataset, tmp_path / "f.pt", ExtractConfig(modality="audio", clips_per_video=3, **GEOMETRY),
+    saved = extract(dataset, tmp_path / "f.pt", ExtractConfig(modality="audio", clips_per_video=3, clip=GEOMETRY),
                     log=lambda *_: None)
     written = torch.load(tmp_path / "f.pt", weights_only=True)
     items = load_manifest(dataset)
@@ -40,7 +41,7 @@ def test_one_row_per_manifest_item_equal_to_the_encoder_on_its_clips(dataset, tm
 
 def test_all_clips_as_npz(dataset, tmp_path):
     extract(dataset, tmp_path / "f.npz", ExtractConfig(modality="video", clips_per_video=2, aggregate="all",
-                                                       **GEOMETRY), log=lambda *_: None)
+                                                       clip=GEOMETRY), log=lambda *_: None)
     written = np.load(tmp_path / "f.npz")
     assert written["features"].shape[:2] == (4, 2) and list(written["ids"]) == [r["id"] for r in load_manifest(dataset)]
     assert np.isfinite(written["features"]).all()
@@ -57,15 +58,15 @@ def test_an_undecodable_item_gets_a_nan_row_and_is_listed(dataset, tmp_path):
     lines = (copy / "manifest.jsonl").read_text().splitlines()
     lines[0] = lines[0].replace(items[0]["path"], str(broken))
     (copy / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    saved = extract(copy, tmp_path / "f.pt", ExtractConfig(modality="video", clips_per_video=2, **GEOMETRY),
+    saved = extract(copy, tmp_path / "f.pt", ExtractConfig(modality="video", clips_per_video=2, clip=GEOMETRY),
                     log=lambda *_: None)
     assert saved["failed"] == [items[0]["id"]]
     assert np.isnan(saved["features"][0]).all() and np.isfinite(saved["features"][1:]).all()
 
 
 def test_bad_output_name_and_cli(dataset, tmp_path):
-    with pytest.raises(FinetuneError, match=r"\.pt or \.npz"):
-        extract(dataset, tmp_path / "f.csv", ExtractConfig(**GEOMETRY), log=lambda *_: None)
+    with pytest.raises(XdcError, match=r"\.pt or \.npz"):
+        extract(dataset, tmp_path / "f.csv", ExtractConfig(clip=GEOMETRY), log=lambda *_: None)
     result = CliRunner().invoke(main, ["extract", "--data", str(dataset), "--out", str(tmp_path / "c.pt"),
                                        "--modality", "audio", "--clips-per-video", "1"])
     assert result.exit_code == 0, result.output
@@ -76,3 +77,15 @@ def test_bad_output_name_and_cli(dataset, tmp_path):
 
 def encoder_dim() -> int:
     return load_encoder("random", "audio")[0].feature_dim
+
+
+def test_config_file_fills_the_clip_geometry(dataset, tmp_path):
+    """extract takes --config like pretrain and finetune; a flag still beats the file."""
+    import yaml
+
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump({"clip": GEOMETRY, "clips_per_video": 3, "modality": "audio"}))
+    result = CliRunner().invoke(main, ["extract", "--data", str(dataset), "--out", str(tmp_path / "c.pt"),
+                                       "--config", str(tmp_path / "e.yaml"), "--clips-per-video", "1"])
+    assert result.exit_code == 0, result.output
+    written = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert written["clip"]["n_mels"] == 20 and written["modality"] == "audio" and "x 1 clips" in result.output

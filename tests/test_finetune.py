@@ -11,11 +11,21 @@ from sklearn.preprocessing import StandardScaler
 from tests.conftest import prepared_synthetic
 from xdc_fast.checkpoint import CheckpointError, load_encoder
 from xdc_fast.cli import main
-from xdc_fast.finetune import (FinetuneConfig, FinetuneError, choose_split, finetune, linear_classifier, score,
-                               softmax_numpy, stratified_split, video_accuracy)
+from xdc_fast.config import FinetuneConfig
+from xdc_fast.data.splits import choose_split, stratified_split
+from xdc_fast.errors import XdcError as FinetuneError
+from xdc_fast.finetune import finetune as finetune_full
+from xdc_fast.metrics import score, softmax as softmax_numpy, video_accuracy
+from xdc_fast.probe import probe
+from xdc_fast.transfer import linear_classifier
 
-FAST = dict(frames=4, resize_short=32, crop=28, audio_seconds=0.5, n_mels=20, test_clips=2, train_clips=2,
+FAST = dict(clip=dict(frames=4, resize_short=32, crop=28, audio_seconds=0.5, n_mels=20), test_clips=2, train_clips=2,
             batch_size=4, test_fraction=0.34)
+
+
+def finetune(dataset, out, config, log=print):
+    """What `xdc-fast finetune` runs: the probe for --mode linear, full finetuning otherwise."""
+    return (probe if config.mode == "linear" else finetune_full)(dataset, out, config, log=log)
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +63,23 @@ def test_score_agrees_with_scikit_learn():
 
 def test_stratified_split_takes_every_class():
     labels = np.array([0] * 10 + [1] * 5 + [2] * 1 + [2])
-    test = stratified_split(labels, 0.3, seed=0)
+    test = stratified_split(labels, 0.3, np.random.default_rng(0))
     assert test[:10].sum() == 3 and test[10:15].sum() == 2 and test[15:].sum() == 1
-    assert np.array_equal(test, stratified_split(labels, 0.3, seed=0))
+    assert np.array_equal(test, stratified_split(labels, 0.3, np.random.default_rng(0)))
 
 
 def test_manifest_splits_are_used_and_a_missing_one_is_refused():
     items = [{"id": f"v{i}", "label": i % 2, "split": {"1": "train" if i < 4 else "test", "2": "test" if i < 4 else "train"}}
              for i in range(6)]
-    chosen = choose_split(items, 1, 0.3, 0)
+    chosen = choose_split(items, 1, 0.3, np.random.default_rng(0))
     assert [r["id"] for r in chosen.test] == ["v4", "v5"] and chosen.description["kind"] == "manifest"
-    assert [r["id"] for r in choose_split(items, 2, 0.3, 0).test] == ["v0", "v1", "v2", "v3"]
+    assert [r["id"] for r in choose_split(items, 2, 0.3, np.random.default_rng(0)).test] == ["v0", "v1", "v2", "v3"]
     with pytest.raises(FinetuneError, match="--split 3 is not in this dataset"):
-        choose_split(items, 3, 0.3, 0)
+        choose_split(items, 3, 0.3, np.random.default_rng(0))
     kinetics = [{"id": "a", "label": 0, "split": {"1": "train"}}, {"id": "b", "label": 0, "split": {"1": "val"}}]
-    assert choose_split(kinetics, 1, 0.3, 0).description["test_part"] == "val"
+    assert choose_split(kinetics, 1, 0.3, np.random.default_rng(0)).description["test_part"] == "val"
     with pytest.raises(FinetuneError, match="no label"):
-        choose_split([{"id": "x", "label": None}], 1, 0.3, 0)
+        choose_split([{"id": "x", "label": None}], 1, 0.3, np.random.default_rng(0))
 
 
 def test_linear_classifier_reproduces_scikit_learns_probabilities():
@@ -89,7 +99,7 @@ def test_linear_classifier_reproduces_scikit_learns_probabilities():
 def test_finetune_writes_metrics_that_the_saved_model_reproduces(dataset, tmp_path, modality, mode):
     from xdc_fast.data.clips import ClipConfig
     from xdc_fast.data.dataset import ClipDataset
-    from xdc_fast.finetune import extract_features
+    from xdc_fast.engine import encode_clips
 
     config = FinetuneConfig(modality=modality, mode=mode, epochs=2, **FAST)
     metrics = finetune(dataset, tmp_path / "ft", config, log=lambda *_: None)
@@ -104,10 +114,10 @@ def test_finetune_writes_metrics_that_the_saved_model_reproduces(dataset, tmp_pa
     saved = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=True)
     head = torch.nn.Linear(encoder.feature_dim, 3)
     head.load_state_dict(saved["head"])
-    geometry = {k: saved["config"][k] for k in ("frames", "stride", "resize_short", "crop", "audio_seconds", "n_mels")}
-    test_set = ClipDataset(dataset, ClipConfig(**geometry, eval_clips=2), train=False, modalities=(modality,))
+    test_set = ClipDataset(dataset, ClipConfig(**{**saved["clip"], "eval_clips": 2}), train=False, modalities=(modality,))
     test_set.items = [r for r in test_set.items if r["id"] in set(written["split"]["test_ids"])]
-    features, video_of_clip = extract_features(encoder, test_set, 4, torch.device("cpu"))
+    features, video_of_clip = encode_clips({modality: encoder}, test_set, 4, torch.device("cpu"))
+    features = features[modality]
     probabilities = softmax_numpy(head(torch.from_numpy(features)).detach().numpy())
     labels = np.array([r["label"] for r in test_set.items])
     assert video_accuracy(probabilities, video_of_clip, labels) == pytest.approx(written["video_acc"])
@@ -170,7 +180,7 @@ def test_cli_finetune_reports_bad_input_without_a_traceback(dataset, tmp_path):
     (tmp_path / "bad.yaml").write_text("frames: 4\nlearning_rate: 0.1\n")
     result = runner.invoke(main, ["finetune", "--data", str(dataset), "--out", str(tmp_path / "o"),
                                   "--config", str(tmp_path / "bad.yaml")])
-    assert result.exit_code == 2 and "unknown configuration keys: learning_rate" in result.output
+    assert result.exit_code == 2 and "unknown configuration key 'learning_rate'" in result.output
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 

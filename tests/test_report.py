@@ -10,7 +10,8 @@ from PIL import Image
 from tests.conftest import prepared_synthetic
 from xdc_fast.data.prepare import load_manifest, read_jsonl
 from xdc_fast.data.pyav_backend import decode_frame_indices
-from xdc_fast.pretrain import PretrainConfig, pretrain
+from xdc_fast.config import PretrainConfig
+from xdc_fast.pretrain import pretrain
 from xdc_fast.report import (ReportError, largest_clusters, latest_clusters, montage_tiles, read_curves,
                              round_boundaries, sorted_sizes, write_report)
 
@@ -23,7 +24,7 @@ def trained(tmp_path_factory):
     """A real two-round run (one epoch per round) and its dataset."""
     root = tmp_path_factory.mktemp("report")
     prepared_synthetic(root, classes=3, videos_per_class=2, seconds=2.0, fps=12, width=48, height=48, seed=2)
-    pretrain(root / "ds", root / "run", PretrainConfig(**FAST), log=lambda *a: None)
+    pretrain(root / "ds", root / "run", PretrainConfig.from_dict(FAST), log=lambda *a: None)
     return root / "run", root / "ds"
 
 

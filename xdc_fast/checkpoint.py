@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import XdcError
+
 MODALITIES = ("video", "audio")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(XdcError):
     """A checkpoint that cannot give the encoder asked for (reported without a traceback)."""
 
 
@@ -63,6 +65,18 @@ def own_encoder_state(state: dict, modality: str, path) -> dict:
     return own
 
 
+def checkpoint_clip(state: dict) -> dict:
+    """The clip geometry an encoder of ours was trained with ({} for other files): the ``clip`` entry, or
+    the flat keys older checkpoints kept in their config."""
+    if not is_ours(state):
+        return {}
+    if "clip" in state:
+        return dict(state["clip"])
+    config = state.get("config", {})
+    return {k: config[k] for k in ("frames", "stride", "resize_short", "crop", "audio_seconds", "n_mels")
+            if config.get(k) is not None}
+
+
 def torchvision_video_state(state: dict) -> dict:
     """A torchvision-layout state dict out of the usual wrappings of released weight files."""
     for key in ("state_dict", "model"):
@@ -101,7 +115,8 @@ def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None,
     encoder = build_encoder(modality, found, bn_eps)
     if is_ours(state):
         encoder.load_state_dict(own_encoder_state(state, modality, checkpoint), strict=True)
-        return encoder, {"source": "xdc-fast", "arch": found, "config": state.get("config", {})}
+        return encoder, {"source": "xdc-fast", "arch": found, "config": state.get("config", {}),
+                         "clip": checkpoint_clip(state)}
     if modality != "video":
         raise CheckpointError(f"{checkpoint} is a torchvision-layout video weight file; it holds no audio encoder")
     try:
@@ -110,3 +125,19 @@ def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None,
         raise CheckpointError(f"{checkpoint} does not match torchvision's r2plus1d_18 layout: "
                               f"{str(error).splitlines()[0]}") from None
     return encoder, {"source": "torchvision", "arch": found}
+
+
+def load_encoders_from(encoders: nn.ModuleDict, path: str | Path) -> list[str]:
+    """Fill ``encoders`` (modality -> module) from another run's checkpoint, or the video encoder from
+    torchvision-layout weights (a torchvision or official XDC file). Returns the modalities loaded."""
+    from .models import load_video_weights
+
+    state = read_checkpoint(path)
+    if is_ours(state):
+        for m in encoders:
+            encoders[m].load_state_dict(own_encoder_state(state, m, path), strict=True)
+        return list(encoders)
+    if "video" not in encoders:
+        raise CheckpointError(f"{path} holds video weights only, and this variant trains no video encoder")
+    load_video_weights(encoders["video"], torchvision_video_state(state))
+    return ["video"]

@@ -1,15 +1,108 @@
-"""The ``xdc-fast`` command line. Each verb imports its module only when it runs, so --help is instant."""
+"""The ``xdc-fast`` command line.
+
+The options of ``pretrain``, ``finetune`` and ``extract`` are generated from their configuration
+dataclasses (:mod:`xdc_fast.config`): the default, the help and the allowed values of a flag are those of
+its field. ``--config FILE`` (or a preset name) fills click's ``default_map``, so a flag beats the file
+and the file beats the default; keys of the file that have no flag still reach the configuration. Any
+:class:`~xdc_fast.errors.XdcError` becomes one ``Error:`` line and exit status 2.
+"""
 
 from __future__ import annotations
 
 import sys
+import typing
+from dataclasses import MISSING, fields
 
 import click
 
+from .config import ExtractConfig, FinetuneConfig, PretrainConfig, from_dict, read_yaml
+from .errors import XdcError
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
+# What a Ctrl-C leaves behind, per command (the default: nothing half-written).
+INTERRUPTED = {
+    "prepare": "everything finished so far is kept; run the same command again to resume",
+    "pretrain": "the last checkpoint is kept; continue with the same command and --resume",
+    "finetune": "metrics.json was not written; run the command again",
+    "demo": "run the same command again to start it over",
+}
 
-@click.group(context_settings=CONTEXT)
+
+class XdcGroup(click.Group):
+    """The one place user errors become ``Error: ...`` (exit 2) instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except XdcError as error:
+            click.echo(f"Error: {error}", err=True)
+            ctx.exit(2)
+        except FloatingPointError as error:  # a diverged run: the user's settings, but not a usage error
+            click.echo(f"Error: {error}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            command = ctx.invoked_subcommand
+            click.echo(f"interrupted: {INTERRUPTED.get(command, 'nothing was written half-way')}", err=True)
+            ctx.exit(130)
+
+
+# ---- options generated from the configuration dataclasses -----------------------------------------------
+
+def _click_type(config_cls, name: str, meta: dict):
+    if meta.get("choices"):
+        return click.Choice(list(meta["choices"]))
+    kinds = [k for k in typing.get_args(typing.get_type_hints(config_cls)[name]) if k is not type(None)] or \
+        [typing.get_type_hints(config_cls)[name]]
+    kind = kinds[0]
+    low, high, open_low = meta.get("min"), meta.get("max"), meta.get("min_open", False)
+    if kind is int:
+        return click.IntRange(min=low, max=high, min_open=open_low) if low is not None or high is not None else int
+    if kind is float:
+        return click.FloatRange(min=low, max=high, min_open=open_low) if low is not None or high is not None \
+            else float
+    return str
+
+
+def config_options(config_cls, names: tuple[str, ...], types: dict | None = None):
+    """Click options for the fields ``names`` of ``config_cls`` (``--batch-size`` for ``batch_size``)."""
+    by_name = {f.name: f for f in fields(config_cls)}
+
+    def decorate(command):
+        for name in reversed(names):
+            spec = by_name[name]
+            default = spec.default if spec.default is not MISSING else None
+            click_type = (types or {}).get(name) or _click_type(config_cls, name, spec.metadata)
+            command = click.option(f"--{name.replace('_', '-')}", name, type=click_type, default=default,
+                                   show_default=default is not None, help=spec.metadata.get("help"))(command)
+        return command
+
+    return decorate
+
+
+def config_file_option(config_cls, preset_prefix: str, presets_help: str = ""):
+    """``--config``: a YAML file (or preset) of ``config_cls`` fields, checked, then used as the defaults."""
+
+    def load(ctx, _param, value):
+        if value is None:
+            return {}
+        values = read_yaml(value, preset_prefix)
+        from_dict(config_cls, values)  # every key and value checked now, before any work
+        ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in values.items()}}
+        return values
+
+    return click.option("--config", "config_values", is_eager=True, callback=load, default=None,
+                        metavar="FILE", expose_value=True,
+                        help=f"A YAML file of {config_cls.__name__} fields{presets_help}; flags given here override "
+                             "it, it overrides the defaults shown.")
+
+
+def build_config(config_cls, file_values: dict, flag_values: dict):
+    """The configuration: the file's fields, then every flag's value (given, from the file, or default)."""
+    return from_dict(config_cls, {**file_values, **flag_values})
+
+
+@click.group(cls=XdcGroup, context_settings=CONTEXT)
 @click.version_option(package_name="xdc-fast")
 def main():
     """xdc-fast: self-supervised video and audio encoders by cross-modal deep clustering (XDC).
@@ -18,6 +111,8 @@ def main():
     Then: prepare a dataset, pretrain, finetune (or probe), extract, report; `bench` measures speed.
     """
 
+
+# ---- prepare ------------------------------------------------------------------------------------------
 
 @main.command(context_settings=CONTEXT)
 @click.argument("root", type=click.Path(file_okay=False, path_type=str))
@@ -29,8 +124,8 @@ def main():
                    "files, all 3 splits; esc50: audio only, meta/esc50.csv, 5 folds; kinetics-csv: --csv rows.")
 @click.option("--sample-rate", type=click.IntRange(min=1000), default=16000,
               help="Rate of the extracted mono audio (Hz).")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Processes probing files [default: the number of CPUs]; 0 or 1 works in this process.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, show_default="the number of CPUs",
+              help="Processes probing files; 0 or 1 works in this process.")
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=1.0,
               help="Files shorter than this are rejected: they cannot hold one clip.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -43,64 +138,39 @@ def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path):
     """
     import os
 
-    from .data.formats import FormatError
-    from .data.prepare import PrepareError, prepare as run_prepare
+    from .data.prepare import prepare as run_prepare
 
-    try:
-        summary = run_prepare(root, out, fmt=fmt, sample_rate=sample_rate,
-                              workers=os.cpu_count() if workers is None else workers, min_seconds=min_seconds,
-                              csv_path=csv_path, progress=True)
-    except (PrepareError, FormatError) as error:
-        _fail(str(error))
-    except KeyboardInterrupt:
-        click.echo("interrupted: everything finished so far is kept; run the same command again to resume", err=True)
-        sys.exit(130)
+    summary = run_prepare(root, out, fmt=fmt, sample_rate=sample_rate,
+                          workers=os.cpu_count() if workers is None else workers, min_seconds=min_seconds,
+                          csv_path=csv_path, progress=True)
     click.echo(str(summary))
 
 
+# ---- pretrain -----------------------------------------------------------------------------------------
+
+PRETRAIN_FLAGS = ("variant", "arch", "epochs", "clusters", "batch_size", "lr", "device", "seed", "init_checkpoint",
+                  "labels_from")
+EXISTING_FILE = click.Path(dir_okay=False, exists=True)
+
+
 @main.command(context_settings=CONTEXT)
-@click.option("--variant", type=click.Choice(["xdc", "mdc", "cdc", "sdc-video", "sdc-audio"]), default=None,
-              help="xdc: each encoder learns the other modality's clusters [default: xdc].")
 @click.option("--data", "dataset", required=True, type=click.Path(file_okay=False),
               help="A dataset written by `xdc-fast prepare`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The run directory.")
-@click.option("--arch", type=click.Choice(["r2plus1d_18", "tiny"]), default=None,
-              help="Encoders: the paper's (GPU) or tiny (CPU) [default: tiny].")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs in all [default: 4].")
-@click.option("--clusters", type=click.IntRange(min=2), default=None,
-              help="k of the k-means [default: 8]; at most the number of clips clustered.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Clips per step [default: 8].")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="SGD learning rate [default: 0.01].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]")
-@click.option("--seed", type=int, default=None, help="[default: 0]")
-@click.option("--config", "config_path", type=str, default=None,
-              help="A preset (tiny, paper) or a YAML file of PretrainConfig fields; flags given here override it.")
-@click.option("--init-checkpoint", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Start the encoders from this checkpoint (another run's, or torchvision/XDC video weights).")
-@click.option("--labels-from", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Cluster transfer: train on these saved assignments (RUN/clusters/round_NNN.pt).")
+@config_options(PretrainConfig, PRETRAIN_FLAGS, {"init_checkpoint": EXISTING_FILE, "labels_from": EXISTING_FILE})
+@config_file_option(PretrainConfig, "", " or a preset (tiny, paper)")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-def pretrain(variant, dataset, out, arch, epochs, clusters, batch_size, lr, device, seed, config_path,
-             init_checkpoint, labels_from, resume):
-    """Self-supervised pretraining by deep clustering (XDC and the paper's other variants)."""
-    from .checkpoint import CheckpointError
-    from .data.prepare import PrepareError
-    from .pretrain import ConfigError, PretrainConfig, pretrain as run
+def pretrain(dataset, out, config_values, resume, **flags):
+    """Self-supervised pretraining by deep clustering (XDC and the paper's other variants).
 
-    values = _config_values(config_path, "")
-    flags = {"variant": variant, "arch": arch, "epochs": epochs, "clusters": clusters, "batch_size": batch_size,
-             "lr": lr, "device": device, "seed": seed, "init_checkpoint": init_checkpoint, "labels_from": labels_from}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    try:
-        config = PretrainConfig.from_dict(values)
-        run(dataset, out, config, resume=resume, log=click.echo)
-    except (ConfigError, PrepareError, CheckpointError) as error:
-        _fail(str(error))
-    except FloatingPointError as error:
-        click.echo(f"Error: {error}", err=True)
-        sys.exit(1)
+    Writes OUT/config.yaml, OUT/metrics.jsonl (a line per epoch), OUT/checkpoints/last.pt,
+    OUT/clusters/round_NNN.pt and the figures in OUT/report/. Under torchrun the same command trains
+    on every GPU (or CPU process) of the job.
+    """
     from . import distributed as xdist
+    from .pretrain import pretrain as run
 
+    run(dataset, out, build_config(PretrainConfig, config_values, flags), resume=resume, log=click.echo)
     if xdist.is_main_process():
         _report_quietly(out)
     click.echo(f"done: {out}/metrics.jsonl, {out}/checkpoints/last.pt, {out}/report/")
@@ -116,131 +186,67 @@ def _report_quietly(run: str) -> None:
         click.echo(f"(figures skipped: {error}; try `xdc-fast report {run}`)", err=True)
 
 
-def _config_values(config_path: str | None, preset_prefix: str) -> dict:
-    """Fields of a preset (``xdc_fast/configs/<prefix><name>.yaml``) or of a YAML file; {} without one."""
-    if not config_path:
-        return {}
-    from pathlib import Path
+# ---- finetune -----------------------------------------------------------------------------------------
 
-    import yaml
-
-    preset = Path(__file__).parent / "configs" / f"{preset_prefix}{config_path}.yaml"
-    path = preset if preset.exists() else Path(config_path)
-    if not path.is_file():
-        _fail(f"--config {config_path}: neither a preset nor an existing file")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        _fail(f"--config {config_path} is not valid YAML: {error}")
-    if not isinstance(values, dict):
-        _fail(f"--config {config_path} should hold a mapping of field: value")
-    return values
+FINETUNE_FLAGS = ("checkpoint", "modality", "mode", "arch", "split", "epochs", "batch_size", "lr", "test_clips",
+                  "eval_every", "device", "workers", "seed")
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--checkpoint", default=None,
-              help="RUN/checkpoints/last.pt of a pretraining (or finetuning) run, a torchvision / official XDC "
-                   "video weight file, or 'random' (the untrained baseline every table needs) [default: random].")
 @click.option("--data", "dataset", required=True, type=click.Path(file_okay=False),
               help="A labelled dataset written by `xdc-fast prepare`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Where metrics.json, confusion.png and checkpoints/last.pt go.")
-@click.option("--modality", type=click.Choice(["video", "audio"]), default=None, help="[default: video]")
-@click.option("--mode", type=click.Choice(["full", "linear"]), default=None,
-              help="full: train encoder and classifier; linear: frozen encoder, cached features, logistic "
-                   "regression [default: full].")
-@click.option("--arch", type=click.Choice(["r2plus1d_18", "tiny"]), default=None,
-              help="[default: the checkpoint's; tiny for random]")
-@click.option("--split", type=click.IntRange(min=1), default=None,
-              help="UCF101/HMDB51 split 1-3, ESC-50 test fold 1-5 [default: 1]. Datasets without splits get "
-                   "a seeded stratified one (test_fraction), recorded in metrics.json.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Full mode [default: 8].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 8]")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Full mode: SGD learning rate, cosine-decayed [default: 0.01].")
-@click.option("--test-clips", type=click.IntRange(min=1), default=None,
-              help="Uniformly spaced clips per test video; video accuracy averages their softmax [default: 10].")
-@click.option("--eval-every", type=click.IntRange(min=0), default=None,
-              help="Full mode: also score the test split every N epochs; the final epoch is the result, the "
-                   "best one is reported beside it, labelled as selected on the test set [default: 0 = final only].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers [default: 0].")
-@click.option("--seed", type=int, default=None, help="[default: 0]")
-@click.option("--config", "config_path", type=str, default=None,
-              help="A YAML file of FinetuneConfig fields (clip geometry, train_clips, linear_c, bn_eps, ...); "
-                   "flags given here override it.")
-def finetune(checkpoint, dataset, out, modality, mode, arch, split, epochs, batch_size, lr, test_clips, eval_every,
-             device, workers, seed, config_path):
+@config_options(FinetuneConfig, FINETUNE_FLAGS)
+@config_file_option(FinetuneConfig, "finetune_", " (clip geometry, train_clips, linear_c, bn_eps, ...)")
+def finetune(dataset, out, config_values, **flags):
     """Transfer an encoder to a labelled dataset and report clip and video accuracy on its test split.
 
     Video accuracy averages the softmax over --test-clips uniformly spaced clips per video, at the final
-    epoch. The same command runs under torchrun for several GPUs.
+    epoch. --mode linear freezes the encoder and fits a logistic regression on cached features (the
+    linear probe). The same command runs under torchrun for several GPUs.
     """
-    from .checkpoint import CheckpointError
-    from .data.prepare import PrepareError
-    from .finetune import FinetuneConfig, FinetuneError, finetune as run
-
-    values = _config_values(config_path, "finetune_")
-    flags = {"checkpoint": checkpoint, "modality": modality, "mode": mode, "arch": arch, "split": split, "epochs": epochs,
-             "batch_size": batch_size, "lr": lr, "test_clips": test_clips, "eval_every": eval_every,
-             "device": device, "workers": workers, "seed": seed}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    try:
-        config = FinetuneConfig.from_dict(values)
-        run(dataset, out, config, log=click.echo)
-    except (FinetuneError, PrepareError, CheckpointError) as error:
-        _fail(str(error))
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: {out}/metrics.json was not written; run the command again", err=True)
-        sys.exit(130)
-    except FloatingPointError as error:
-        click.echo(f"Error: {error}", err=True)
-        sys.exit(1)
+    config = build_config(FinetuneConfig, config_values, flags)
+    if config.mode == "linear":
+        from .probe import probe as run
+    else:
+        from .finetune import finetune as run
+    run(dataset, out, config, log=click.echo)
     click.echo(f"done: {out}/metrics.json, {out}/confusion.png, {out}/checkpoints/last.pt")
 
 
+# ---- extract ------------------------------------------------------------------------------------------
+
+EXTRACT_FLAGS = ("checkpoint", "modality", "clips_per_video", "aggregate", "arch", "batch_size", "device", "workers",
+                 "seed")
+
+
 @main.command(context_settings=CONTEXT)
-@click.option("--checkpoint", default="random",
-              help="A pretraining or finetuning checkpoint, torchvision / official XDC video weights, or 'random'.")
 @click.option("--data", "dataset", required=True, type=click.Path(file_okay=False),
               help="A dataset written by `xdc-fast prepare`.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="The file to write: .pt (torch) or .npz (numpy).")
-@click.option("--modality", type=click.Choice(["video", "audio"]), default="video")
-@click.option("--clips-per-video", type=click.IntRange(min=1), default=10, help="Uniformly spaced clips per item.")
-@click.option("--aggregate", type=click.Choice(["mean", "all"]), default="mean",
-              help="mean: one row per item; all: every clip ([items, clips, dim]).")
-@click.option("--arch", type=click.Choice(["r2plus1d_18", "tiny"]), default=None,
-              help="[default: the checkpoint's; tiny for random]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-@click.option("--workers", type=click.IntRange(min=0), default=0, help="DataLoader workers.")
-@click.option("--seed", type=int, default=0, help="Seed of a random encoder.")
-def extract(checkpoint, dataset, out, modality, clips_per_video, aggregate, arch, batch_size, device, workers, seed):
+@config_options(ExtractConfig, EXTRACT_FLAGS)
+@config_file_option(ExtractConfig, "extract_", " (clip geometry, bn_eps, ...)")
+def extract(dataset, out, config_values, **flags):
     """Features of a checkpoint's encoder for every item of a dataset, saved with the manifest ids.
 
     Clip geometry follows the checkpoint's pretraining configuration. The output holds ids, labels,
     features and the ids of items that could not be decoded (NaN rows).
     """
-    from .checkpoint import CheckpointError
-    from .data.prepare import PrepareError
-    from .extract import ExtractConfig, extract as run
-    from .finetune import FinetuneError
+    from .extract import extract as run
 
-    config = ExtractConfig(checkpoint=checkpoint, modality=modality, clips_per_video=clips_per_video,
-                           aggregate=aggregate, arch=arch, batch_size=batch_size, device=device, workers=workers,
-                           seed=seed)
-    try:
-        run(dataset, out, config, log=click.echo)
-    except (FinetuneError, PrepareError, CheckpointError) as error:
-        _fail(str(error))
+    run(dataset, out, build_config(ExtractConfig, config_values, flags), log=click.echo)
 
+
+# ---- report and demo ----------------------------------------------------------------------------------
 
 @main.command(context_settings=CONTEXT)
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--data", "dataset", type=click.Path(file_okay=False), default=None,
-              help="The dataset the run trained on, for the montages [default: the one in RUN/config.yaml].")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="[default: RUN/report]")
+              show_default="the one in RUN/config.yaml",
+              help="The dataset the run trained on, for the montages.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, show_default="RUN/report")
 @click.option("--clusters", "montage_clusters", type=click.IntRange(min=1), default=4,
               help="Largest clusters shown in each montage.")
 @click.option("--videos", "montage_videos", type=click.IntRange(min=1), default=6, help="Videos per cluster shown.")
@@ -249,22 +255,19 @@ def report(run, dataset, out, montage_clusters, montage_videos):
     montages of the largest clusters' videos (what a cluster means)."""
     import logging
 
-    from .report import ReportError, write_report
+    from .report import write_report
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        paths = write_report(run, dataset, out, montage_clusters=montage_clusters, montage_videos=montage_videos)
-    except ReportError as error:
-        _fail(str(error))
-    for path in paths:
+    for path in write_report(run, dataset, out, montage_clusters=montage_clusters, montage_videos=montage_videos):
         click.echo(str(path))
 
 
 @main.command(context_settings=CONTEXT)
 @click.option("--out", type=click.Path(file_okay=False), default="xdc-fast-demo",
               help="Where the data, the run, the probes and the figures go.")
-@click.option("--videos-per-class", type=click.IntRange(min=4), default=24, help="Synthetic videos per class (4 classes).")
-@click.option("--epochs", type=click.IntRange(min=3), default=48,
+@click.option("--videos-per-class", type=click.IntRange(min=4), default=None, show_default="configs/demo.yaml: 24",
+              help="Synthetic videos per class (4 classes).")
+@click.option("--epochs", type=click.IntRange(min=3), default=None, show_default="configs/demo.yaml: 48",
               help="XDC pretraining epochs, in 3 rounds (a re-clustering every epochs/3).")
 @click.option("--seed", type=int, default=0, help="Seed of the data, the split and the training.")
 def demo(out, videos_per_class, epochs, seed):
@@ -272,28 +275,21 @@ def demo(out, videos_per_class, epochs, seed):
     compare linear probes and clusters of the XDC encoders against random ones (about 5 minutes on 2 cores).
 
     Labels are used only to score; the table compares each XDC encoder with a random one of the
-    same architecture on the same split."""
-    from .demo import DEMO_PRETRAIN, DemoConfig, run_demo
+    same architecture on the same split. The settings are xdc_fast/configs/demo.yaml."""
+    from .demo import demo_config, run_demo
 
-    config = DemoConfig(videos_per_class=videos_per_class, seed=seed, pretrain={**DEMO_PRETRAIN, "epochs": epochs,
-                                                                               "epochs_per_round": max(1, epochs // 3)})
-    try:
-        run_demo(out, config, log=click.echo)
-    except FileExistsError as error:
-        _fail(str(error))
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: run `xdc-fast demo --out {out}` again to start it over", err=True)
-        sys.exit(130)
+    run_demo(out, demo_config(videos_per_class=videos_per_class, epochs=epochs, seed=seed), log=click.echo)
 
 
-@main.group(context_settings=CONTEXT)
+# ---- bench --------------------------------------------------------------------------------------------
+
+@main.group(cls=XdcGroup, context_settings=CONTEXT)
 def bench():
     """Measure speed against the usual alternatives, side by side in one run."""
 
 
 def _fail(message: str) -> None:
-    click.echo(f"Error: {message}", err=True)
-    sys.exit(2)
+    raise XdcError(message)
 
 
 @bench.command("kmeans", context_settings=CONTEXT)
@@ -304,8 +300,8 @@ def _fail(message: str) -> None:
 @click.option("--k", "k", type=click.IntRange(min=1), default=1024, help="Centroids.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3,
               help="Timed runs per contender after one warm-up; the best is kept (the machine may be shared).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for every contender [default: torch's default].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, show_default="torch's default",
+              help="CPU threads for every contender.")
 @click.option("--seed", type=int, default=0, help="Seed of the random data.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the figures as JSON here.")
@@ -315,27 +311,25 @@ def bench_kmeans_command(device, b, n, d, k, repeats, threads, seed, json_path):
     The default size (N=400,000, D=256, K=1,024) is a DeepCluster-scale round on one machine and
     takes about a minute on two cores. Effective GFLOP/s count 2*N*D*K per assignment.
     """
-    import torch
+    from .bench import kmeans as bench_module
+    from .bench.timing import check_device, memory_budget, write_json
 
-    from . import bench as bench_module
-
-    if device == "cuda" and not torch.cuda.is_available():
-        _fail("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    check_device(device)
     if k > n:
         _fail(f"--k {k} is larger than --n {n}: k-means needs at least as many points as centroids")
-    if b * n * d * 4 > _memory_budget(device):
+    if b * n * d * 4 > memory_budget(device):
         _fail(f"B*N*D = {b * n * d:,} floats ({b * n * d * 4 / 2**30:.1f} GiB) does not fit comfortably in memory here")
     result = bench_module.bench_kmeans(device=device, b=b, n=n, d=d, k=k, repeats=repeats, seed=seed,
                                        threads=threads, progress=lambda msg: click.echo(f"... {msg}", err=True))
     click.echo(bench_module.format_kmeans_table(result))
     if json_path:
-        bench_module.write_json(result, json_path)
+        write_json(result.to_json(), json_path)
         click.echo(f"wrote {json_path}", err=True)
 
 
 @bench.command("loader", context_settings=CONTEXT)
 @click.option("--data", "dataset", type=click.Path(file_okay=False, exists=True), default=None,
-              help="A prepared dataset [default: a synthetic one, 320x240, written to a temporary folder].")
+              show_default="a synthetic one, 320x240, written to a temporary folder", help="A prepared dataset.")
 @click.option("--workers", multiple=True, type=click.IntRange(min=0), default=(0, 2),
               help="DataLoader worker counts to try (repeat the option).")
 @click.option("--clips", type=click.IntRange(min=1), default=48, help="Clips decoded per configuration.")
@@ -346,59 +340,42 @@ def bench_kmeans_command(device, b, n, d, k, repeats, threads, seed, json_path):
               help="Also write the figures as JSON here.")
 def bench_loader_command(dataset, workers, clips, seed, codec, json_path):
     """Clips/s of each decoding backend and worker count, against decoding each file from its start."""
-    import json
-    from dataclasses import asdict
+    from .bench import loader as bench_module
+    from .bench.timing import write_json
 
-    from . import bench as bench_module
-    from .data.prepare import PrepareError
-
-    try:
-        rows = bench_module.bench_loader(dataset, tuple(workers), clips, seed, codec,
-                                         progress=lambda msg: click.echo(f"... {msg}", err=True))
-    except PrepareError as error:
-        _fail(str(error))
+    rows = bench_module.bench_loader(dataset, tuple(workers), clips, seed, codec,
+                                     progress=lambda msg: click.echo(f"... {msg}", err=True))
     click.echo(bench_module.format_loader_table(rows))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump([{**asdict(r), "clips_per_second": r.clips_per_second if r.clips else None} for r in rows], f,
-                      indent=2)
+        write_json(bench_module.loader_json(rows), json_path)
 
 
 @bench.command("train", context_settings=CONTEXT)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Where the step runs.")
 @click.option("--arch", "archs", multiple=True, type=click.Choice(["tiny", "r2plus1d_18"]), default=None,
-              help="Encoders to time (repeat) [default: tiny on the CPU, both on CUDA: r2plus1d_18 takes "
-                   "~25 s a step on two CPU cores].")
+              show_default="tiny on the CPU, both on CUDA",
+              help="Encoders to time (repeat); r2plus1d_18 takes ~25 s a step on two CPU cores.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, help="Clips per step.")
 @click.option("--steps", type=click.IntRange(min=1), default=3, help="Timed steps after a warm-up; the best counts.")
 @click.option("--no-round", is_flag=True, help="Skip the tiny pretraining round that measures phase shares.")
 def bench_train_command(device, archs, batch_size, steps, no_round):
     """Clips/s of a training step per encoder and arch, and the share of a round spent extracting,
     clustering and training."""
-    import torch
+    from .bench import train as bench_module
+    from .bench.timing import check_device
 
-    from . import bench as bench_module
-
-    if device == "cuda" and not torch.cuda.is_available():
-        _fail("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    check_device(device)
     archs = tuple(archs) or (("tiny", "r2plus1d_18") if device == "cuda" else ("tiny",))
-    rows, shares = bench_module.bench_train(device, archs, batch_size, steps, not no_round,
+
+    def one_round(dataset_dir: str, run_dir: str) -> dict:
+        from .pretrain import pretrain as run
+
+        (record,) = run(dataset_dir, run_dir, PretrainConfig(clusters=4, epochs=1, device=device), log=lambda *_: None)
+        return record
+
+    rows, shares = bench_module.bench_train(device, archs, batch_size, steps, None if no_round else one_round,
                                             progress=lambda msg: click.echo(f"... {msg}", err=True))
     click.echo(bench_module.format_train_table(rows, shares, device))
-
-
-def _memory_budget(device: str) -> int:
-    """Bytes one copy of the benchmark's data may take: a quarter of RAM (contenders make copies)."""
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_properties(0).total_memory // 4
-    import os
-
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (ValueError, OSError):  # pragma: no cover - exotic platforms
-        return 1 << 34
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ own shard; sums, counts and objectives are all-reduced, so every rank holds the 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,8 +37,11 @@ class KMeans:
         nredo: restarts with different seeds; each problem keeps its best objective.
         spherical: maximise inner products and L2-normalise centroids after each update.
         seed: seed of every random choice (init, subsampling, splits); None draws one.
-        init: ``"random"`` picks k distinct training points; ``"kmeans++"`` seeds by D^2 sampling
-            on a random subsample of ``KMEANSPP_POINTS_PER_CENTROID * k`` points.
+        init: ``"random"`` picks k distinct training points of rank 0; ``"kmeans++"`` seeds by D^2
+            sampling on a random subsample of ``KMEANSPP_POINTS_PER_CENTROID * k`` points; or a callable
+            ``init(x [B, N, D], generator) -> centroids [B, K, D]`` called once per restart with this
+            rank's points and that restart's generator, which must return the same centroids on every
+            rank (pretraining draws clips from the whole dataset across ranks this way).
         max_points_per_centroid: train on a random subset of at most ``k * max_points_per_centroid``
             points (faiss uses 256); None trains on every point. Labels always cover every point.
         verbose: print one line per iteration.
@@ -57,7 +61,7 @@ class KMeans:
         nredo: int = 1,
         spherical: bool = False,
         seed: int | None = None,
-        init: str = "random",
+        init: str | Callable[[torch.Tensor, torch.Generator], torch.Tensor] = "random",
         max_points_per_centroid: int | None = None,
         verbose: bool = False,
     ):
@@ -69,7 +73,7 @@ class KMeans:
             raise ValueError(f"KMeans: niter should be non-negative, got {niter}")
         if nredo < 1:
             raise ValueError(f"KMeans: nredo should be at least 1, got {nredo}")
-        if init not in ("random", "kmeans++"):
+        if not callable(init) and init not in ("random", "kmeans++"):
             raise ValueError(f"KMeans: init should be 'random' or 'kmeans++', got {init!r}")
         if max_points_per_centroid is not None and max_points_per_centroid < 1:
             raise ValueError(f"KMeans: max_points_per_centroid should be at least 1, got {max_points_per_centroid}")
@@ -104,6 +108,9 @@ class KMeans:
         for redo in range(self.nredo):
             if start is not None:
                 centroids = start.clone()
+            elif callable(self.init):
+                # The whole shard, not the subsample: a callable init may address points by position.
+                centroids = self._checked_init(self.init(x3, torch.Generator().manual_seed(seed + redo)), x3)
             else:
                 centroids = self._initial_centroids(train, torch.Generator().manual_seed(seed + redo))
             run = self._lloyd(train, centroids, torch.Generator().manual_seed(seed + 104729 + redo))
@@ -155,6 +162,13 @@ class KMeans:
             raise ValueError(f"KMeans.fit: init_centroids should have shape {list(want)}, got {list(init.shape)}")
         init3 = init if batched else init.unsqueeze(0)
         return init3.to(device=x3.device, dtype=torch.float32)
+
+    def _checked_init(self, centroids: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        want = (x3.shape[0], self.k, self.d)
+        if tuple(centroids.shape) != want:
+            raise ValueError(f"KMeans.fit: the init callable should return shape {list(want)}, "
+                             f"got {list(centroids.shape)}")
+        return centroids.to(device=x3.device, dtype=torch.float32)
 
     def _resolve_seed(self) -> int:
         if self.seed is not None:

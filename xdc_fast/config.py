@@ -1,13 +1,269 @@
-"""Configuration dataclasses from YAML mappings: unknown keys are an error, never silently ignored."""
+"""Configurations: dataclasses whose fields carry their own help, choices and ranges.
+
+Every command's settings are one dataclass here. A field is declared with :func:`option`, which keeps the
+default, a one-line help (advice, not only a description), and what values are allowed next to each
+other; the CLI builds its flags from these, so a default is written in exactly one place. Values from
+YAML files or flags go through :func:`from_dict`, which checks each against the field's annotation and
+range and reports the first problem as one line naming the field, the value and what is allowed.
+
+Clip geometry is declared once, in :class:`~xdc_fast.data.clips.ClipConfig`; a command's ``clip`` field
+holds only the fields a user overrides (on top of the arch's geometry, or the checkpoint's).
+"""
 
 from __future__ import annotations
 
-from dataclasses import fields
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .data.clips import CLIP_FIELDS, ClipConfig
+from .errors import XdcError
+from .pseudo_labels import VARIANTS
+
+ARCHS = ("tiny", "r2plus1d_18")
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("cosine", "constant")
+MODALITIES = ("video", "audio")
+PRESETS = Path(__file__).parent / "configs"
+
+# Geometry keys that older YAML files (and older checkpoints) keep at the top level instead of under clip:.
+FLAT_CLIP_KEYS = ("frames", "stride", "resize_short", "crop", "audio_seconds", "n_mels")
 
 
-def dataclass_from_dict(cls, values: dict, error: type[Exception] = ValueError):
-    """``cls(**values)``, refusing keys that are not fields of ``cls`` (a typo in a YAML file)."""
-    unknown = set(values) - {f.name for f in fields(cls)}
-    if unknown:
-        raise error(f"unknown configuration keys: {', '.join(sorted(unknown))}")
-    return cls(**values)
+class ConfigError(XdcError):
+    """A configuration value that cannot run."""
+
+
+def option(default, help: str = "", *, choices: tuple | None = None, min: float | None = None,
+           max: float | None = None, min_open: bool = False, default_factory=None):
+    """A dataclass field with its help text and allowed values (checked by :func:`check_value`)."""
+    metadata = {"help": help, "choices": choices, "min": min, "max": max, "min_open": min_open}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _allowed(annotation) -> tuple[tuple[type, ...], bool]:
+    """The plain types an annotation admits, and whether None is one of them."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = typing.get_args(annotation)
+        return tuple(a for a in args if a is not type(None)), type(None) in args
+    return (typing.get_origin(annotation) or annotation,), False
+
+
+def _type_name(kinds: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def check_value(cls, name: str, value):
+    """``value`` for the field ``name`` of ``cls``, converted (an int for a float field) and checked.
+
+    Raises ConfigError naming the field, the value and what is allowed."""
+    spec = {f.name: f for f in fields(cls)}.get(name)
+    if spec is None:
+        raise ConfigError(f"unknown configuration key {name!r} for {cls.__name__}; known keys: "
+                          f"{', '.join(f.name for f in fields(cls))}")
+    kinds, optional = _allowed(typing.get_type_hints(cls)[name])
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name}: a value is needed ({_type_name(kinds)}), got nothing")
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    # bool is an int in Python, but `batch_size: true` in a YAML file is a mistake, not 1.
+    if not any(isinstance(value, k) and not (k is not bool and isinstance(value, bool)) for k in kinds):
+        raise ConfigError(f"{name}: expected {_type_name(kinds)}, got {value!r} ({type(value).__name__})")
+    meta = spec.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and (value < low or (meta.get("min_open") and value == low)):
+        relation = "greater than" if meta.get("min_open") else "at least"
+        raise ConfigError(f"{name}: {value!r} is out of range; it must be {relation} {low}")
+    if high is not None and value > high:
+        raise ConfigError(f"{name}: {value!r} is out of range; it must be at most {high}")
+    if name == "clip":
+        value = check_clip_overrides(value)
+    return value
+
+
+def check_clip_overrides(values: dict) -> dict:
+    """Clip-geometry overrides (fields of ClipConfig), each type- and range-checked."""
+    checked = {}
+    for key, value in values.items():
+        try:
+            checked[key] = check_value(ClipConfig, key, value)
+        except ConfigError as error:
+            raise ConfigError(f"clip.{error}") from None
+    return checked
+
+
+def from_dict(cls, values: dict):
+    """``cls`` from a mapping (a YAML file, flags): unknown keys and wrong values are one-line errors.
+
+    Geometry keys at the top level (older files) are moved under ``clip``."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"a configuration should be a mapping of field: value, got {type(values).__name__}")
+    values = dict(values)
+    names = {f.name for f in fields(cls)}
+    if "clip" in names:
+        flat = {k: values.pop(k) for k in FLAT_CLIP_KEYS if k in values}
+        if flat:
+            values["clip"] = {**flat, **(values.get("clip") or {})}
+    return cls(**{key: check_value(cls, key, value) for key, value in values.items()})
+
+
+def read_yaml(path_or_preset: str, preset_prefix: str = "") -> dict:
+    """The mapping in a preset (``xdc_fast/configs/<prefix><name>.yaml``) or in a YAML file."""
+    import yaml
+
+    preset = PRESETS / f"{preset_prefix}{path_or_preset}.yaml"
+    path = preset if preset.exists() else Path(path_or_preset)
+    if not path.is_file():
+        presets = sorted(p.stem[len(preset_prefix):] for p in PRESETS.glob(f"{preset_prefix}*.yaml"))
+        raise ConfigError(f"--config {path_or_preset}: neither a preset ({', '.join(presets) or 'none'}) "
+                          "nor an existing file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path_or_preset} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path_or_preset} should hold a mapping of field: value")
+    return values
+
+
+class Checked:
+    """Mixin: every field is checked when the dataclass is built, from YAML, flags or Python alike."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, check_value(type(self), f.name, getattr(self, f.name)))
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        return from_dict(cls, values)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def clip_config(arch: str, *layers: dict | None, **fixed) -> ClipConfig:
+    """The clip geometry of ``arch``, overridden by each mapping of ``layers`` in turn (later wins;
+    None values are skipped), then by ``fixed``."""
+    from .data.clips import clip_for_arch
+
+    merged: dict = {}
+    for layer in layers:
+        merged.update({k: v for k, v in (layer or {}).items() if k in CLIP_FIELDS and v is not None})
+    return dataclasses.replace(clip_for_arch(arch), **merged, **fixed)
+
+
+# ---- the commands' configurations --------------------------------------------------------------------
+
+@dataclass
+class PretrainConfig(Checked):
+    variant: str = option("xdc", "xdc: each encoder learns the other modality's clusters (the paper's best); "
+                          "mdc, cdc, sdc-video, sdc-audio are its baselines.", choices=tuple(VARIANTS))
+    arch: str = option("tiny", "Encoders: r2plus1d_18 and ResNet-18 (the paper's, a GPU job) or tiny (CPU).",
+                       choices=ARCHS)
+    clusters: int = option(8, "k of the k-means; at most the number of clips clustered. The XDC lineage uses "
+                           "64-1024 on Kinetics-size data.", min=2)
+    epochs: int = option(4, "Training epochs in all.", min=1)
+    epochs_per_round: int = option(1, "Re-cluster after this many epochs (DeepCluster: 1).", min=1)
+    clips_per_video: int = option(2, "Fixed clips per video whose features are clustered.", min=1)
+    pca_dim: int = option(32, "PCA-whitening dimension before k-means (0 = off, L2 only; DeepCluster: 256). "
+                          "With fewer than 10 clips per dimension, lower it or use 0.", min=0)
+    kmeans_niter: int = option(20, "Lloyd iterations per clustering.", min=1)
+    kmeans_nredo: int = option(1, "k-means restarts; each modality keeps its lowest objective.", min=1)
+    batch_size: int = option(8, "Clips per step (per rank under torchrun).", min=1)
+    lr: float = option(0.01, "SGD learning rate; 0.01 suits the tiny encoders, lower it if the loss does "
+                       "not decrease.", min=0, min_open=True)
+    momentum: float = option(0.9, "SGD momentum.", min=0, max=1)
+    weight_decay: float = option(1e-4, "SGD weight decay of the encoders.", min=0)
+    warmup_epochs: float = option(0.0, "Linear warm-up from 0, then the schedule.", min=0)
+    schedule: str = option("cosine", "cosine: decay to 0 at the last step; constant: no decay.", choices=SCHEDULES)
+    init_checkpoint: str | None = option(None, "Start the encoders from this checkpoint (another run's, or "
+                                         "torchvision / official XDC video weights).")
+    labels_from: str | None = option(None, "Cluster transfer: train on these saved assignments "
+                                     "(RUN/clusters/round_NNN.pt) instead of clustering.")
+    checkpoint_every: int = option(50, "Steps between mid-epoch checkpoints (0: only at the end of a round).",
+                                   min=0)
+    recluster: str = option("epochs", "epochs: every epochs_per_round epochs; plateau: when the held-out "
+                            "pseudo-label loss stops improving for `patience` epochs.", choices=("epochs", "plateau"))
+    heldout_fraction: float = option(0.1, "plateau mode: share of videos kept out of training to watch the loss.",
+                                     min=0, max=1)
+    patience: int = option(1, "plateau mode: epochs without improvement before re-clustering.", min=1)
+    clip: dict = option(None, "Clip geometry overrides (frames, stride, resize_short, crop, audio_seconds, "
+                        "n_mels, ...) on top of the arch's.", default_factory=dict)
+    workers: int = option(0, "DataLoader worker processes.", min=0)
+    device: str = option("auto", "auto: CUDA when there is one.", choices=DEVICES)
+    seed: int = option(0, "Seed of every random choice of the run (see xdc_fast.seeds).")
+
+    def clip_config(self) -> ClipConfig:
+        return clip_config(self.arch, self.clip)
+
+
+@dataclass
+class FinetuneConfig(Checked):
+    checkpoint: str = option("random", "RUN/checkpoints/last.pt of a pretraining (or finetuning) run, a "
+                             "torchvision / official XDC video weight file, or 'random' (the untrained baseline "
+                             "every table needs).")
+    modality: str = option("video", "Which encoder to transfer.", choices=MODALITIES)
+    mode: str = option("full", "full: train encoder and classifier; linear: frozen encoder, cached features, "
+                       "logistic regression.", choices=("full", "linear"))
+    arch: str | None = option(None, "Default: the checkpoint's (tiny for random).", choices=ARCHS)
+    split: int = option(1, "UCF101/HMDB51 split 1-3, ESC-50 test fold 1-5. Datasets without splits get a seeded "
+                        "stratified one (test_fraction), recorded in metrics.json.", min=1)
+    epochs: int = option(8, "Full mode: training epochs.", min=1)
+    batch_size: int = option(8, "Clips per step (per rank under torchrun).", min=1)
+    lr: float = option(0.01, "Full mode: SGD learning rate, cosine-decayed after the warm-up.", min=0, min_open=True)
+    momentum: float = option(0.9, "Full mode: SGD momentum.", min=0, max=1)
+    weight_decay: float = option(1e-4, "Full mode: SGD weight decay.", min=0)
+    warmup_epochs: float = option(0.0, "Full mode: linear warm-up epochs.", min=0)
+    schedule: str = option("cosine", "Full mode: cosine or constant learning rate.", choices=SCHEDULES)
+    clips_per_video: int = option(1, "Full mode: random clips per training video per epoch.", min=1)
+    train_clips: int = option(10, "Linear mode: uniformly spaced clips per training video (features cached).",
+                              min=1)
+    test_clips: int = option(10, "Uniformly spaced clips per test video; video accuracy averages their softmax.",
+                             min=1)
+    linear_c: float = option(1.0, "Linear mode: inverse L2 strength of the logistic regression (standardised "
+                             "features).", min=0, min_open=True)
+    eval_every: int = option(0, "Full mode: also score the test split every N epochs; the final epoch is the "
+                             "result, the best one is reported beside it, labelled as selected on the test set "
+                             "(0 = final only).", min=0)
+    test_fraction: float = option(0.3, "Datasets without splits: share of each class held out for testing.",
+                                  min=0, max=1, min_open=True)
+    clip: dict = option(None, "Clip geometry overrides on top of the checkpoint's (else the arch's).",
+                        default_factory=dict)
+    bn_eps: float = option(1e-5, "Batch-norm epsilon of the video encoder: 1e-3 for the official XDC weights.",
+                           min=0, min_open=True)
+    workers: int = option(0, "DataLoader worker processes.", min=0)
+    device: str = option("auto", "auto: CUDA when there is one.", choices=DEVICES)
+    seed: int = option(0, "Seed of the split, the head, the clip order (and of a random encoder).")
+
+
+@dataclass
+class ExtractConfig(Checked):
+    checkpoint: str = option("random", "A pretraining or finetuning checkpoint, torchvision / official XDC video "
+                             "weights, or 'random'.")
+    modality: str = option("video", "Which encoder's features.", choices=MODALITIES)
+    clips_per_video: int = option(10, "Uniformly spaced clips per item.", min=1)
+    aggregate: str = option("mean", "mean: one row per item; all: every clip ([items, clips, dim]).",
+                            choices=("mean", "all"))
+    arch: str | None = option(None, "Default: the checkpoint's (tiny for random).", choices=ARCHS)
+    bn_eps: float = option(1e-5, "Batch-norm epsilon of the video encoder: 1e-3 for the official XDC weights.",
+                           min=0, min_open=True)
+    batch_size: int = option(8, "Clips per forward pass.", min=1)
+    clip: dict = option(None, "Clip geometry overrides on top of the checkpoint's (else the arch's).",
+                        default_factory=dict)
+    workers: int = option(0, "DataLoader worker processes.", min=0)
+    device: str = option("auto", "auto: CUDA when there is one.", choices=DEVICES)
+    seed: int = option(0, "Seed of a random encoder.")
+
+
+__all__ = ["XdcError", "ConfigError", "PretrainConfig", "FinetuneConfig", "ExtractConfig", "option", "from_dict",
+           "check_value", "read_yaml", "clip_config"]

@@ -16,16 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .pretrain import PretrainConfig
-
-# Tuned on 2 CPU cores. The data is small (96 videos), so the features are clustered without whitening
-# (whitening 192 clips to 32 dimensions gives noise the weight of signal), into twice as many clusters
-# as classes (purer clusters: a class split in two still teaches, two classes merged do not), with the
-# best of 3 k-means restarts. The tiny video encoder needs about 150 steps before it starts to fit its
-# targets, hence rounds of 16 epochs: round 0 teaches the video encoder the random audio encoder's
-# clusters, round 1 the audio encoder the video's, and round 2 sharpens both.
-DEMO_PRETRAIN = dict(variant="xdc", arch="tiny", clusters=8, kmeans_nredo=3, pca_dim=0, epochs=48,
-                     epochs_per_round=16, clips_per_video=2, batch_size=8, lr=0.02)
+from .config import ConfigError, PRESETS, PretrainConfig, from_dict, read_yaml
 
 
 @dataclass
@@ -34,8 +25,27 @@ class DemoConfig:
     videos_per_class: int = 24
     seconds: float = 4.0
     probe_clips: int = 4  # uniformly spaced clips per video for the probes and the clustering
-    pretrain: dict = field(default_factory=lambda: dict(DEMO_PRETRAIN))
+    pretrain: dict = field(default_factory=dict)  # PretrainConfig fields
     seed: int = 0
+
+
+def demo_config(path: str | Path = PRESETS / "demo.yaml", *, videos_per_class: int | None = None,
+                epochs: int | None = None, seed: int = 0) -> DemoConfig:
+    """The demo's settings from ``configs/demo.yaml``, with the CLI's overrides; a round is a third of the
+    epochs unless the file says otherwise."""
+    values = read_yaml(str(path))
+    pretrain = dict(values.pop("pretrain", {}))
+    unknown = set(values) - {"classes", "videos_per_class", "seconds", "probe_clips"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown demo keys {', '.join(sorted(unknown))}")
+    if epochs is not None:
+        pretrain["epochs"] = epochs
+    pretrain.setdefault("epochs_per_round", max(1, pretrain.get("epochs", 48) // 3))
+    from_dict(PretrainConfig, pretrain)  # checked now, not after the data is written
+    config = DemoConfig(**values, pretrain=pretrain, seed=seed)
+    if videos_per_class is not None:
+        config.videos_per_class = videos_per_class
+    return config
 
 
 @dataclass
@@ -47,15 +57,16 @@ class DemoRow:
     nmi: float
 
 
-def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), log=print) -> list[DemoRow]:
+def run_demo(out: str | Path, config: DemoConfig | None = None, log=print) -> list[DemoRow]:
     """Every stage in ``out``: media/, data/, pretrain/ (with report/), probe/, demo.json."""
     from .data.prepare import prepare
     from .data.synthetic import SyntheticSpec, make_synthetic_dataset
     from .pretrain import pretrain
 
+    config = config or demo_config()
     out = Path(out)
     if (out / "demo.json").exists():
-        raise FileExistsError(f"{out} already holds a demo; choose another --out or delete it")
+        raise ConfigError(f"{out} already holds a demo; choose another --out or delete it")
     start = time.perf_counter()
     timings = {}
 
@@ -69,7 +80,7 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), log=print) -> l
     timings["data"] = time.perf_counter() - t0
 
     # ===== pretraining =====
-    pretrain_config = PretrainConfig(**{**config.pretrain, "seed": config.seed})
+    pretrain_config = from_dict(PretrainConfig, {**config.pretrain, "seed": config.seed})
     log(f"[2/4] pretraining XDC ({pretrain_config.epochs} epochs, a re-clustering every "
         f"{pretrain_config.epochs_per_round})")
     t0 = time.perf_counter()
@@ -108,18 +119,19 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), log=print) -> l
 def score_encoder(out: Path, modality: str, name: str, checkpoint: str, pretrain_config: PretrainConfig,
                   config: DemoConfig) -> DemoRow:
     """Linear probe (``xdc-fast finetune --mode linear``) and k-means NMI of one encoder's features, the ones
-    the probe computed (saved with it in extract's format)."""
-    from .finetune import FinetuneConfig, finetune
+    the probe computed (saved with it in extract's format). A random encoder sees the XDC run's clips."""
+    from .config import FinetuneConfig
+    from .data.clips import geometry
+    from .probe import probe
 
-    geometry = {k: getattr(pretrain_config, k) for k in ("frames", "stride", "resize_short", "crop", "audio_seconds",
-                                                          "n_mels")}
     probe_dir = out / "probe" / f"{modality}_{name}"
     if (probe_dir / "metrics.json").exists():
         (probe_dir / "metrics.json").unlink()
-    metrics = finetune(out / "data", probe_dir,
-                       FinetuneConfig(checkpoint=checkpoint, modality=modality, mode="linear", arch="tiny",
-                                      train_clips=config.probe_clips, test_clips=config.probe_clips,
-                                      seed=config.seed, **geometry), log=lambda *_: None)
+    metrics = probe(out / "data", probe_dir,
+                    FinetuneConfig(checkpoint=checkpoint, modality=modality, mode="linear", arch="tiny",
+                                   train_clips=config.probe_clips, test_clips=config.probe_clips,
+                                   seed=config.seed, clip=geometry(pretrain_config.clip_config())),
+                    log=lambda *_: None)
     features = torch.load(probe_dir / "features.pt", weights_only=True)
     return DemoRow(modality, name, metrics["clip_acc"], metrics["video_acc"],
                    cluster_nmi(features["features"].numpy(), features["labels"].numpy(), config.classes, config.seed))

@@ -8,62 +8,46 @@ every clip (``[items, clips, dim]``). A clip that fails to decode is left out of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import distributed as xdist
+from . import engine
 from .checkpoint import load_encoder, save_atomic
-from .finetune import FinetuneError, check_modality, clip_geometry, gathered_features, mean_per_video
-
-AGGREGATES = ("mean", "all")
-
-
-@dataclass
-class ExtractConfig:
-    checkpoint: str = "random"
-    modality: str = "video"
-    clips_per_video: int = 10
-    aggregate: str = "mean"
-    arch: str | None = None
-    bn_eps: float = 1e-5
-    batch_size: int = 8
-    frames: int | None = None  # clip geometry; default: the checkpoint's, else by arch
-    stride: int | None = None
-    resize_short: int | None = None
-    crop: int | None = None
-    audio_seconds: float | None = None
-    n_mels: int | None = None
-    workers: int = 0
-    device: str = "auto"
-    seed: int = 0
+from .config import ConfigError, ExtractConfig, clip_config
+from .data.clips import geometry
+from .data.splits import check_modality
+from .metrics import mean_per_video
 
 
 def extract(dataset: str | Path, out: str | Path, config: ExtractConfig, log=print) -> dict:
     """Write ``out`` (``.pt``, or ``.npz`` for tools without torch) and return what it holds:
     ``ids``, ``labels`` (-1 when unlabelled), ``features``, ``failed``, ``checkpoint``, ``clip``."""
-    from .data.clips import ClipConfig
     from .data.dataset import ClipDataset
     from .data.prepare import load_manifest
 
-    if config.aggregate not in AGGREGATES:
-        raise FinetuneError(f"aggregate should be one of {', '.join(AGGREGATES)}, got {config.aggregate!r}")
+    # ===== checking the configuration =====
     out = Path(out)
     if out.suffix not in (".pt", ".npz"):
-        raise FinetuneError(f"--out should end in .pt or .npz, got {out.name}")
+        raise ConfigError(f"--out should end in .pt or .npz, got {out.name}")
     items = load_manifest(dataset)
     check_modality(items, config.modality)
     device = xdist.setup_device(config.device)
+
+    # ===== building the encoder =====
     encoder, source = load_encoder(config.checkpoint, config.modality, config.arch, config.bn_eps, config.seed)
     encoder.to(device)
-    geometry = clip_geometry(source, config)
-    clips = ClipDataset(dataset, ClipConfig(**geometry, eval_clips=config.clips_per_video), train=False,
-                        modalities=(config.modality,))
+    clip = clip_config(source["arch"], source.get("clip"), config.clip, eval_clips=config.clips_per_video)
+
+    # ===== encoding =====
+    clips = ClipDataset(dataset, clip, train=False, modalities=(config.modality,))
     log(f"{config.modality} features of {len(items)} items x {config.clips_per_video} clips "
         f"({source['source']} {source['arch']} encoder)")
-    features, video_of_clip = gathered_features(encoder, clips, config, device, "extracting")
+    features, video_of_clip = engine.encode_clips({config.modality: encoder}, clips, config.batch_size, device,
+                                                  workers=config.workers, description="extracting")
+    features = features[config.modality]
     means, counts = mean_per_video(features, video_of_clip, len(items))
     failed = [items[i]["id"] for i in np.flatnonzero(counts == 0)]
     if config.aggregate == "mean":
@@ -75,9 +59,12 @@ def extract(dataset: str | Path, out: str | Path, config: ExtractConfig, log=pri
         for row, video in zip(features, video_of_clip):
             result[video, slot[video]] = row
             slot[video] += 1
+
+    # ===== writing =====
     saved = {"ids": [r["id"] for r in items], "labels": [-1 if r.get("label") is None else r["label"] for r in items],
              "features": result, "failed": failed, "aggregate": config.aggregate, "modality": config.modality,
-             "checkpoint": str(config.checkpoint), "encoder": source["source"], "arch": source["arch"], "clip": geometry}
+             "checkpoint": str(config.checkpoint), "encoder": source["source"], "arch": source["arch"],
+             "clip": geometry(clip)}
     if xdist.is_main_process():
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".npz":

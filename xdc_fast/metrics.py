@@ -1,4 +1,4 @@
-"""Clustering and classification metrics, on scikit-learn and scipy."""
+"""Scores: clustering quality (on scikit-learn and scipy) and clip/video classification accuracy."""
 
 from __future__ import annotations
 
@@ -42,3 +42,52 @@ def hungarian_accuracy(clusters, labels) -> float:
 def cluster_quality(clusters, labels) -> dict:
     return {"nmi": nmi(clusters, labels), "ari": ari(clusters, labels), "purity": purity(clusters, labels),
             "hungarian_acc": hungarian_accuracy(clusters, labels)}
+
+
+# ---- classification ---------------------------------------------------------------------------------
+
+def topk_correct(probabilities: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Whether each row's label is among its ``k`` highest scores (ties broken by lower class index)."""
+    k = min(k, probabilities.shape[1])
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return (top == labels[:, None]).any(axis=1)
+
+
+def mean_per_video(rows: np.ndarray, video_of_row: np.ndarray, num_videos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of each video's rows (clip softmaxes or features), ``[num_videos, dim]``, and how many rows each
+    video had; a video without rows gets NaN."""
+    sums = np.zeros((num_videos, rows.shape[1]))
+    np.add.at(sums, video_of_row, rows)
+    counts = np.bincount(video_of_row, minlength=num_videos)
+    with np.errstate(invalid="ignore"):
+        return sums / counts[:, None], counts
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def score(probabilities: np.ndarray, video_of_clip: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """Clip and video top-1/top-5 and the video-level confusion matrix (rows: true, columns: predicted).
+
+    ``probabilities`` [clips, classes], ``video_of_clip`` [clips] (video index), ``labels`` [videos]. A
+    video's prediction is its mean softmax over its clips; videos without any clip are left out."""
+    clip_labels = labels[video_of_clip]
+    per_video, counts = mean_per_video(probabilities, video_of_clip, len(labels))
+    present = counts > 0
+    per_video, video_labels = per_video[present], labels[present]
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (video_labels, per_video.argmax(1)), 1)
+    return {"clip_acc": float(topk_correct(probabilities, clip_labels, 1).mean()),
+            "clip_top5": float(topk_correct(probabilities, clip_labels, 5).mean()),
+            "video_acc": float(topk_correct(per_video, video_labels, 1).mean()),
+            "video_top5": float(topk_correct(per_video, video_labels, 5).mean()),
+            "num_test_videos": int(present.sum()), "num_test_clips": int(len(probabilities)),
+            "confusion": confusion.tolist()}
+
+
+def video_accuracy(probabilities: np.ndarray, video_of_clip: np.ndarray, labels: np.ndarray) -> float:
+    """Share of videos whose mean softmax over their clips peaks at their label (see :func:`score`)."""
+    return score(probabilities, video_of_clip, labels, probabilities.shape[1])["video_acc"]

@@ -25,12 +25,13 @@ import torch
 import yaml
 
 from .data.prepare import PrepareError, load_manifest, read_jsonl
+from .errors import XdcError
 from .data.pyav_backend import decode_frame_indices
 
 logger = logging.getLogger(__name__)
 
 
-class ReportError(ValueError):
+class ReportError(XdcError):
     """RUN cannot be reported on (reported to the user without a traceback)."""
 
 
@@ -289,5 +290,23 @@ def draw_montage(rows: list[MontageRow], title: str, path: Path) -> Path:
             ax.set_title(tile.title, fontsize=8)
         axes[r, 0].set_ylabel(f"cluster {row.cluster}\n{row.size} videos", fontsize=9)
     figure.suptitle(title)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def draw_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
+    """Row-normalised confusion matrix; class names on the axes while they stay legible."""
+    plt = _pyplot()
+    rows = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    size = min(4 + 0.25 * len(classes), 20)
+    figure, axes = plt.subplots(figsize=(size, size))
+    image = axes.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    if len(classes) <= 30:
+        axes.set_xticks(range(len(classes)), classes, rotation=90, fontsize=8)
+        axes.set_yticks(range(len(classes)), classes, fontsize=8)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, fraction=0.046)
     figure.tight_layout()
     return _save(figure, path)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from xdc_fast.data.clips import VIDEO_MEAN, VIDEO_STD, ClipConfig
-from xdc_fast.data.dali_backend import dali_available, make_loader
+from xdc_fast.data.dali_backend import dali_available
+from xdc_fast.engine import make_loader
 from xdc_fast.data.dataset import ClipDataset, collate_clips
 from xdc_fast.data.prepare import prepare
 from xdc_fast.data.synthetic import SyntheticSpec, indexed_frames, make_synthetic_dataset, read_index, write_media
@@ -34,7 +35,7 @@ def indexed_vp9(tmp_path_factory):
 
 
 def _dali(dataset, batch_size=2):
-    return make_loader(dataset, batch_size, loader="dali", device="cpu", num_workers=1)
+    return make_loader(dataset, batch_size, loader="dali", device="cpu", workers=1)
 
 
 @needs_dali
@@ -71,8 +72,8 @@ def test_dali_cpu_matches_pyav(vp9_dataset, train):
 
 def test_auto_falls_back_to_pyav_with_one_line(prepared, caplog):
     ds = ClipDataset(prepared, ClipConfig(frames=2, resize_short=32, crop=32, audio_seconds=0.5), seed=0)
-    with caplog.at_level(logging.INFO, logger="xdc_fast.data.dali_backend"):
-        loader = make_loader(ds, 2, loader="auto", device="cpu", num_workers=0)
+    with caplog.at_level(logging.INFO, logger="xdc_fast.engine"):
+        loader = make_loader(ds, 2, loader="auto", device="cpu", workers=0)
     assert isinstance(loader, torch.utils.data.DataLoader)
     assert len([r for r in caplog.records if "using PyAV" in r.getMessage()]) == 1
     batch = next(iter(loader))

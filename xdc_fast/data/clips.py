@@ -5,37 +5,38 @@ second when that is set) from a start time, plus the audio window of ``audio_sec
 the same instant. Transforms are pure functions; randomness comes in as a numpy Generator so that a
 sample depends only on (seed, epoch, index), never on which worker decoded it.
 
-Defaults (not fixed by the paper, see REFERENCE §1): 8 frames at stride 2, short side resized to 128
-then a 112 crop (the R(2+1)D pretraining input); 1 s of 16 kHz mono audio turned into a log-mel
-spectrogram of 40 bands with 25 ms windows every 10 ms (101 frames).
+Defaults: 8 frames at stride 2, short side resized to 128 then a 112 crop (the R(2+1)D-18 input of the
+XDC lineage; the paper's text does not fix the clip length); 1 s of 16 kHz mono audio turned into a
+log-mel spectrogram of 40 bands with 25 ms windows every 10 ms (101 frames). The ``tiny`` encoders take
+64 -> 56 crops, small enough for a CPU.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
 
-# XDC's input normalisation (the authors' answer in their repository, REFERENCE §1).
+# XDC's input normalisation: the mean/std the XDC authors gave for their released video weights.
 VIDEO_MEAN = (0.43216, 0.394666, 0.37645)
 VIDEO_STD = (0.22803, 0.22145, 0.216989)
 
 
 @dataclass(frozen=True)
 class ClipConfig:
-    frames: int = 8  # T
-    stride: int = 2  # source frames between two clip frames
-    fps: float | None = None  # sample at this rate instead of a fixed stride
-    resize_short: int = 128  # short side after resizing, before the crop
-    crop: int = 112  # square crop side
-    audio_seconds: float = 1.0  # audio window, centred on the clip's centre
-    sample_rate: int = 16000
-    n_mels: int = 40
-    window_ms: float = 25.0
-    hop_ms: float = 10.0
-    gain_db: float = 6.0  # training: audio gain drawn uniformly in +-gain_db
-    eval_clips: int = 10  # evaluation: uniformly spaced clips per video
+    frames: int = field(default=8, metadata={"min": 1})  # T
+    stride: int = field(default=2, metadata={"min": 1})  # source frames between two clip frames
+    fps: float | None = field(default=None, metadata={"min": 0, "min_open": True})  # this rate instead of stride
+    resize_short: int = field(default=128, metadata={"min": 1})  # short side after resizing, before the crop
+    crop: int = field(default=112, metadata={"min": 1})  # square crop side
+    audio_seconds: float = field(default=1.0, metadata={"min": 0, "min_open": True})  # centred on the clip
+    sample_rate: int = field(default=16000, metadata={"min": 1000})
+    n_mels: int = field(default=40, metadata={"min": 1})
+    window_ms: float = field(default=25.0, metadata={"min": 0, "min_open": True})
+    hop_ms: float = field(default=10.0, metadata={"min": 0, "min_open": True})
+    gain_db: float = field(default=6.0, metadata={"min": 0})  # training: audio gain drawn uniformly in +-gain_db
+    eval_clips: int = field(default=10, metadata={"min": 1})  # evaluation: uniformly spaced clips per video
 
     def clip_seconds(self, video_fps: float) -> float:
         """Time the clip's frames span (first frame to one frame past the last)."""
@@ -46,6 +47,23 @@ class ClipConfig:
     def frame_times(self, start: float, video_fps: float) -> np.ndarray:
         step = 1.0 / self.fps if self.fps else self.stride / video_fps
         return start + step * np.arange(self.frames)
+
+
+# Every field of a clip; a command's ``clip`` overrides may name any of them.
+CLIP_FIELDS = tuple(f.name for f in fields(ClipConfig))
+
+# Geometry per encoder arch when neither the user nor a checkpoint says: the R(2+1)D-18 input for the
+# paper's encoders, crops small enough for two CPU cores for the tiny ones.
+ARCH_GEOMETRY = {"tiny": {"resize_short": 64, "crop": 56}, "r2plus1d_18": {"resize_short": 128, "crop": 112}}
+
+
+def clip_for_arch(arch: str) -> ClipConfig:
+    return replace(ClipConfig(), **ARCH_GEOMETRY[arch])
+
+
+def geometry(config: ClipConfig) -> dict:
+    """The fields that define what an encoder sees (saved with checkpoints; eval_clips is per command)."""
+    return {f: getattr(config, f) for f in CLIP_FIELDS if f != "eval_clips"}
 
 
 def train_start(duration: float, clip_seconds: float, rng: np.random.Generator) -> float:

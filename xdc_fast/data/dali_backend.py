@@ -5,7 +5,7 @@ source (the encoded file, the exact source frames, the resize target, crop posit
 bytes, the audio window and gain), so DALI decodes the very clips the PyAV backend would; only the
 decoding, resizing and spectrogram arithmetic differ. On a GPU the video decodes on NVDEC
 (``device="mixed"``) and every later step runs there; with ``device="cpu"`` the same graph runs on
-the CPU, where DALI's decoder reads VP9/VP8/MJPEG but not H.264 (REFERENCE §5).
+the CPU, where DALI's decoder reads VP9/VP8/MJPEG but not H.264 (H.264 needs NVDEC).
 
 ``nvidia-dali-cuda130`` is optional and imported only here, only when this backend is chosen.
 """
@@ -160,36 +160,4 @@ def _to_torch(batch) -> torch.Tensor:
     return torch.from_numpy(np.array(dense))
 
 
-def make_loader(dataset, batch_size: int, *, loader: str = "auto", num_workers: int = 2, device: str = "cuda",
-                indices: Iterable[int] | None = None):
-    """The batches of ``dataset``: DALI on a GPU when it is installed and builds, else PyAV in a
-    torch DataLoader. ``loader`` is "auto", "pyav" or "dali"; "auto" says in one log line why it fell back."""
-    from .dataset import collate_clips
-
-    if loader not in ("auto", "pyav", "dali"):
-        raise ValueError(f"loader should be auto, pyav or dali, got {loader!r}")
-    if loader in ("auto", "dali"):
-        reason = None
-        if not dali_available():
-            reason = "nvidia-dali-cuda130 is not installed"
-        elif loader == "auto" and (device != "cuda" or not torch.cuda.is_available()):
-            reason = "no CUDA device"
-        elif set(dataset.modalities) != {"video", "audio"}:
-            reason = "DALI decodes both modalities together and only one is asked for"
-        if reason is None:
-            try:
-                return DaliClipLoader(dataset, batch_size, device="gpu" if device == "cuda" else "cpu",
-                                      num_threads=max(1, num_workers), indices=indices)
-            except Exception as error:  # noqa: BLE001 - a missing NVDEC or driver surfaces here
-                reason = f"the DALI pipeline did not build ({type(error).__name__}: {error})"
-                if loader == "dali":
-                    raise
-        if loader == "dali":
-            raise RuntimeError(f"--loader dali: {reason}")
-        log.info("loader: using PyAV on the CPU because %s", reason)
-    subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
-    return torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
-                                       collate_fn=collate_clips, persistent_workers=num_workers > 0)
-
-
-__all__ = ["DaliClipLoader", "dali_available", "make_loader"]
+__all__ = ["DaliClipLoader", "dali_available"]

@@ -13,12 +13,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import XdcError
+
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3"}
 FORMATS = ("folder", "ucf101", "hmdb51", "esc50", "kinetics-csv")
 
 
-class FormatError(ValueError):
+class FormatError(XdcError):
     """The folder does not look like the requested format (a user error, reported without traceback)."""
 
 

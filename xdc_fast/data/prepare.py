@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from .formats import Item, list_dataset
+from ..errors import XdcError
 
 MANIFEST_FIELDS = ("id", "path", "label", "label_name", "split", "duration_s", "fps", "num_frames", "width",
                    "height", "video_codec", "has_audio", "audio", "audio_samples", "sample_rate")
 
 
-class PrepareError(ValueError):
+class PrepareError(XdcError):
     """A problem with the command's input as a whole (reported to the user without a traceback)."""
 
 

@@ -1,0 +1,221 @@
+"""The machinery every command shares: building loaders, encoding clips across ranks, the model of
+encoders plus heads, one supervised step, the learning-rate schedule and the progress bar.
+
+``make_loader`` is the only place a loader is built, so a backend chosen here (PyAV in a torch
+DataLoader, or DALI) is the one every command gets.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed as xdist
+
+log = logging.getLogger(__name__)
+
+LOADERS = ("auto", "pyav", "dali")
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+
+def make_loader(dataset, batch_size: int, *, loader: str = "pyav", workers: int = 0, device: str = "cpu",
+                indices: Iterable[int] | None = None):
+    """Batches of ``dataset`` (a ClipDataset), in ``indices`` order (default: all samples).
+
+    ``loader``: "pyav" decodes on the CPU in a torch DataLoader with ``workers`` processes; "dali" decodes
+    with DALI (NVDEC on a GPU, its CPU graph otherwise); "auto" takes DALI on a CUDA device when it is
+    installed and builds, else PyAV, and says in one log line why. Batches are dicts of
+    ``video [B,3,T,H,W]``, ``audio [B,1,M,F]``, ``index``, ``label``, ``start`` and ``skipped`` (samples
+    that failed to decode and were left out)."""
+    from .data.dataset import collate_clips
+
+    if loader not in LOADERS:
+        raise ValueError(f"loader should be one of {', '.join(LOADERS)}, got {loader!r}")
+    if loader in ("auto", "dali"):
+        built, reason = _dali_loader(dataset, batch_size, loader, workers, device, indices)
+        if built is not None:
+            return built
+        if loader == "dali":
+            raise RuntimeError(f"loader dali: {reason}")
+        log.info("loader: using PyAV on the CPU because %s", reason)
+    subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
+    # The CUDA copy of a pinned batch overlaps the step before it (non_blocking in `to_device`).
+    return torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_clips,
+                                       pin_memory=device == "cuda" and torch.cuda.is_available())
+
+
+def _dali_loader(dataset, batch_size, loader, workers, device, indices):
+    from .data import dali_backend
+
+    if not dali_backend.dali_available():
+        return None, "nvidia-dali-cuda130 is not installed"
+    if loader == "auto" and (device != "cuda" or not torch.cuda.is_available()):
+        return None, "no CUDA device"
+    if set(dataset.modalities) != {"video", "audio"}:
+        return None, "DALI decodes both modalities together and only one is asked for"
+    try:
+        return dali_backend.DaliClipLoader(dataset, batch_size, device="gpu" if device == "cuda" else "cpu",
+                                           num_threads=max(1, workers), indices=indices), None
+    except Exception as error:  # noqa: BLE001 - a missing NVDEC or driver surfaces here
+        if loader == "dali":
+            raise
+        return None, f"the DALI pipeline did not build ({type(error).__name__}: {error})"
+
+
+def to_device(batch: dict, names: Iterable[str], device: torch.device) -> dict[str, torch.Tensor]:
+    return {m: batch[m].to(device, non_blocking=True) for m in names}
+
+
+def progress(iterable, description: str | None, total: int | None = None, initial: int = 0, unit: str = "batch"):
+    """A tqdm bar on rank 0 when stderr is a terminal; the bare iterable otherwise (logs stay clean)."""
+    if description is None or not xdist.is_main_process() or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, initial=initial, desc=description, unit=unit, leave=False)
+
+
+# ---- encoding -----------------------------------------------------------------------------------------
+
+def shard_items(dataset, rank: int, world: int):
+    """A copy of an evaluation dataset holding this rank's whole videos (so no clip is encoded twice),
+    and their positions in ``dataset.items``."""
+    shard = copy.copy(dataset)
+    shard.items = dataset.items[rank::world]
+    return shard, np.arange(rank, len(dataset.items), world)
+
+
+def encode_clips(encoders: Mapping[str, nn.Module], dataset, batch_size: int, device: torch.device, *,
+                 workers: int = 0, gather: bool = True, description: str | None = None
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Features of every clip of an evaluation ClipDataset that decoded, per modality of ``encoders``,
+    and the position in ``dataset.items`` of each clip's video.
+
+    The videos are shared out across ranks; with ``gather`` every rank gets everyone's features (rank
+    order), without it only its own. Clips that failed to decode are missing from both results."""
+    shard, positions = shard_items(dataset, xdist.rank(), xdist.world_size())
+    loader = progress(make_loader(shard, batch_size, workers=workers, device=device.type), description)
+    for encoder in encoders.values():
+        encoder.eval()
+    chunks = {m: [np.zeros((0, encoders[m].feature_dim), np.float32)] for m in encoders}
+    videos = [np.zeros(0, np.int64)]
+    with torch.no_grad():
+        for batch in loader:
+            if "index" not in batch:
+                continue
+            inputs = to_device(batch, encoders, device)
+            for m, encoder in encoders.items():
+                with autocast(device):
+                    chunks[m].append(encoder(inputs[m]).float().cpu().numpy())
+            videos.append(positions[batch["index"].numpy() // dataset.config.eval_clips])
+    features, video_of_clip = {m: np.concatenate(v) for m, v in chunks.items()}, np.concatenate(videos)
+    if not gather:
+        return features, video_of_clip
+    parts = xdist.all_gather_objects((features, video_of_clip))
+    return ({m: np.concatenate([p[0][m] for p in parts]) for m in encoders},
+            np.concatenate([p[1] for p in parts]))
+
+
+# ---- models and steps ---------------------------------------------------------------------------------
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (Hopper's tensor cores), plain fp32 on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def new_head(dim: int, k: int, generator: torch.Generator | None = None) -> nn.Linear:
+    """A linear classifier with N(0, 0.01) weights and zero bias (DeepCluster's head init)."""
+    head = nn.Linear(dim, k)
+    nn.init.normal_(head.weight, 0, 0.01, generator=generator)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class EncodersWithHeads(nn.Module):
+    """Encoders and their heads as one module, so DDP sees every parameter a step uses.
+
+    ``forward({modality: clips})`` returns ``{modality: [logits of each head]}``; the encoders run under
+    bf16 autocast on CUDA and the heads in fp32 (the logits feed a softmax over up to thousands of
+    clusters, where bf16's 8 bits of mantissa would blur the targets)."""
+
+    def __init__(self, encoders: Mapping[str, nn.Module], heads: Mapping[str, Iterable[nn.Module]]):
+        super().__init__()
+        self.encoders = encoders if isinstance(encoders, nn.ModuleDict) else nn.ModuleDict(encoders)
+        self.heads = heads if isinstance(heads, nn.ModuleDict) else \
+            nn.ModuleDict({m: nn.ModuleList(h) for m, h in heads.items()})
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        out = {}
+        for m in self.heads:
+            with autocast(inputs[m].device):
+                feature = self.encoders[m](inputs[m])
+            out[m] = [head(feature.float()) for head in self.heads[m]]
+        return out
+
+
+def distributed(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` wrapped in DDP under torchrun, as it is otherwise."""
+    if not xdist.is_distributed():
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def supervised_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], inputs: dict[str, torch.Tensor],
+                    targets: dict[str, list[torch.Tensor]], *, max_grad_norm: float | None = None,
+                    where: str = "") -> dict[str, tuple[float, int]]:
+    """One SGD step on the summed cross-entropy of every head; returns ``{f"{m}_{h}": (loss, correct)}``.
+
+    A non-finite loss stops the run loudly, before the weights take it in."""
+    outputs = model(inputs)
+    total, figures = 0.0, {}
+    for m, logits_of_heads in outputs.items():
+        for h, logits in enumerate(logits_of_heads):
+            loss = nn.functional.cross_entropy(logits, targets[m][h])
+            total = total + loss
+            figures[f"{m}_{h}"] = (loss.item(), int((logits.argmax(1) == targets[m][h]).sum()))
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"the loss became {float(total)} {where}".rstrip())
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if max_grad_norm is not None:
+        nn.utils.clip_grad_norm_([p for group in optimizers for g in group.param_groups for p in g["params"]],
+                                 max_grad_norm)
+    for optimizer in optimizers:
+        optimizer.step()
+    return figures
+
+
+def set_lr(optimizers: Iterable[torch.optim.Optimizer], rate: float) -> None:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+
+
+def lr_schedule(lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
+                schedule: str = "cosine") -> np.ndarray:
+    """Learning rate of every step of a run, precomputed: linear warm-up from 0, then cosine decay to 0 at
+    the last step (or constant)."""
+    total = epochs * steps_per_epoch
+    steps = np.arange(total, dtype=np.float64)
+    if schedule == "constant":
+        rates = np.full(total, lr)
+    elif schedule == "cosine":
+        rates = 0.5 * lr * (1 + np.cos(np.pi * steps / max(total, 1)))
+    else:
+        raise ValueError(f"schedule should be cosine or constant, got {schedule!r}")
+    warm = int(round(warmup_epochs * steps_per_epoch))
+    if warm > 0:
+        rates[:warm] = lr * (steps[:warm] + 1) / warm
+    return rates
+
+
+def rates_of_epoch(rates: np.ndarray, epoch: int, steps_per_epoch: int) -> np.ndarray:
+    return rates[epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch]

@@ -1,0 +1,161 @@
+"""What the two ways of scoring an encoder on a labelled dataset share: choosing the split, loading the
+encoder with its clip geometry, the test clips, the logistic regression of the linear probe, and writing
+the results (``metrics.json``, ``confusion.png``, ``checkpoints/last.pt``).
+
+Both report, on the test split at the **final** epoch, clip accuracy (each clip on its own) and video
+accuracy (the softmax averaged over ``test_clips`` uniformly spaced clips per video), top-1 and top-5,
+with a confusion matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed as xdist
+from . import engine, metrics
+from .checkpoint import load_encoder, save_atomic
+from .config import ConfigError, FinetuneConfig, clip_config
+from .data.clips import ClipConfig, geometry
+from .data.splits import Split, check_modality, choose_split, class_names
+from .seeds import numpy_rng
+
+
+@dataclass
+class Transfer:
+    """An encoder about to be scored on a split of a labelled dataset."""
+
+    dataset: Path
+    out: Path
+    config: FinetuneConfig
+    split: Split
+    classes: list[str]
+    device: torch.device
+    encoder: nn.Module
+    source: dict  # what load_encoder loaded
+    clip: ClipConfig
+    test_set: object  # test_clips uniformly spaced clips of every test video
+    log: object
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return np.array([r["label"] for r in self.split.test])
+
+    def clips(self, items: list[dict], eval_clips: int):
+        """Uniformly spaced evaluation clips of ``items``."""
+        from .data.dataset import ClipDataset
+
+        view = ClipDataset(self.dataset, replace(self.clip, eval_clips=eval_clips), train=False,
+                           modalities=(self.config.modality,))
+        view.items = items
+        return view
+
+    def features(self, view, description: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every rank's clip features of ``view`` and each clip's video position, on every rank."""
+        features, video_of_clip = engine.encode_clips({self.config.modality: self.encoder}, view,
+                                                      self.config.batch_size, self.device,
+                                                      workers=self.config.workers, description=description)
+        return features[self.config.modality], video_of_clip
+
+    def test_scores(self, head: nn.Linear) -> dict:
+        features, video_of_clip = self.features(self.test_set, "test features")
+        return metrics.score(probabilities(head, features, self.device), video_of_clip, self.test_labels,
+                             len(self.classes))
+
+
+def start_transfer(dataset: str | Path, out: str | Path, config: FinetuneConfig, log=print) -> Transfer:
+    """Check everything before any work: the output folder, the dataset's modality and split, the
+    checkpoint; then load the encoder on the device (joining torchrun's group when launched by it)."""
+    from .data.dataset import ClipDataset
+    from .data.prepare import load_manifest
+
+    out = Path(out)
+    if (out / "metrics.json").exists():
+        raise ConfigError(f"{out} already holds results (metrics.json); choose another --out")
+    items = load_manifest(dataset)
+    check_modality(items, config.modality)
+    split = choose_split(items, config.split, config.test_fraction, numpy_rng(config.seed, "split"), config.seed)
+    classes = class_names(dataset, items)
+    device = xdist.setup_device(config.device)
+    if not xdist.is_main_process():
+        log = lambda *_: None  # noqa: E731
+    encoder, source = load_encoder(config.checkpoint, config.modality, config.arch, config.bn_eps, config.seed)
+    clip = clip_config(source["arch"], source.get("clip"), config.clip, eval_clips=config.test_clips)
+    log(f"{config.modality} encoder: {source['source']} ({source['arch']}); {len(split.train)} training and "
+        f"{len(split.test)} test videos, {len(classes)} classes; mode {config.mode}")
+    if split.description["kind"] == "stratified":
+        log(f"the manifest has no splits: a stratified split with {config.test_fraction:.0%} of each class for "
+            f"testing (seed {config.seed}), its test ids written to metrics.json")
+    test_set = ClipDataset(dataset, clip, train=False, modalities=(config.modality,))
+    test_set.items = split.test
+    return Transfer(Path(dataset), out, config, split, classes, device, encoder.to(device), source, clip, test_set,
+                    log)
+
+
+def probabilities(head: nn.Linear, features: np.ndarray, device: torch.device) -> np.ndarray:
+    with torch.no_grad():
+        return metrics.softmax(head(torch.from_numpy(features).to(device)).float().cpu().numpy())
+
+
+def linear_classifier(train_features: np.ndarray, train_labels: np.ndarray, num_classes: int, c: float,
+                      seed: int) -> nn.Linear:
+    """A logistic regression on standardised features, folded into one ``nn.Linear`` on raw features
+    (so the saved model is the encoder plus a layer, like a finetuned one)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_features)
+    model = LogisticRegression(C=c, max_iter=3000, random_state=seed)
+    model.fit(scaler.transform(train_features), train_labels)
+    coef, intercept = model.coef_, model.intercept_
+    if coef.shape[0] == 1:  # scikit-learn keeps one row for two classes: logits (0, z) give the same softmax
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    weight = np.zeros((num_classes, train_features.shape[1]))
+    bias = np.full(num_classes, -1e4)  # classes absent from training never win
+    weight[model.classes_] = coef / scaler.scale_
+    bias[model.classes_] = intercept - (coef * scaler.mean_ / scaler.scale_).sum(1)
+    layer = nn.Linear(train_features.shape[1], num_classes)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight))
+        layer.bias.copy_(torch.from_numpy(bias))
+    return layer
+
+
+def write_results(transfer: Transfer, head: nn.Linear, final: dict, history: list[dict]) -> dict:
+    """``metrics.json`` (final-epoch scores, the split, the protocol), ``confusion.png`` and
+    ``checkpoints/last.pt`` (encoder + head); returns the metrics."""
+    config = transfer.config
+    result = {k: final[k] for k in ("clip_acc", "video_acc", "clip_top5", "video_top5", "num_test_videos",
+                                    "num_test_clips")}
+    result.update({"final_epoch": final["epoch"], "num_train_videos": len(transfer.split.train),
+                   "classes": transfer.classes, "split": transfer.split.description,
+                   "encoder": transfer.source.get("source"), "arch": transfer.source["arch"],
+                   "clip": geometry(transfer.clip), "seconds": time.perf_counter() - transfer.started,
+                   "history": history, "config": asdict(config), "confusion": final["confusion"],
+                   "world_size": xdist.world_size()})
+    scored_epochs = [r for r in history if "video_acc" in r]
+    if len(scored_epochs) > 1:
+        best = max(scored_epochs, key=lambda r: r["video_acc"])
+        result["best_epoch_selected_on_test"] = {"epoch": best["epoch"], "clip_acc": best["clip_acc"],
+                                                 "video_acc": best["video_acc"]}
+    if xdist.is_main_process():
+        from .report import draw_confusion
+
+        out = transfer.out
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_atomic({"encoders": {f"{config.modality}.{k}": v for k, v in transfer.encoder.state_dict().items()},
+                     "head": head.state_dict(), "classes": transfer.classes, "clip": geometry(transfer.clip),
+                     "config": {**asdict(config), "arch": transfer.source["arch"]}}, out / "checkpoints" / "last.pt")
+        draw_confusion(np.array(final["confusion"]), transfer.classes, out / "confusion.png",
+                       f"{config.modality} {config.mode}: video accuracy {final['video_acc']:.1%}")
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    transfer.log(f"test: clip accuracy {result['clip_acc']:.1%}, video accuracy {result['video_acc']:.1%} "
+                 f"({result['num_test_videos']} videos x {config.test_clips} clips)")
+    return result
