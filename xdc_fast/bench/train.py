@@ -9,7 +9,6 @@ which a benchmark may not import: the caller hands it in as ``round_runner``.
 from __future__ import annotations
 
 import tempfile
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,14 +71,13 @@ def _run_round(round_runner: RoundRunner, say: Callable[[str], None]) -> dict:
 
 
 def bench_train(device: str = "cpu", archs: tuple[str, ...] = ("tiny",), batch_size: int = 4, steps: int = 3,
-                round_runner: RoundRunner | bool | None = None, progress: Callable[[str], None] | None = None
+                round_runner: RoundRunner | None = None, progress: Callable[[str], None] | None = None
                 ) -> tuple[list[TrainRow], dict[str, float]]:
     """Clips/s of one SGD step (forward, backward, update) per encoder and arch on ``device``, and the
     share of one tiny pretraining round on synthetic data that each phase takes.
 
-    ``round_runner(dataset_dir, run_dir) -> record`` runs that round (see ``RoundRunner``); None or
-    False skips it and the shares come back empty. True, which asked for the round before the runner
-    became a parameter, also skips it, with a warning."""
+    ``round_runner(dataset_dir, run_dir) -> record`` runs that round (see ``RoundRunner``); without one
+    the shares come back empty."""
     say = progress or (lambda _msg: None)
     dev = torch.device(device)
     rows = []
@@ -87,11 +85,7 @@ def bench_train(device: str = "cpu", archs: tuple[str, ...] = ("tiny",), batch_s
         for modality in ("video", "audio"):
             say(f"{arch} {modality} encoder")
             rows.append(TrainRow(arch, modality, batch_size, _step_seconds(arch, modality, batch_size, steps, dev)))
-    if round_runner is True:
-        warnings.warn("bench_train needs a callable round_runner(dataset_dir, run_dir) -> record to measure the "
-                      "phase shares; round_runner=True skips them", stacklevel=2)
-        return rows, {}
-    if not callable(round_runner):
+    if round_runner is None:
         return rows, {}
     return rows, phase_shares(_run_round(round_runner, say))
 
