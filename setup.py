@@ -5,6 +5,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST     GPU targets (default "9.0": H100/H200)
   MAX_JOBS                 parallel compile jobs (ninja)
   XDC_FAST_DEBUG=1         -O0 -g, for debuggers and sanitizers
+  XDC_FAST_PORTABLE_CPU=1  build only the portable CPU k-means assignment (BLAS tiles), without the x86
+                           AVX2 engine: what ARM builds anyway, and a way to run that engine on x86
   XDC_FAST_NO_EXTENSION=1  register the package only (the Makefile then builds the extension in place,
                            incrementally, instead of pip compiling it a second time in a temporary folder)
 """
@@ -40,17 +42,19 @@ def extension():
     debug = os.environ.get("XDC_FAST_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = [*opt, "-fopenmp", "-std=c++17"]
+    macros = [("XDC_FAST_PORTABLE_CPU", "1")] if os.environ.get("XDC_FAST_PORTABLE_CPU") == "1" else []
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/autocast/*.cpp")
     if want_cuda():
         srcs += sources("csrc/cuda/*.cu")
         nvcc = [*opt, "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
         return CUDAExtension(
             "xdc_fast._C", srcs,
-            define_macros=[("XDC_FAST_WITH_CUDA", "1")],
+            define_macros=[*macros, ("XDC_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
         )
-    return CppExtension("xdc_fast._C", srcs, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return CppExtension("xdc_fast._C", srcs, define_macros=macros, extra_compile_args={"cxx": cxx},
+                        extra_link_args=["-fopenmp"])
 
 
 setup(

@@ -54,6 +54,21 @@ int main() {
       expect(counts.sum().item<int64_t>() == 3 * 257, "counts add up to N per problem");
     }
   }
+  // Exact ties: small integers keep every dot product and norm exact in float whatever the summation
+  // order, and 40 centroids repeated 15 times (K = 600) put copies in different 16-centroid panels and
+  // 512-centroid blocks. Both engines must return the lowest index among equals, as torch's argmin does.
+  {
+    at::Tensor x = at::randint(-3, 4, {2, 300, 16}).to(at::kFloat);
+    at::Tensor c = at::randint(-3, 4, {2, 40, 16}).to(at::kFloat).repeat({1, 15, 1});
+    for (bool spherical : {false, true}) {
+      auto [labels, dist] = assign(x, c, spherical);
+      at::Tensor x64 = x.to(at::kDouble), c64 = c.to(at::kDouble);
+      at::Tensor all = spherical ? -at::matmul(x64, c64.transpose(1, 2))
+                                 : (x64.unsqueeze(2) - c64.unsqueeze(1)).pow(2).sum(-1);
+      expect(labels.equal(all.argmin(-1)), spherical ? "spherical ties go to the lowest index"
+                                                     : "ties go to the lowest index");
+    }
+  }
   bool threw = false;
   try {
     update(at::randn({4, 3}), at::full({4}, 5, at::kLong), 2);
