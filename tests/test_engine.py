@@ -29,8 +29,8 @@ def test_encode_clips_equals_the_encoders_applied_clip_by_clip(dataset):
     encoders = {"video": build_video_encoder("tiny"), "audio": build_audio_encoder("tiny")}
     clips = ClipDataset(dataset, ClipConfig(frames=4, resize_short=32, crop=28, audio_seconds=0.5, n_mels=20,
                                             eval_clips=2), train=False)
-    features, video_of_clip = engine.encode_clips(encoders, clips, batch_size=4, device=torch.device("cpu"))
-    assert video_of_clip.tolist() == [v for v in range(len(clips.items)) for _ in range(2)]
+    features, position = engine.encode_clips(encoders, clips, batch_size=4, device=torch.device("cpu"))
+    assert position.tolist() == list(range(2 * len(clips.items)))  # video * eval_clips + clip
     with torch.no_grad():
         for m, encoder in encoders.items():
             expected = torch.stack([encoder.eval()(clips[i][m][None])[0] for i in range(len(clips))])

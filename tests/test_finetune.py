@@ -116,8 +116,8 @@ def test_finetune_writes_metrics_that_the_saved_model_reproduces(dataset, tmp_pa
     head.load_state_dict(saved["head"])
     test_set = ClipDataset(dataset, ClipConfig(**{**saved["clip"], "eval_clips": 2}), train=False, modalities=(modality,))
     test_set.items = [r for r in test_set.items if r["id"] in set(written["split"]["test_ids"])]
-    features, video_of_clip = encode_clips({modality: encoder}, test_set, 4, torch.device("cpu"))
-    features = features[modality]
+    features, position = encode_clips({modality: encoder}, test_set, 4, torch.device("cpu"))
+    features, video_of_clip = features[modality], position // 2
     probabilities = softmax_numpy(head(torch.from_numpy(features)).detach().numpy())
     labels = np.array([r["label"] for r in test_set.items])
     assert video_accuracy(probabilities, video_of_clip, labels) == pytest.approx(written["video_acc"])

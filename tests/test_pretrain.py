@@ -62,13 +62,13 @@ def test_init_checkpoint_and_cluster_transfer(dataset, tmp_path):
     pretrain(dataset, tmp_path / "a", PretrainConfig(**FAST), log=lambda *_: None)
     # Encoders start from run a's: the weights match exactly before any training.
     encoders = torch.nn.ModuleDict({"video": build_video_encoder("tiny")})
-    assert load_init_checkpoint(encoders, tmp_path / "a" / "checkpoints" / "last.pt") == ["video"]
+    assert load_init_checkpoint(encoders, tmp_path / "a" / "checkpoints" / "last.pt", "tiny") == ["video"]
     saved = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)["encoders"]
     assert torch.equal(encoders["video"].stem[0].weight, saved["video.stem.0.weight"])
     # Torchvision-layout video weights load too.
     video_weights = {k[len("video."):]: v for k, v in saved.items() if k.startswith("video.")}
     torch.save(video_weights, tmp_path / "video.pt")
-    assert load_init_checkpoint(torch.nn.ModuleDict({"video": build_video_encoder("tiny")}), tmp_path / "video.pt") == ["video"]
+    assert load_init_checkpoint(torch.nn.ModuleDict({"video": build_video_encoder("tiny")}), tmp_path / "video.pt", "tiny") == ["video"]
     # Cluster transfer: run b trains on run a's saved assignments and clusters nothing itself.
     clusters = tmp_path / "a" / "clusters" / "round_000.pt"
     history = pretrain(dataset, tmp_path / "b", PretrainConfig(**FAST, labels_from=str(clusters),

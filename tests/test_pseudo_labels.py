@@ -57,7 +57,7 @@ def test_kmeans_restarts_keep_each_modalitys_lowest_objective():
     results = {}
     for nredo in (1, 4):
         spec = ClusteringSpec(clusters=5, pca_dim=0, niter=20, nredo=nredo, clips_per_video=2)
-        labels, centroids = cluster_round(features, VARIANTS["xdc"], spec, 0, 0, np.arange(20), 20)
+        labels, centroids = cluster_round(features, VARIANTS["xdc"], spec, 0, 0, np.arange(40))
         results[nredo] = [objective(labels[m], centroids[0][i].numpy(), points[m]) for i, m in enumerate(("video", "audio"))]
     assert all(many <= one + 1e-4 for many, one in zip(results[4], results[1]))
     assert any(many < one - 1e-3 for many, one in zip(results[4], results[1]))  # the restarts found something better
@@ -67,6 +67,6 @@ def test_cdc_also_clusters_the_concatenation():
     rng = np.random.default_rng(1)
     features = {m: rng.normal(size=(12, 4)).astype(np.float32) for m in ("video", "audio")}
     spec = ClusteringSpec(clusters=3, pca_dim=0, niter=5, nredo=1, clips_per_video=1)
-    labels, centroids = cluster_round(features, VARIANTS["cdc"], spec, 0, 0, np.arange(12), 12)
+    labels, centroids = cluster_round(features, VARIANTS["cdc"], spec, 0, 0, np.arange(12))
     assert set(labels) == {"video", "audio", "concat"} and len(centroids) == 2
     assert centroids[1].shape == (1, 3, 8)  # the concatenation clusters in 4 + 4 dimensions

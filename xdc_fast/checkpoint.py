@@ -8,13 +8,13 @@ keys are prefixed by the modality, and ``config`` with the arch), a torchvision-
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import XdcError
+from .files import save_atomic  # noqa: F401 - where callers have always found it
 
 MODALITIES = ("video", "audio")
 
@@ -23,12 +23,6 @@ class CheckpointError(XdcError):
     """A checkpoint that cannot give the encoder asked for (reported without a traceback)."""
 
 
-def save_atomic(obj, path: str | Path) -> None:
-    """Write to a temporary name, then rename: a killed process never leaves half a checkpoint."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -127,17 +121,26 @@ def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None,
     return encoder, {"source": "torchvision", "arch": found}
 
 
-def load_encoders_from(encoders: nn.ModuleDict, path: str | Path) -> list[str]:
-    """Fill ``encoders`` (modality -> module) from another run's checkpoint, or the video encoder from
-    torchvision-layout weights (a torchvision or official XDC file). Returns the modalities loaded."""
+def load_encoders_from(encoders: nn.ModuleDict, path: str | Path, arch: str) -> list[str]:
+    """Fill ``encoders`` (modality -> module of ``arch``) from another run's checkpoint, or the video
+    encoder from torchvision-layout weights (a torchvision or official XDC file). Returns the modalities
+    loaded; a file of another arch, or one that fits no encoder, is a CheckpointError."""
     from .models import load_video_weights
 
     state = read_checkpoint(path)
-    if is_ours(state):
-        for m in encoders:
-            encoders[m].load_state_dict(own_encoder_state(state, m, path), strict=True)
-        return list(encoders)
-    if "video" not in encoders:
-        raise CheckpointError(f"{path} holds video weights only, and this variant trains no video encoder")
-    load_video_weights(encoders["video"], torchvision_video_state(state))
+    found = checkpoint_arch(state)
+    if is_ours(state) and found != arch:  # a torchvision-layout file names no arch: its shapes decide below
+        raise CheckpointError(f"{path} holds {found} encoders, but this run builds {arch} ones; pass --arch {found} "
+                              "or a checkpoint of the same arch")
+    try:
+        if is_ours(state):
+            for m in encoders:
+                encoders[m].load_state_dict(own_encoder_state(state, m, path), strict=True)
+            return list(encoders)
+        if "video" not in encoders:
+            raise CheckpointError(f"{path} holds video weights only, and this variant trains no video encoder")
+        load_video_weights(encoders["video"], torchvision_video_state(state))
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit the {arch} encoders (neither one of our checkpoints nor "
+                              f"torchvision's r2plus1d_18 layout): {str(error).splitlines()[0]}") from None
     return ["video"]

@@ -197,10 +197,14 @@ class PretrainConfig(Checked):
     heldout_fraction: float = option(0.1, "plateau mode: share of videos kept out of training to watch the loss.",
                                      min=0, max=1)
     patience: int = option(1, "plateau mode: epochs without improvement before re-clustering.", min=1)
+    max_unreadable: float = option(0.05, "Share of videos whose fixed clips may all fail to decode in a round "
+                                   "(they sit it out, listed in metrics.jsonl); more stops the run.", min=0, max=1)
     clip: dict = option(None, "Clip geometry overrides (frames, stride, resize_short, crop, audio_seconds, "
                         "n_mels, ...) on top of the arch's.", default_factory=dict)
     workers: int = option(0, "DataLoader worker processes.", min=0)
     device: str = option("auto", "auto: CUDA when there is one.", choices=DEVICES)
+    dist_timeout_s: float = option(600.0, "Under torchrun: seconds a rank waits for the others before every rank "
+                                   "stops with a message naming the phase that stalled.", min=0, min_open=True)
     seed: int = option(0, "Seed of every random choice of the run (see xdc_fast.seeds).")
 
     def clip_config(self) -> ClipConfig:
@@ -243,6 +247,8 @@ class FinetuneConfig(Checked):
                            min=0, min_open=True)
     workers: int = option(0, "DataLoader worker processes.", min=0)
     device: str = option("auto", "auto: CUDA when there is one.", choices=DEVICES)
+    dist_timeout_s: float = option(600.0, "Under torchrun: seconds a rank waits for the others.", min=0,
+                                   min_open=True)
     seed: int = option(0, "Seed of the split, the head, the clip order (and of a random encoder).")
 
 
@@ -262,6 +268,8 @@ class ExtractConfig(Checked):
                         default_factory=dict)
     workers: int = option(0, "DataLoader worker processes.", min=0)
     device: str = option("auto", "auto: CUDA when there is one.", choices=DEVICES)
+    dist_timeout_s: float = option(600.0, "Under torchrun: seconds a rank waits for the others.", min=0,
+                                   min_open=True)
     seed: int = option(0, "Seed of a random encoder.")
 
 

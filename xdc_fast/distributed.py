@@ -1,11 +1,60 @@
-"""torch.distributed helpers: every function is a no-op (or the trivial answer) without a process group."""
+"""torch.distributed helpers: every function is a no-op (or the trivial answer) without a process group.
+
+A rank that stalls (a stuck filesystem, a stopped process) would leave the others waiting for the
+backend's default timeout with no word of why; the process group is made with the command's
+``dist_timeout_s`` instead, and every collective here names the phase it belongs to when it fails.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
+
+from .errors import XdcError
+
+_phase = "starting"
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """Name what the ranks are doing, for the message when one of them stops answering."""
+    global _phase
+    previous, _phase = _phase, name
+    try:
+        yield
+    finally:
+        _phase = previous
+
+
+class StalledError(XdcError):
+    """Another rank did not answer a collective within the timeout."""
+
+
+def stalled(error: BaseException) -> StalledError:
+    return StalledError(f"rank {rank()}: the other ranks did not answer within the distributed timeout while "
+                        f"{_phase} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); a rank stalled "
+                        "(a stuck filesystem, a stopped process) or died, see its log; continue with --resume")
+
+
+def _is_stall(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or any(
+        sign in text for sign in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe"))
+
+
+@contextlib.contextmanager
+def collective():
+    """Turn a collective that another rank left unanswered into one clear StalledError."""
+    try:
+        yield
+    except RuntimeError as error:
+        if is_distributed() and _is_stall(error):
+            raise stalled(error) from None
+        raise
 
 
 def is_distributed() -> bool:
@@ -40,7 +89,8 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return t
     buf = _communicable(t).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    with collective():
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return buf.to(t.device)
 
 
@@ -49,19 +99,24 @@ def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     if not is_distributed():
         return t
     buf = _communicable(t).contiguous().clone()
-    dist.broadcast(buf, src=src)
+    with collective():
+        dist.broadcast(buf, src=src)
     return buf.to(t.device)
 
 
-def init_from_torchrun(use_cuda: bool) -> bool:
-    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs); False when not under torchrun."""
+def init_from_torchrun(use_cuda: bool, timeout_s: float | None = None) -> bool:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs), with collectives that give
+    up after ``timeout_s``; False when not under torchrun."""
     if is_distributed():
         return True
     if not launched_by_torchrun():
         return False
     if use_cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+        # Without it NCCL reports a timeout only through its watchdog, after the process is gone.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+    dist.init_process_group("nccl" if use_cuda else "gloo", **({"timeout": timeout} if timeout else {}))
     return True
 
 
@@ -70,20 +125,24 @@ def all_gather_objects(obj) -> list:
     if not is_distributed():
         return [obj]
     gathered = [None] * world_size()
-    dist.all_gather_object(gathered, obj)
+    with collective():
+        dist.all_gather_object(gathered, obj)
     return gathered
 
 
 def barrier() -> None:
     if is_distributed():
-        dist.barrier()
+        with collective():
+            dist.barrier()
 
 
-def setup_device(name: str) -> torch.device:
+def setup_device(name: str, timeout_s: float | None = None) -> torch.device:
     """The device a command asked for ("auto": CUDA when there is one), after joining torchrun's process
     group when torchrun launched this process (each rank then works on its own GPU)."""
     device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
                           ("cpu" if name == "auto" else name))
-    if init_from_torchrun(device.type == "cuda") and device.type == "cuda":
+    if name == "cuda" and not torch.cuda.is_available():
+        raise XdcError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu or auto")
+    if init_from_torchrun(device.type == "cuda", timeout_s) and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     return device

@@ -96,7 +96,8 @@ def encode_clips(encoders: Mapping[str, nn.Module], dataset, batch_size: int, de
                  workers: int = 0, gather: bool = True, description: str | None = None
                  ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Features of every clip of an evaluation ClipDataset that decoded, per modality of ``encoders``,
-    and the position in ``dataset.items`` of each clip's video.
+    and the position of each clip in the dataset: ``video * dataset.config.eval_clips + clip``, where
+    ``video`` indexes ``dataset.items`` (so ``position // eval_clips`` is the clip's video).
 
     The videos are shared out across ranks; with ``gather`` every rank gets everyone's features (rank
     order), without it only its own. Clips that failed to decode are missing from both results."""
@@ -114,11 +115,13 @@ def encode_clips(encoders: Mapping[str, nn.Module], dataset, batch_size: int, de
             for m, encoder in encoders.items():
                 with autocast(device):
                     chunks[m].append(encoder(inputs[m]).float().cpu().numpy())
-            videos.append(positions[batch["index"].numpy() // dataset.config.eval_clips])
-    features, video_of_clip = {m: np.concatenate(v) for m, v in chunks.items()}, np.concatenate(videos)
+            index = batch["index"].numpy()
+            per_video = dataset.config.eval_clips
+            videos.append(positions[index // per_video] * per_video + index % per_video)
+    features, clip_position = {m: np.concatenate(v) for m, v in chunks.items()}, np.concatenate(videos)
     if not gather:
-        return features, video_of_clip
-    parts = xdist.all_gather_objects((features, video_of_clip))
+        return features, clip_position
+    parts = xdist.all_gather_objects((features, clip_position))
     return ({m: np.concatenate([p[0][m] for p in parts]) for m in encoders},
             np.concatenate([p[1] for p in parts]))
 
@@ -181,7 +184,7 @@ def supervised_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], i
             total = total + loss
             figures[f"{m}_{h}"] = (loss.item(), int((logits.argmax(1) == targets[m][h]).sum()))
     if not torch.isfinite(total):
-        raise FloatingPointError(f"the loss became {float(total)} {where}".rstrip())
+        raise FloatingPointError(f"the loss became {float(total.detach())} {where}".rstrip())
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     total.backward()

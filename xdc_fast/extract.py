@@ -16,6 +16,7 @@ import torch
 from . import distributed as xdist
 from . import engine
 from .checkpoint import load_encoder, save_atomic
+from .files import atomic_path, output_lock
 from .config import ConfigError, ExtractConfig, clip_config
 from .data.clips import geometry
 from .data.splits import check_modality
@@ -25,6 +26,11 @@ from .metrics import mean_per_video
 def extract(dataset: str | Path, out: str | Path, config: ExtractConfig, log=print) -> dict:
     """Write ``out`` (``.pt``, or ``.npz`` for tools without torch) and return what it holds:
     ``ids``, ``labels`` (-1 when unlabelled), ``features``, ``failed``, ``checkpoint``, ``clip``."""
+    with output_lock(out):
+        return _extract(dataset, out, config, log)
+
+
+def _extract(dataset, out, config: ExtractConfig, log) -> dict:
     from .data.dataset import ClipDataset
     from .data.prepare import load_manifest
 
@@ -34,7 +40,7 @@ def extract(dataset: str | Path, out: str | Path, config: ExtractConfig, log=pri
         raise ConfigError(f"--out should end in .pt or .npz, got {out.name}")
     items = load_manifest(dataset)
     check_modality(items, config.modality)
-    device = xdist.setup_device(config.device)
+    device = xdist.setup_device(config.device, config.dist_timeout_s)
 
     # ===== building the encoder =====
     encoder, source = load_encoder(config.checkpoint, config.modality, config.arch, config.bn_eps, config.seed)
@@ -45,9 +51,9 @@ def extract(dataset: str | Path, out: str | Path, config: ExtractConfig, log=pri
     clips = ClipDataset(dataset, clip, train=False, modalities=(config.modality,))
     log(f"{config.modality} features of {len(items)} items x {config.clips_per_video} clips "
         f"({source['source']} {source['arch']} encoder)")
-    features, video_of_clip = engine.encode_clips({config.modality: encoder}, clips, config.batch_size, device,
-                                                  workers=config.workers, description="extracting")
-    features = features[config.modality]
+    features, position = engine.encode_clips({config.modality: encoder}, clips, config.batch_size, device,
+                                             workers=config.workers, description="extracting")
+    features, video_of_clip = features[config.modality], position // config.clips_per_video
     means, counts = mean_per_video(features, video_of_clip, len(items))
     failed = [items[i]["id"] for i in np.flatnonzero(counts == 0)]
     if config.aggregate == "mean":
@@ -68,7 +74,9 @@ def extract(dataset: str | Path, out: str | Path, config: ExtractConfig, log=pri
     if xdist.is_main_process():
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".npz":
-            np.savez(out, **{k: np.asarray(v) if not isinstance(v, dict) else np.asarray(str(v)) for k, v in saved.items()})
+            with atomic_path(out) as tmp:
+                np.savez(tmp, **{k: np.asarray(v) if not isinstance(v, dict) else np.asarray(str(v))
+                                 for k, v in saved.items()})
         else:
             save_atomic({**saved, "features": torch.from_numpy(result), "labels": torch.tensor(saved["labels"])}, out)
     if failed:

@@ -16,6 +16,8 @@ import torch
 from . import distributed as xdist
 from . import engine
 from .config import ConfigError, FinetuneConfig
+from .errors import XdcError
+from .files import output_lock
 from .seeds import numpy_rng, seed_for, torch_generator
 from .transfer import Transfer, start_transfer, write_results
 
@@ -23,11 +25,16 @@ from .transfer import Transfer, start_transfer, write_results
 def finetune(dataset: str | Path, out: str | Path, config: FinetuneConfig, log=print) -> dict:
     """Train and score; writes ``out/metrics.json``, ``out/confusion.png`` and ``out/checkpoints/last.pt``.
     Returns the metrics."""
-    from .data.dataset import ClipDataset
-
     if config.mode != "full":
         raise ConfigError(f"finetune trains the whole encoder (mode full); mode {config.mode} is "
                           "xdc_fast.probe.probe (the CLI picks it for --mode linear)")
+    with output_lock(out):
+        return _finetune(dataset, out, config, log)
+
+
+def _finetune(dataset, out, config: FinetuneConfig, log) -> dict:
+    from .data.dataset import ClipDataset
+
     # ===== checking the configuration, building the encoder =====
     transfer = start_transfer(dataset, out, config, log)
 
@@ -53,6 +60,9 @@ def finetune(dataset: str | Path, out: str | Path, config: FinetuneConfig, log=p
     for epoch in range(config.epochs):
         record = train_epoch(model, optimizer, train_set, train_labels, config, epoch,
                              engine.rates_of_epoch(rates, epoch, steps), transfer.device)
+        if record["clips"] == 0:
+            raise XdcError(f"no training clip could be decoded in epoch {epoch} (see the warnings above); nothing "
+                           "was learnt, so no result is written")
         last = epoch == config.epochs - 1
         if last or (config.eval_every and (epoch + 1) % config.eval_every == 0):
             scored = transfer.test_scores(head)

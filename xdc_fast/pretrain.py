@@ -12,6 +12,7 @@ rest of that epoch needs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -24,8 +25,10 @@ from torch import nn
 
 from . import distributed as xdist
 from . import engine, metrics
-from .checkpoint import load_encoders_from, save_atomic
+from .checkpoint import CheckpointError, load_encoders_from, read_checkpoint, save_atomic
+from .files import RunLock, write_text_atomic
 from .config import ConfigError, PretrainConfig
+from .errors import XdcError
 from .data.clips import geometry
 from .pseudo_labels import (ClusteringSpec, Variant, balanced_indices, cluster_round, cluster_sizes, gather_by_video,
                             load_saved_labels, save_round, variant as variant_named, video_labels)
@@ -83,14 +86,22 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
     items = load_manifest(dataset)
     check_config(config, variant, items)
     out = Path(out)
-    if not resume and (out / "metrics.jsonl").exists():
-        raise ConfigError(f"{out} already holds a run; continue it with --resume or choose another --out")
+    device = xdist.setup_device(config.device, config.dist_timeout_s)
+    writer = xdist.is_main_process()
+    with RunLock(out) if writer else contextlib.nullcontext():
+        if not resume and (out / "metrics.jsonl").exists():
+            raise ConfigError(f"{out} already holds a run; continue it with --resume or choose another --out")
+        last = out / "checkpoints" / "last.pt"
+        saved = _read_resumable(last, config) if resume and last.exists() else None
+        return _run(dataset, out, config, variant, items, device, saved, log if writer else lambda *_: None,
+                    max_rounds, stop_after_steps)
+
+
+def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: list[dict], device, saved: dict | None,
+         log, max_rounds: int | None, stop_after_steps: int | None) -> list[dict]:
+    writer = xdist.is_main_process()
     for sub in ("checkpoints", "clusters"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    device = xdist.setup_device(config.device)
-    writer = xdist.is_main_process()
-    if not writer:
-        log = lambda *_: None  # noqa: E731
     clustered = len(items) * config.clips_per_video
     if config.pca_dim and clustered < 10 * config.pca_dim:
         log(f"note: PCA-whitening {clustered} clips to {config.pca_dim} dimensions gives noise the weight of "
@@ -104,8 +115,8 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
     # ===== building networks =====
     torch.manual_seed(seed_for(config.seed, "encoders"))  # identical initial encoders on every rank
     encoders = _build_encoders(variant, config.arch).to(device)
-    if config.init_checkpoint and not resume:
-        loaded = load_encoders_from(encoders, config.init_checkpoint)
+    if config.init_checkpoint and saved is None:
+        loaded = load_encoders_from(encoders, config.init_checkpoint, config.arch)
         log(f"encoders from {config.init_checkpoint}: {', '.join(loaded)}")
     optimizer = torch.optim.SGD(encoders.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
@@ -114,8 +125,10 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
     transferred = load_saved_labels(config.labels_from, [r["id"] for r in data.items]) if config.labels_from else None
 
     # ===== resuming =====
-    last = out / "checkpoints" / "last.pt"
-    state = _resume(last, encoders, optimizer, device, log) if resume and last.exists() else RunState()
+    state = _resume(saved, encoders, optimizer, log) if saved is not None else RunState()
+    if writer and saved is not None:
+        # A kill or a full disk may have torn the last line: the checkpoint's history is the truth.
+        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
 
     rounds_run = 0
     while state.next_epoch < config.epochs and (max_rounds is None or rounds_run < max_rounds):
@@ -128,7 +141,9 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
         elif transferred is not None:  # cluster transfer: the saved assignments are every round's targets
             labels = RoundLabels(transferred, 1 + max(int(v.max()) for v in transferred.values()), (0.0, 0.0))
         else:
-            labels = _cluster(encoders, data, config, variant, state.round, device, out if writer else None)
+            with xdist.phase(f"extracting and clustering the features of round {state.round}"):
+                labels = _cluster(encoders, data, config, variant, state.round, device, out if writer else None,
+                                  log)
 
         # ===== fresh heads (cluster ids permute between rounds, so old heads mean nothing) =====
         generator = torch_generator(config.seed, "heads", state.round)
@@ -149,8 +164,9 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
         if writer:
             checkpoint = _checkpoint(state, encoders, optimizer, config)
             save_atomic(checkpoint, out / "checkpoints" / f"round_{state.round:03d}.pt")
-            save_atomic(checkpoint, last)
-        xdist.barrier()  # nobody resumes from, or reads, a checkpoint that is still being written
+            save_atomic(checkpoint, out / "checkpoints" / "last.pt")
+        with xdist.phase(f"waiting for rank 0 to write the checkpoint of round {state.round}"):
+            xdist.barrier()  # nobody resumes from, or reads, a checkpoint that is still being written
         state.round, rounds_run = state.round + 1, rounds_run + 1
     return state.history
 
@@ -182,7 +198,7 @@ def _write_config(out: Path, dataset, config: PretrainConfig) -> None:
 
     values = {**asdict(config), "clip_used": geometry(config.clip_config()), "code_version": __version__,
               "world_size": xdist.world_size(), "dataset": str(Path(dataset).resolve())}
-    (out / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(values, sort_keys=False))
 
 
 def _prepare_data(dataset, config: PretrainConfig, variant: Variant) -> RunData:
@@ -218,8 +234,30 @@ def _build_encoders(variant: Variant, arch: str) -> nn.ModuleDict:
     return nn.ModuleDict({m: build[m](arch) for m in variant.modalities})
 
 
-def _resume(last: Path, encoders, optimizer, device, log) -> RunState:
-    saved = torch.load(last, map_location=device, weights_only=True)
+# Settings a resumed run may change: how long it goes on, and where and how fast it runs.
+RESUMABLE_CHANGES = {"epochs", "device", "workers", "checkpoint_every", "init_checkpoint", "dist_timeout_s",
+                     "max_unreadable"}
+
+
+def _read_resumable(last: Path, config: PretrainConfig) -> dict:
+    """The checkpoint to resume from, refused when it is unreadable or was made with other settings."""
+    rounds = sorted(last.parent.glob("round_*.pt"))
+    try:
+        saved = read_checkpoint(last)
+    except CheckpointError as error:
+        way_out = (f"copy {rounds[-1]} (the last finished round) over it and resume" if rounds else
+                   "start again in a new --out")
+        raise CheckpointError(f"cannot resume: {error}; {way_out}") from None
+    differs = [f"{key}: {saved['config'].get(key)!r} in the run, {value!r} now"
+               for key, value in asdict(config).items()
+               if key not in RESUMABLE_CHANGES and saved["config"].get(key, value) != value]
+    if differs:
+        raise ConfigError(f"--resume with other settings than the run's ({'; '.join(differs)}); resume with the "
+                          "run's settings (its config.yaml) or start a new --out")
+    return saved
+
+
+def _resume(saved: dict, encoders, optimizer, log) -> RunState:
     encoders.load_state_dict(saved["encoders"])
     optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["torch_rng"])
@@ -245,28 +283,55 @@ def _checkpoint(state: RunState, encoders, optimizer, config: PretrainConfig) ->
 
 
 def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, round_index: int, device,
-             out: Path | None) -> RoundLabels:
-    """Encode this rank's fixed clips, cluster them with every rank's, and save the assignments."""
+             out: Path | None, log) -> RoundLabels:
+    """Encode this rank's fixed clips, cluster them with every rank's, and save the assignments. A clip
+    that does not decode is left out (label -1); a video none of whose clips decode sits the round out."""
+    cpv = config.clips_per_video
     t0 = time.perf_counter()
-    features, video_of_clip = engine.encode_clips(encoders, data.fixed_clips, config.batch_size, device,
-                                                  workers=config.workers, gather=False)
-    if len(video_of_clip) != len(data.shard) * config.clips_per_video:
-        raise RuntimeError("a fixed clip failed to decode; every clip must be clustered (see the warnings above, "
-                           "and run `xdc-fast prepare` again on the sources of those files)")
+    features, rows = engine.encode_clips(encoders, data.fixed_clips, config.batch_size, device,
+                                         workers=config.workers, gather=False)
     t_extract = time.perf_counter() - t0
     t0 = time.perf_counter()
-    spec = ClusteringSpec(config.clusters, config.pca_dim, config.kmeans_niter, config.kmeans_nredo,
-                          config.clips_per_video)
-    clip_labels, centroids = cluster_round(features, variant, spec, config.seed, round_index, data.shard,
-                                           len(data.items))
+    spec = ClusteringSpec(config.clusters, config.pca_dim, config.kmeans_niter, config.kmeans_nredo, cpv)
+    _check_finite(features, round_index)
+    clip_labels, centroids = cluster_round(features, variant, spec, config.seed, round_index, rows)
     t_cluster = time.perf_counter() - t0
-    per_video = {m: video_labels(v, config.clips_per_video) for m, v in clip_labels.items()}
+    # This rank's clips in shard order, -1 where a clip did not decode.
+    slots = np.searchsorted(data.shard, rows // cpv) * cpv + rows % cpv
+    local = {m: np.full(len(data.shard) * cpv, -1, dtype=np.int64) for m in clip_labels}
+    for m, v in clip_labels.items():
+        local[m][slots] = v
+    per_video = {m: video_labels(v, cpv) for m, v in local.items()}
     everyone = gather_by_video(data.shard, per_video, len(data.items), 1)
-    everyone_clips = gather_by_video(data.shard, clip_labels, len(data.items), config.clips_per_video)
+    everyone_clips = gather_by_video(data.shard, local, len(data.items), cpv)
+    _check_unreadable(everyone, data, config, round_index, log)
     if out is not None:
-        save_round(out / "clusters" / f"round_{round_index:03d}.pt", [r["id"] for r in data.items],
-                   config.clips_per_video, centroids, everyone_clips, everyone)
+        save_round(out / "clusters" / f"round_{round_index:03d}.pt", [r["id"] for r in data.items], cpv, centroids,
+                   everyone_clips, everyone)
     return RoundLabels(everyone, config.clusters, (t_extract, t_cluster))
+
+
+def _check_finite(features: dict[str, np.ndarray], round_index: int) -> None:
+    for m, v in features.items():
+        if not torch.isfinite(xdist.all_reduce_sum(torch.tensor([float(np.abs(v).sum())]))).all():
+            raise XdcError(f"the {m} encoder gives non-finite features in round {round_index} (its weights diverged); "
+                           "resume from an earlier checkpoints/round_NNN.pt copied to checkpoints/last.pt with a "
+                           "lower --lr")
+
+
+def _check_unreadable(everyone: dict[str, np.ndarray], data: RunData, config: PretrainConfig, round_index: int,
+                      log) -> None:
+    """Videos whose fixed clips all failed sit the round out; too many of them stop the run."""
+    failed = np.flatnonzero(next(iter(everyone.values())) < 0)
+    if not len(failed):
+        return
+    ids = [data.items[i]["id"] for i in failed]
+    if len(failed) > config.max_unreadable * len(data.items):
+        raise XdcError(f"{len(failed)} of {len(data.items)} videos could not be decoded in round {round_index} "
+                       f"(e.g. {', '.join(ids[:3])}), more than max_unreadable = {config.max_unreadable}; see the "
+                       "warnings above, and run `xdc-fast prepare` again on a fresh copy of those files")
+    log(f"note: {len(failed)} video(s) could not be decoded and sit round {round_index} out: {', '.join(ids[:5])}"
+        + (" ..." if len(ids) > 5 else ""))
 
 
 def _train_round(state: RunState, labels: RoundLabels, encoders, heads, optimizers, data: RunData,
@@ -295,14 +360,17 @@ def _train_round(state: RunState, labels: RoundLabels, encoders, heads, optimize
                 raise Interrupted(f"stopped after step {step} (test hook)")
 
         t0 = time.perf_counter()
-        stats = train_one_epoch(model, optimizers, targets, data, config, epoch,
-                                engine.rates_of_epoch(rates, epoch, steps_per_epoch), device,
-                                start_step=resumed["step"] if resumed else 0,
-                                running=resumed["running"][xdist.rank()] if resumed else None,
-                                save_inside=save_inside)
+        with xdist.phase(f"training epoch {epoch}"), xdist.collective():
+            stats = train_one_epoch(model, optimizers, targets, data, config, epoch,
+                                    engine.rates_of_epoch(rates, epoch, steps_per_epoch), device,
+                                    start_step=resumed["step"] if resumed else 0,
+                                    running=resumed["running"][xdist.rank()] if resumed else None,
+                                    save_inside=save_inside)
         t_train = time.perf_counter() - t0
         if config.recluster == "plateau":
-            stats["heldout_loss"] = _heldout_loss(encoders, heads, heldout_targets, data.heldout_set, config, device)
+            with xdist.phase(f"scoring the held-out videos after epoch {epoch}"):
+                stats["heldout_loss"] = _heldout_loss(encoders, heads, heldout_targets, data.heldout_set, config,
+                                                      device)
 
         # ===== writing logs =====
         record = _record(state, labels, stats, epoch, t_train, data, config)
@@ -379,9 +447,11 @@ def _heldout_loss(encoders, heads, targets, heldout_set, config, device) -> floa
         for m in heads:
             feature = torch.from_numpy(features[m]).to(device)
             for h, head in enumerate(heads[m]):
+                # -1: a video that sat the round out (its fixed clips did not decode).
                 target = torch.from_numpy(targets[m][h][video]).to(device)
-                total[0] += float(nn.functional.cross_entropy(head(feature), target, reduction="sum"))
-    total[1] = len(video)
+                total[0] += float(nn.functional.cross_entropy(head(feature), target, reduction="sum",
+                                                              ignore_index=-1))
+    total[1] = int((targets[next(iter(targets))][0][video] >= 0).sum())
     total = xdist.all_reduce_sum(total)
     return float(total[0] / max(float(total[1]), 1.0))
 
@@ -393,13 +463,18 @@ def _record(state: RunState, labels: RoundLabels, stats: dict, epoch: int, t_tra
               "clusters": cluster_sizes(everyone, config.clusters if config.labels_from is None else 0),
               "seconds": {"extract": labels.seconds[0], "cluster": labels.seconds[1], "train": t_train},
               "clips_per_s": stats["clips"] / t_train if t_train else None}
+    labelled = next(iter(everyone.values())) >= 0  # videos that took part in the round
+    if not labelled.all():
+        record["unreadable"] = [data.items[i]["id"] for i in np.flatnonzero(~labelled)]
     if state.previous is not None:
-        record["nmi_to_previous"] = {m: metrics.nmi(everyone[m], state.previous[m]) for m in everyone
-                                     if m in state.previous}
+        record["nmi_to_previous"] = {m: metrics.nmi(everyone[m][both], state.previous[m][both])
+                                     for m in everyone if m in state.previous
+                                     for both in [labelled & (state.previous[m] >= 0)]}
     if "video" in everyone and "audio" in everyone:
-        record["nmi_video_audio"] = metrics.nmi(everyone["video"], everyone["audio"])
+        record["nmi_video_audio"] = metrics.nmi(everyone["video"][labelled], everyone["audio"][labelled])
     if (data.true_labels >= 0).all():
-        record["vs_true_labels"] = {m: metrics.cluster_quality(v, data.true_labels) for m, v in everyone.items()}
+        record["vs_true_labels"] = {m: metrics.cluster_quality(v[labelled], data.true_labels[labelled])
+                                    for m, v in everyone.items()}
     return record
 
 

@@ -18,14 +18,20 @@ from . import metrics
 from .checkpoint import save_atomic
 from .config import ConfigError, FinetuneConfig
 from .data.clips import geometry
+from .files import output_lock
 from .seeds import seed_for
-from .transfer import linear_classifier, probabilities, start_transfer, write_results
+from .transfer import linear_classifier, probabilities, score_or_refuse, start_transfer, write_results
 
 
 def probe(dataset: str | Path, out: str | Path, config: FinetuneConfig, log=print) -> dict:
     """Fit and score a linear probe; writes what ``finetune`` writes plus ``out/features.pt``."""
     if config.mode != "linear":
         raise ConfigError(f"probe is the linear mode; mode {config.mode} is xdc_fast.finetune.finetune")
+    with output_lock(out):
+        return _probe(dataset, out, config, log)
+
+
+def _probe(dataset, out, config: FinetuneConfig, log) -> dict:
     # ===== checking the configuration, building the frozen encoder =====
     transfer = start_transfer(dataset, out, config, log)
     for p in transfer.encoder.parameters():
@@ -38,8 +44,8 @@ def probe(dataset: str | Path, out: str | Path, config: FinetuneConfig, log=prin
     head = linear_classifier(features, train_labels, len(transfer.classes), config.linear_c,
                              seed_for(config.seed, "probe") % (2**32)).to(transfer.device)
     test_features, test_video_of_clip = transfer.features(transfer.test_set, "test features")
-    final = metrics.score(probabilities(head, test_features, transfer.device), test_video_of_clip,
-                          transfer.test_labels, len(transfer.classes))
+    final = score_or_refuse(probabilities(head, test_features, transfer.device), test_video_of_clip,
+                            transfer.test_labels, len(transfer.classes))
 
     # ===== writing results =====
     result = write_results(transfer, head, {**final, "epoch": None}, [])

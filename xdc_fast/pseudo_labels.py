@@ -17,6 +17,7 @@ import torch
 from . import distributed as xdist
 from .cluster import KMeans, pca_whiten
 from .errors import XdcError
+from .files import save_atomic
 from .seeds import seed_for
 
 
@@ -75,15 +76,15 @@ class ClusteringSpec:
 
 class DatasetPermutationInit:
     """k-means init: the clips at the first k positions of a seeded permutation of the whole dataset's
-    clips, each contributed by the rank that holds it, so a sharded run starts (and ends) exactly as a
-    single process would."""
+    clips (``all_rows``, sorted global clip numbers), each contributed by the rank that holds it, so a
+    sharded run starts (and ends) exactly as a single process would."""
 
-    def __init__(self, rows_of_this_rank: np.ndarray, total_rows: int, k: int):
+    def __init__(self, rows_of_this_rank: np.ndarray, all_rows: np.ndarray, k: int):
         self.position = {int(g): i for i, g in enumerate(rows_of_this_rank)}
-        self.total_rows, self.k = total_rows, k
+        self.all_rows, self.k = torch.from_numpy(np.asarray(all_rows, dtype=np.int64)), k
 
     def __call__(self, points: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        chosen = torch.randperm(self.total_rows, generator=generator)[: self.k]
+        chosen = self.all_rows[torch.randperm(len(self.all_rows), generator=generator)[: self.k]]
         init = torch.zeros(points.shape[0], self.k, points.shape[-1], device=points.device)
         for j, g in enumerate(chosen.tolist()):
             if g in self.position:
@@ -92,15 +93,17 @@ class DatasetPermutationInit:
 
 
 def cluster_round(features: dict[str, np.ndarray], variant_: Variant, spec: ClusteringSpec, seed: int,
-                  round_index: int, videos: np.ndarray, num_videos: int
-                  ) -> tuple[dict[str, np.ndarray], list[torch.Tensor]]:
-    """Clip labels of this rank's clips (``videos``: their global video indices, ``clips_per_video`` rows
-    each) per clustering, and the centroids of each k-means call.
+                  round_index: int, rows: np.ndarray) -> tuple[dict[str, np.ndarray], list[torch.Tensor]]:
+    """Labels of this rank's clips per clustering, and the centroids of each k-means call. ``rows`` numbers
+    the rank's clips across the dataset (``video * clips_per_video + clip``); a clip that failed to
+    decode is simply absent, on whichever rank.
 
     Both modalities go through one batched k-means call (they have the same dimension after PCA); the
     concatenation, when the variant learns it, through a second one."""
-    rows = (videos[:, None] * spec.clips_per_video + np.arange(spec.clips_per_video)).ravel()
-    init = DatasetPermutationInit(rows, num_videos * spec.clips_per_video, spec.clusters)
+    all_rows = np.sort(np.concatenate(xdist.all_gather_objects(np.asarray(rows, dtype=np.int64))))
+    if len(all_rows) < spec.clusters:
+        raise XdcError(f"only {len(all_rows)} clips decoded, fewer than the {spec.clusters} clusters asked for")
+    init = DatasetPermutationInit(rows, all_rows, spec.clusters)
 
     def fit(points: torch.Tensor, which: int) -> KMeans:
         # Objectives are all-reduced inside KMeans, so every rank keeps the same restart of each problem.
@@ -119,9 +122,11 @@ def cluster_round(features: dict[str, np.ndarray], variant_: Variant, spec: Clus
 
 
 def video_labels(clip_labels: np.ndarray, clips_per_video: int) -> np.ndarray:
-    """One label per video: the most frequent over its clips (the lowest on a tie)."""
+    """One label per video: the most frequent over its clips (the lowest on a tie), ignoring clips
+    labelled -1 (not decoded); -1 for a video none of whose clips decoded."""
     per_video = clip_labels.reshape(-1, clips_per_video)
-    return np.array([np.bincount(row).argmax() for row in per_video], dtype=np.int64)
+    return np.array([np.bincount(row[row >= 0]).argmax() if (row >= 0).any() else -1 for row in per_video],
+                    dtype=np.int64)
 
 
 def gather_by_video(videos: np.ndarray, labels: dict[str, np.ndarray], num_videos: int, rows_per_video: int) -> dict:
@@ -135,8 +140,11 @@ def gather_by_video(videos: np.ndarray, labels: dict[str, np.ndarray], num_video
 
 
 def balanced_indices(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """DeepCluster's sampler: each draw picks a non-empty cluster uniformly, then one of its items."""
-    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    """DeepCluster's sampler: each draw picks a non-empty cluster uniformly, then one of its items
+    (items labelled -1, whose clips did not decode, are never drawn)."""
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels) if c >= 0]
+    if not members:
+        raise XdcError("no video of this rank has a pseudo-label to train on (every fixed clip failed to decode)")
     which = rng.integers(0, len(members), size=count)
     return np.array([members[c][rng.integers(0, len(members[c]))] for c in which], dtype=np.int64)
 
@@ -145,7 +153,7 @@ def cluster_sizes(per_video: dict[str, np.ndarray], k: int = 0) -> dict:
     """Sizes, empty clusters and faiss's imbalance factor of each clustering."""
     out = {}
     for m, labels in per_video.items():
-        sizes = np.bincount(labels, minlength=k)
+        sizes = np.bincount(labels[labels >= 0], minlength=k)
         out[m] = {"sizes": sizes.tolist(), "empty": int((sizes == 0).sum()),
                   "imbalance_factor": float(len(sizes) * (sizes**2).sum() / max(sizes.sum(), 1) ** 2)}
     return out
@@ -156,15 +164,19 @@ def cluster_sizes(per_video: dict[str, np.ndarray], k: int = 0) -> dict:
 def save_round(path: Path, ids: list[str], clips_per_video: int, centroids: list[torch.Tensor],
                clip_labels: dict[str, np.ndarray], per_video: dict[str, np.ndarray]) -> None:
     """``RUN/clusters/round_NNN.pt``: ids, every clip's and every video's label per clustering, centroids."""
-    torch.save({"ids": ids, "clips_per_video": clips_per_video, "centroids": centroids,
-                **{f"{m}_clip_labels": torch.from_numpy(v) for m, v in clip_labels.items()},
-                **{f"{m}_video_labels": torch.from_numpy(v) for m, v in per_video.items()}}, path)
+    save_atomic({"ids": ids, "clips_per_video": clips_per_video, "centroids": centroids,
+                 **{f"{m}_clip_labels": torch.from_numpy(v) for m, v in clip_labels.items()},
+                 **{f"{m}_video_labels": torch.from_numpy(v) for m, v in per_video.items()}}, path)
 
 
 def load_saved_labels(path: str | Path, ids: list[str]) -> dict[str, np.ndarray]:
     """Per-video assignments saved by a round, reordered to ``ids``; every id must be there."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    position = {item: i for i, item in enumerate(saved["ids"])}
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        position = {item: i for i, item in enumerate(saved["ids"])}
+    except Exception as error:  # noqa: BLE001 - any unreadable or foreign file gets the same clear message
+        raise XdcError(f"--labels-from {path} is not a round's assignments (RUN/clusters/round_NNN.pt): "
+                       f"{type(error).__name__}: {error}") from None
     missing = [item for item in ids if item not in position]
     if missing:
         raise XdcError(f"{path} has no assignment for {len(missing)} item(s) of this dataset (e.g. {missing[0]})")

@@ -22,6 +22,8 @@ from . import distributed as xdist
 from . import engine, metrics
 from .checkpoint import load_encoder, save_atomic
 from .config import ConfigError, FinetuneConfig, clip_config
+from .errors import XdcError
+from .files import atomic_path, write_text_atomic
 from .data.clips import ClipConfig, geometry
 from .data.splits import Split, check_modality, choose_split, class_names
 from .seeds import numpy_rng
@@ -59,15 +61,23 @@ class Transfer:
 
     def features(self, view, description: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Every rank's clip features of ``view`` and each clip's video position, on every rank."""
-        features, video_of_clip = engine.encode_clips({self.config.modality: self.encoder}, view,
-                                                      self.config.batch_size, self.device,
-                                                      workers=self.config.workers, description=description)
-        return features[self.config.modality], video_of_clip
+        features, position = engine.encode_clips({self.config.modality: self.encoder}, view,
+                                                 self.config.batch_size, self.device, workers=self.config.workers,
+                                                 description=description)
+        return features[self.config.modality], position // view.config.eval_clips
 
     def test_scores(self, head: nn.Linear) -> dict:
         features, video_of_clip = self.features(self.test_set, "test features")
-        return metrics.score(probabilities(head, features, self.device), video_of_clip, self.test_labels,
-                             len(self.classes))
+        return score_or_refuse(probabilities(head, features, self.device), video_of_clip, self.test_labels,
+                               len(self.classes))
+
+
+def score_or_refuse(probabilities_: np.ndarray, video_of_clip: np.ndarray, labels: np.ndarray, classes: int) -> dict:
+    """The scores, or an error when no test clip decoded: a result that scored nothing is never written."""
+    if len(probabilities_) == 0:
+        raise XdcError("no test clip could be decoded (see the warnings above), so there is nothing to score; "
+                       "check the test videos (run `xdc-fast prepare` again on them)")
+    return metrics.score(probabilities_, video_of_clip, labels, classes)
 
 
 def start_transfer(dataset: str | Path, out: str | Path, config: FinetuneConfig, log=print) -> Transfer:
@@ -80,10 +90,12 @@ def start_transfer(dataset: str | Path, out: str | Path, config: FinetuneConfig,
     if (out / "metrics.json").exists():
         raise ConfigError(f"{out} already holds results (metrics.json); choose another --out")
     items = load_manifest(dataset)
+    if not items:
+        raise XdcError(f"{dataset} holds no usable item (see its rejects.jsonl)")
     check_modality(items, config.modality)
     split = choose_split(items, config.split, config.test_fraction, numpy_rng(config.seed, "split"), config.seed)
     classes = class_names(dataset, items)
-    device = xdist.setup_device(config.device)
+    device = xdist.setup_device(config.device, config.dist_timeout_s)
     if not xdist.is_main_process():
         log = lambda *_: None  # noqa: E731
     encoder, source = load_encoder(config.checkpoint, config.modality, config.arch, config.bn_eps, config.seed)
@@ -111,6 +123,11 @@ def linear_classifier(train_features: np.ndarray, train_labels: np.ndarray, num_
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
+    if len(train_features) == 0:
+        raise XdcError("no training clip could be decoded (see the warnings above): there is nothing to fit")
+    if len(np.unique(train_labels)) < 2:
+        raise XdcError(f"the training videos hold a single class ({int(train_labels[0])}); a classifier needs at "
+                       "least two (use a dataset, or split, with more classes)")
     scaler = StandardScaler().fit(train_features)
     model = LogisticRegression(C=c, max_iter=3000, random_state=seed)
     model.fit(scaler.transform(train_features), train_labels)
@@ -153,9 +170,10 @@ def write_results(transfer: Transfer, head: nn.Linear, final: dict, history: lis
         save_atomic({"encoders": {f"{config.modality}.{k}": v for k, v in transfer.encoder.state_dict().items()},
                      "head": head.state_dict(), "classes": transfer.classes, "clip": geometry(transfer.clip),
                      "config": {**asdict(config), "arch": transfer.source["arch"]}}, out / "checkpoints" / "last.pt")
-        draw_confusion(np.array(final["confusion"]), transfer.classes, out / "confusion.png",
-                       f"{config.modality} {config.mode}: video accuracy {final['video_acc']:.1%}")
-        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        with atomic_path(out / "confusion.png") as tmp:
+            draw_confusion(np.array(final["confusion"]), transfer.classes, tmp,
+                           f"{config.modality} {config.mode}: video accuracy {final['video_acc']:.1%}")
+        write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     transfer.log(f"test: clip accuracy {result['clip_acc']:.1%}, video accuracy {result['video_acc']:.1%} "
                  f"({result['num_test_videos']} videos x {config.test_clips} clips)")
     return result

@@ -72,6 +72,9 @@ def choose_split(items: list[dict], split: int, test_fraction: float, rng: np.ra
     if min(np.bincount(labels)[np.unique(labels)]) < 2:
         raise DatasetError("every class needs at least 2 videos for a stratified train/test split")
     test_mask = stratified_split(labels, test_fraction, rng)
+    if test_mask.all():
+        raise DatasetError(f"test_fraction {test_fraction} leaves no training video (each class has at most "
+                           f"{max(np.bincount(labels))} videos); lower it")
     return Split([r for r, t in zip(items, test_mask) if not t], [r for r, t in zip(items, test_mask) if t],
                  {"kind": "stratified", "seed": seed, "test_fraction": test_fraction,
                   "test_ids": [r["id"] for r, t in zip(items, test_mask) if t]})
