@@ -117,3 +117,87 @@ def test_write_media_round_trip(tmp_path):
     write_media(tmp_path / "m.mp4", frames, 10, np.zeros((1, 16000), dtype=np.float32), 16000)
     listing = list_dataset(tmp_path, "folder")
     assert [i.id for i in listing.items] == ["m"]
+
+
+# ---- malformed metadata: an error naming file and line, never a traceback ----------------------------
+
+def _cli_prepare(*args):
+    from click.testing import CliRunner
+
+    from xdc_fast.cli import main
+
+    return CliRunner().invoke(main, ["prepare", *map(str, args), "--workers", "0"])
+
+
+@pytest.mark.parametrize("content, line, what", [
+    ("1 ApplyEyeMakeup\n2\n", 2, "expected '<number> <class name>', got '2'"),
+    ("1 ApplyEyeMakeup\nx Archery\n", 2, "expected '<number> <class name>'"),
+    ("1 ApplyEyeMakeup\n\n1 Archery\n", 3, "class number 1 is given twice"),
+])
+def test_malformed_class_index(tmp_path, content, line, what):
+    (tmp_path / "classInd.txt").write_text(content)
+    (tmp_path / "trainlist01.txt").write_text("ApplyEyeMakeup/v_a.avi 1\n")
+    with pytest.raises(FormatError) as caught:
+        list_dataset(tmp_path, "ucf101")
+    assert f"{tmp_path / 'classInd.txt'}, line {line}: {what}" in str(caught.value)
+    result = _cli_prepare(tmp_path, "--out", tmp_path / "out", "--format", "ucf101")
+    assert result.exit_code == 2 and result.output.startswith(f"Error: {tmp_path / 'classInd.txt'}, line {line}")
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_ucf101_list_naming_an_unknown_class(tmp_path):
+    (tmp_path / "classInd.txt").write_text("1 ApplyEyeMakeup\n")
+    (tmp_path / "trainlist01.txt").write_text("ApplyEyeMakeup/v_a.avi 1\nArchery/v_b.avi 2\n")
+    with pytest.raises(FormatError, match=rf"{tmp_path / 'trainlist01.txt'}, line 2: 'Archery/v_b.avi'"):
+        list_dataset(tmp_path, "ucf101")
+
+
+def test_a_binary_class_index_is_a_clear_error(tmp_path):
+    (tmp_path / "classInd.txt").write_bytes(b"1 A\n\xff\xfe\x00garbage\n")
+    with pytest.raises(FormatError, match="not a UTF-8 text file"):
+        list_dataset(tmp_path, "ucf101")
+
+
+@pytest.mark.parametrize("rows, line, what", [
+    ("label,youtube_id,time_start,time_end\nabseiling,abc,x,10\n", 2, "time_start and time_end should be seconds"),
+    ("label,youtube_id,time_start,time_end\nabseiling,abc,0,10\n,def,0,10\n", 3, "no value for label"),
+    ("label,youtube_id,time_start\nabseiling,abc,0\n", 1, "the header lacks column(s) time_end"),
+    ("label,youtube_id,time_start,time_end\nabseiling,abc,0,10\nzumba,abc,0,10\n", 3,
+     "clip abc_000000_000010 is 'zumba' here but 'abseiling' on line 2"),
+    ("label,youtube_id,time_start,time_end\nabseiling,abc,0\n", 2, "no value for time_end"),
+])
+def test_malformed_kinetics_rows(tmp_path, rows, line, what):
+    (tmp_path / "k.csv").write_text(rows)
+    with pytest.raises(FormatError) as caught:
+        list_dataset(tmp_path, "kinetics-csv", tmp_path / "k.csv")
+    assert f"{tmp_path / 'k.csv'}, line {line}: {what}" in str(caught.value)
+    result = _cli_prepare(tmp_path, "--out", tmp_path / "out", "--format", "kinetics-csv", "--csv", tmp_path / "k.csv")
+    assert result.exit_code == 2 and result.output.startswith(f"Error: {tmp_path / 'k.csv'}, line {line}")
+
+
+def test_a_kinetics_clip_listed_twice_with_one_label_is_one_item(tmp_path, small_video):
+    place(small_video, tmp_path / "abc_000000_000010.mp4")
+    (tmp_path / "k.csv").write_text("label,youtube_id,time_start,time_end,split\n"
+                                    "abseiling,abc,0,10,train\nabseiling,abc,0.0,10.0,train\n")
+    listing = list_dataset(tmp_path, "kinetics-csv", tmp_path / "k.csv")
+    assert [i.id for i in listing.items] == ["abc_000000_000010"]
+
+
+def test_malformed_esc50_and_hmdb51_rows(tmp_path):
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "esc50.csv").write_text("filename,fold,target,category\n1-1-A-0.wav,1,0,dog\n"
+                                                 "1-2-A-1.wav,1,dog,dog\n")
+    with pytest.raises(FormatError, match=rf"esc50.csv, line 3: target should be a class number, got 'dog'"):
+        list_dataset(tmp_path, "esc50")
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "wave_test_split1.txt").write_text("a.avi 1\nb.avi 7\n")
+    with pytest.raises(FormatError, match=r"wave_test_split1.txt, line 2: expected '<video file> <0\|1\|2>'"):
+        list_dataset(tmp_path, "hmdb51")
+
+
+def test_the_excluded_folder_is_not_listed(tmp_path, small_video):
+    place(small_video, tmp_path / "a" / "x.mp4")
+    place(small_video, tmp_path / "ds" / "audio" / "a__x.wav")
+    assert list_dataset(tmp_path, "folder").classes == ["a", "ds"]
+    listing = list_dataset(tmp_path, "folder", exclude=tmp_path / "ds")
+    assert listing.classes == ["a"] and [i.id for i in listing.items] == ["a/x"]

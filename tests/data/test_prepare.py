@@ -1,4 +1,6 @@
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +156,156 @@ def test_unreadable_file_is_rejected(tmp_path, small_video, monkeypatch):
     prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)
     (reject,) = read_jsonl(tmp_path / "out" / "rejects.jsonl")
     assert reject["reason"] == "unreadable: permission denied"
+
+
+# ---- resume keeps labels, paths, ids and the manifest itself consistent --------------------------------
+
+def _labels_match_classes(dataset):
+    classes = json.loads((dataset / "classes.json").read_text())
+    return all(classes[r["label"]] == r["label_name"] for r in load_manifest(dataset))
+
+
+def test_a_changed_class_set_is_refused_and_names_the_change(tmp_path, small_video):
+    place(small_video, tmp_path / "root" / "b" / "x.mp4")
+    place(small_video, tmp_path / "root" / "c" / "y.mp4")
+    prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)
+    files = [tmp_path / "out" / name for name in ("manifest.jsonl", "classes.json")]
+    before = [f.read_text() for f in files]
+    # "a" sorts first: accepted, it would renumber b and c while their records keep 0 and 1.
+    place(small_video, tmp_path / "root" / "a" / "z.mp4")
+    with pytest.raises(PrepareError, match=r"added: a\b.*new --out"):
+        prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)
+    assert [f.read_text() for f in files] == before
+    assert _labels_match_classes(tmp_path / "out")
+    shutil.rmtree(tmp_path / "root" / "b")
+    with pytest.raises(PrepareError, match=r"added: a; removed: b\b"):
+        prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)
+    # The way out the message names: a new --out holds the new numbering, consistently.
+    prepare(tmp_path / "root", tmp_path / "new", workers=1, progress=False)
+    assert json.loads((tmp_path / "new" / "classes.json").read_text()) == ["a", "c"]
+    assert _labels_match_classes(tmp_path / "new")
+
+
+def test_more_files_in_known_classes_resume_with_the_same_numbers(tmp_path, small_video):
+    place(small_video, tmp_path / "root" / "b" / "x.mp4")
+    place(small_video, tmp_path / "root" / "c" / "y.mp4")
+    prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)
+    place(small_video, tmp_path / "root" / "c" / "w.mp4")
+    summary = prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)
+    assert (summary.kept, summary.skipped) == (1, 2)
+    assert {r["id"]: r["label"] for r in load_manifest(tmp_path / "out")} == {"b/x": 0, "c/y": 1, "c/w": 1}
+    assert _labels_match_classes(tmp_path / "out")
+
+
+def test_out_inside_root_is_never_read_as_input(tmp_path, small_video):
+    place(small_video, tmp_path / "root" / "b" / "x.mp4")
+    place(small_video, tmp_path / "root" / "c" / "y.mp4")
+    for _ in range(2):  # the second run finds audio/*.wav under ROOT/ds: outputs, not a class "ds"
+        summary = prepare(tmp_path / "root", tmp_path / "root" / "ds", workers=1, progress=False)
+    assert (summary.kept, summary.rejected, summary.skipped) == (0, 0, 2)
+    assert json.loads((tmp_path / "root" / "ds" / "classes.json").read_text()) == ["b", "c"]
+    assert sorted(r["id"] for r in load_manifest(tmp_path / "root" / "ds")) == ["b/x", "c/y"]
+    with pytest.raises(PrepareError, match="ROOT itself"):
+        prepare(tmp_path / "root", tmp_path / "root", workers=1, progress=False)
+
+
+def test_paths_open_from_any_directory_and_an_absolute_root_resumes_by_id(tmp_path, small_video, monkeypatch):
+    for i in range(3):
+        place(small_video, tmp_path / "work" / "media" / "c" / f"v{i}.mp4")
+    monkeypatch.chdir(tmp_path / "work")
+    prepare("media", "ds", workers=1, progress=False)  # both typed relative
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    records = load_manifest(tmp_path / "work" / "ds")
+    assert all(Path(r["path"]).is_absolute() for r in records)
+    assert decode_frames(records[0]["path"], np.array([0.0])).shape[0] == 1  # opens from here
+    summary = prepare(tmp_path / "work" / "media", tmp_path / "work" / "ds", workers=1, progress=False)
+    assert (summary.kept, summary.skipped) == (0, 3)
+    assert len(read_jsonl(tmp_path / "work" / "ds" / "manifest.jsonl")) == 3
+
+
+def test_a_manifest_of_an_older_version_is_refused_then_repaired_by_a_rerun(tmp_path, small_video, monkeypatch):
+    for i in range(2):
+        place(small_video, tmp_path / "media" / "c" / f"v{i}.mp4")
+    prepare(tmp_path / "media", tmp_path / "ds", workers=1, progress=False)
+    # What older versions wrote after a relative run, then an absolute one: paths as typed, each id twice.
+    records = read_jsonl(tmp_path / "ds" / "manifest.jsonl")
+    relative = [{**r, "path": f"media/c/{Path(r['path']).name}"} for r in records]
+    (tmp_path / "ds" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in relative + records))
+    with pytest.raises(PrepareError, match="more than once.*run `xdc-fast prepare"):
+        load_manifest(tmp_path / "ds")
+    (tmp_path / "ds" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in relative))
+    monkeypatch.chdir(tmp_path / "ds")  # where media/... does not resolve
+    with pytest.raises(PrepareError, match="relative to the folder prepare ran in"):
+        load_manifest(tmp_path / "ds")
+    summary = prepare(tmp_path / "media", tmp_path / "ds", workers=1, progress=False)
+    assert (summary.kept, summary.skipped) == (0, 2)  # nothing decoded again
+    assert load_manifest(tmp_path / "ds") == sorted(records, key=lambda r: r["id"])
+
+
+@pytest.mark.parametrize("names", [("cls/v.mp4", "cls/v.mov"), ("cls__v.mp4", "cls/v.mp4")])
+def test_two_files_that_would_share_an_id_or_a_wav_are_refused_with_a_list(tmp_path, small_video, names):
+    for name in names:
+        place(small_video, tmp_path / "root" / name)
+    place(small_video, tmp_path / "root" / "cls" / "fine.mp4")
+    with pytest.raises(PrepareError, match="share one id or one audio file") as caught:
+        prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)
+    assert all(name in str(caught.value) for name in names) and "fine.mp4" not in str(caught.value)
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
+def test_a_new_file_that_would_overwrite_a_prepared_wav_is_refused(tmp_path, small_video):
+    place(small_video, tmp_path / "root" / "cls" / "v.mp4")
+    place(small_video, tmp_path / "root" / "cls" / "w.mp4")
+    prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)
+    (tmp_path / "root" / "cls" / "v.mp4").unlink()
+    place(small_video, tmp_path / "root" / "cls__v.mp4")  # its WAV name is that of the prepared cls/v
+    wav = (tmp_path / "out" / "audio" / "cls__v.wav").read_bytes()
+    with pytest.raises(PrepareError, match="belongs to the prepared item 'cls/v'"):
+        prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)
+    assert (tmp_path / "out" / "audio" / "cls__v.wav").read_bytes() == wav
+
+
+def test_a_torn_line_in_the_middle_is_an_error_naming_file_and_line(tmp_path, small_video):
+    for i in range(3):
+        place(small_video, tmp_path / "root" / "c" / f"v{i}.mp4")
+    prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)
+    manifest = tmp_path / "out" / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([lines[0], lines[1][:25], lines[2]]) + "\n")
+    for load in (lambda: load_manifest(tmp_path / "out"),
+                 lambda: prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)):
+        with pytest.raises(PrepareError, match=rf"{manifest}, line 2: not a JSON record"):
+            load()
+    assert manifest.read_text().splitlines()[1] == lines[1][:25]  # left for the user to see and fix
+
+
+def test_a_torn_last_line_is_dropped_with_a_warning_and_redone(tmp_path, small_video, caplog):
+    for i in range(3):
+        place(small_video, tmp_path / "root" / "c" / f"v{i}.mp4")
+    prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)
+    manifest = tmp_path / "out" / "manifest.jsonl"
+    text = manifest.read_text()
+    manifest.write_text(text[: text.rindex("\n", 0, len(text) - 1) + 20])  # the last record cut mid-line
+    with caplog.at_level("WARNING"):
+        assert len(load_manifest(tmp_path / "out")) == 2
+    assert f"{manifest}, line 3: cut off" in caplog.text
+    summary = prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)
+    assert (summary.kept, summary.skipped) == (1, 2)
+    assert manifest.read_text() == text
+
+
+def test_a_second_prepare_into_the_same_out_is_refused_naming_the_holder(tmp_path, small_video):
+    import fcntl
+
+    place(small_video, tmp_path / "root" / "c" / "v.mp4")
+    (tmp_path / "out").mkdir()
+    with open(tmp_path / "out" / ".prepare.lock", "w") as held:  # as a running prepare holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(PrepareError, match=r"another prepare \(pid 4242\) is writing to"):
+            prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+    assert prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False).kept == 1
