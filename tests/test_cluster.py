@@ -161,6 +161,21 @@ def test_bad_inputs():
         KMeans(3, 2).assign(torch.randn(4, 3))
 
 
+def test_fit_refuses_features_whose_squares_overflow_float32():
+    # Finite but huge features: in float32 every squared norm was Inf and every label 0, silently.
+    x = blobs(n=2000, d=8, centers=6) * 1e30
+    with pytest.raises(ValueError, match=r"KMeans\.fit: x overflows float32 when squared: the largest row norm is "
+                                         r"[\d.]+e\+3\d, above 9\.2e\+18 .* scale the features down or L2-normalise"):
+        KMeans(8, 6, niter=5, seed=1).fit(x)
+    # Scaled down as the message says, the same points cluster, with float64's labels for the result.
+    km = KMeans(8, 6, niter=5, seed=1).fit(x / 1e30)
+    d64 = squared_distances64(x[None], km.centroids[None] * 1e30)[0]
+    assert float((km.labels == d64.argmin(1)).double().mean()) > 0.999
+    assert len(torch.unique(km.labels)) == 6
+    with pytest.raises(ValueError, match="kmeans_assign: x overflows float32 when squared"):
+        km.assign(x)
+
+
 def test_pca_whiten_whitens_and_normalises():
     gen = torch.Generator().manual_seed(0)
     mixing = torch.randn(20, 20, generator=gen)

@@ -3,7 +3,7 @@ import torch
 
 from xdc_fast import ops, reference
 
-from .oracle import check_labels, update64
+from .oracle import check_labels, squared_distances64, update64
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -158,6 +158,7 @@ def test_opcheck(device):
     for spherical in (False, True):
         torch.library.opcheck(torch.ops.xdc_fast.kmeans_assign.default, (x, c, spherical))
     torch.library.opcheck(torch.ops.xdc_fast.kmeans_assign.default, (x[0], c[0]))
+    torch.library.opcheck(torch.ops.xdc_fast.kmeans_assign.default, (x, c, False, True))
     torch.library.opcheck(torch.ops.xdc_fast.kmeans_update.default, (x, labels, 6))
     torch.library.opcheck(torch.ops.xdc_fast.kmeans_update.default, (x[0], labels[0], 6))
 
@@ -211,14 +212,134 @@ def test_assign_errors(make, error, message):
         ops.kmeans_assign(x, c)
 
 
-def test_assign_rejects_non_finite_unless_told_not_to():
-    x, c = torch.randn(10, 3), torch.randn(2, 3)
+@pytest.mark.parametrize("device", DEVICES)
+def test_assign_rejects_non_finite_unless_told_not_to(device):
+    x, c = torch.randn(10, 3, device=device), torch.randn(2, 3, device=device)
     x[4, 1] = float("nan")
     x[7, 0] = float("inf")
-    with pytest.raises(ValueError, match="x should be finite, got 2 NaN/Inf"):
+    with pytest.raises(ValueError, match=_literal("kmeans_assign: x should be finite, got 2 NaN/Inf value(s) in a "
+                                                  "tensor of shape [10, 3]; clean the features first")):
         ops.kmeans_assign(x, c)
     labels, _ = ops.kmeans_assign(x, c, check_finite_input=False)
     assert int(labels.min()) >= 0 and int(labels.max()) < 2  # garbage in, but still in range
+    c[1, 2] = float("-inf")
+    with pytest.raises(ValueError, match=_literal("kmeans_assign: centroids should be finite, got 1 NaN/Inf")):
+        ops.kmeans_assign(torch.randn(10, 3, device=device), c)
+    # One bad value deep in a batch (past the first chunk of rows of any engine), in half precision.
+    x = torch.randn(2, 700, 33, device=device)
+    x[1, 650, 32] = float("nan")
+    with pytest.raises(ValueError, match=_literal("x should be finite, got 1 NaN/Inf value(s) in a tensor of shape "
+                                                  "[2, 700, 33]")):
+        ops.kmeans_assign(x.half(), torch.randn(2, 5, 33, device=device).half())
+
+
+def _centroids_from_points(x, k):
+    return x[..., :k, :].clone()  # as KMeans draws them: each of the first k points is its own nearest
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spherical", [False, True])
+def test_assign_rejects_features_whose_squares_overflow(device, spherical):
+    # Finite but huge features, clustered as KMeans would: every squared norm is Inf in float32, and every
+    # label came out 0 without a word, where float64 gives each of the first points its own centroid.
+    x = torch.randn(2, 300, 16, device=device) * 1e30
+    c = _centroids_from_points(x, 20)
+    exact = squared_distances64(x, c).argmin(-1).cpu()
+    assert torch.equal(exact[:, :20], torch.arange(20).expand(2, 20))
+    with pytest.raises(ValueError, match=r"kmeans_assign: x overflows float32 when squared: the largest row norm "
+                                         r"is [\d.]+e\+3\d, above 9\.2e\+18") as error:
+        ops.kmeans_assign(x, c, spherical)
+    assert "scale the features down or L2-normalise them" in str(error.value)
+    with pytest.raises(ValueError, match=_literal("kmeans_assign: centroids overflow float32 when squared")):
+        ops.kmeans_assign(x / 1e30, c, spherical)
+    labels, _ = ops.kmeans_assign(x, c, spherical, check_finite_input=False)
+    assert int(labels.min()) >= 0 and int(labels.max()) < 20
+    # The way out the message gives: scaled down, the same points get the float64 labels of the original.
+    labels, dist = ops.kmeans_assign(x / 1e30, c / 1e30, spherical)
+    check_labels(x / 1e30, c / 1e30, labels, dist, spherical=spherical)
+    if not spherical:
+        assert torch.equal(labels.cpu(), exact)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_assign_overflow_check_is_not_a_look_at_dist(device):
+    # Wrong labels with finite distances, so a look at dist would pass them: only the norms tell.
+    # 1e20 plus small variations: every centroid's squared norm is Inf in float32, every label came out 0,
+    # and the distances to those centroids are ~1e35.
+    base = torch.randn(16, device=device) * 1e20
+    x = base + torch.randn(300, 16, device=device) * 1e17
+    c = _centroids_from_points(x, 20)
+    _, dist = ops.kmeans_assign(x, c, check_finite_input=False)
+    assert bool(torch.isfinite(dist).all())
+    with pytest.raises(ValueError, match="x overflows float32 when squared"):
+        ops.kmeans_assign(x, c)
+    # Centroids within the limit, rows 2.7 times past it: -2 x.c overflows to -Inf for both centroids,
+    # the lower index wins, and float64 says the other; the distance to the wrong one (2.7e38) is finite.
+    limit = ops.MAX_SQUARED_NORM ** 0.5
+    u = torch.nn.functional.normalize(torch.randn(16, device=device), dim=0)
+    w = torch.nn.functional.normalize(u + 0.3 * torch.nn.functional.normalize(torch.randn(16, device=device), dim=0),
+                                      dim=0)
+    x, c = (u * 2.7 * limit).expand(4, 16), torch.stack([w, u]) * 0.99 * limit
+    assert squared_distances64(x[None], c[None])[0].argmin(-1).tolist() == [1] * 4
+    labels, dist = ops.kmeans_assign(x, c, check_finite_input=False)
+    assert bool(torch.isfinite(dist).all())
+    with pytest.raises(ValueError, match=_literal("x overflows float32 when squared: the largest row norm is 2.5e+19")):
+        ops.kmeans_assign(x, c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_assign_norm_limit_keeps_distances_finite(device):
+    # Norms of 8e18 pass and are assigned as float64 would, centroids opposite to points included:
+    # their squared distances (2.6e38) still fit. Norms of 1e19 squared also fit float32 (1e38 < 3.4e38),
+    # but their distances to opposite centroids (4e38) would not, so they are refused.
+    direction = torch.nn.functional.normalize(torch.randn(200, 12, device=device), dim=-1)
+    for norm, accepted in ((8e18, True), (1e19, False)):
+        x = direction * norm
+        c = torch.cat([x[:10], -x[10:20]])
+        if accepted:
+            labels, dist = ops.kmeans_assign(x, c)
+            assert bool(torch.isfinite(dist).all())
+            check_labels(x, c, labels, dist)
+        else:
+            with pytest.raises(ValueError, match=_literal("the largest row norm is 1e+19, above 9.2e+18")):
+                ops.kmeans_assign(x, c)
+
+
+def engine_contract_checks():
+    """What both CPU assignment engines must do alike; run here on the default engine and by
+    test_blas_tile_path_matches_float64 on the BLAS-tile one."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 300, 64, requires_grad=True)
+    c = torch.randn(2, 40, 64, requires_grad=True)
+    for spherical in (False, True):
+        for labels, dist in (ops.kmeans_assign(x, c, spherical), torch.ops.xdc_fast.kmeans_assign(x, c, spherical)):
+            assert not labels.requires_grad and not dist.requires_grad and dist.grad_fn is None
+            assert check_labels(x.detach(), c.detach(), labels, dist, spherical=spherical) > 0.99
+    sums, counts = ops.kmeans_update(x, labels, 40)
+    assert not sums.requires_grad and int(counts.sum()) == 600
+    # Declared non-differentiable (an Autograd kernel), not left to the autograd fallback.
+    torch.library.opcheck(torch.ops.xdc_fast.kmeans_assign.default, (x, c, False, True))
+    torch.library.opcheck(torch.ops.xdc_fast.kmeans_update.default, (x, labels, 40))
+    for bad_x, bad_c, message in [
+        (float("nan"), 1.0, "x should be finite, got 1 NaN/Inf"),
+        (1.0, float("inf"), "centroids should be finite, got 1 NaN/Inf"),
+        (1e30, 1.0, "x overflows float32 when squared"),
+        (1.0, 1e30, "centroids overflow float32 when squared"),
+    ]:
+        xb, cb = x.detach().clone(), c.detach().clone()
+        xb[1, 250, 7] *= bad_x
+        cb[1, 33, 5] *= bad_c
+        try:
+            ops.kmeans_assign(xb, cb)
+        except ValueError as error:
+            assert message in str(error), str(error)
+        else:
+            raise AssertionError(f"no error for {message}")
+        ops.kmeans_assign(xb, cb, check_finite_input=False)
+
+
+def test_engine_contract():
+    engine_contract_checks()
 
 
 def test_device_mismatch_is_reported():
@@ -272,11 +393,39 @@ def test_fallback_without_extension_warns_once_and_is_correct(monkeypatch):
         ops.kmeans_update(x, torch.full((2, 300), 12), 12)
     with pytest.raises(ValueError, match="same dimension D, got 9 and 4"):
         ops.kmeans_assign(x, torch.randn(2, 12, 4))
+    # No autograd through the fallback either.
+    labels, dist = ops.kmeans_assign(x.requires_grad_(), c.requires_grad_())
+    assert not dist.requires_grad and not ops.kmeans_update(x, labels, 12)[0].requires_grad
+
+
+@pytest.mark.parametrize("bad_x,bad_c", [(float("nan"), 1.0), (1.0, float("-inf")), (1e30, 1.0), (1.0, 1e25)])
+def test_fallback_checks_as_the_kernels_do(monkeypatch, bad_x, bad_c):
+    x, c = torch.randn(2, 300, 9), torch.randn(2, 12, 9)
+    x[1, 200, 3] *= bad_x
+    c[0, 5, 8] *= bad_c
+    with pytest.raises(ValueError) as kernels:
+        ops.kmeans_assign(x, c)
+    monkeypatch.setattr(ops, "HAS_EXTENSION", False)
+    monkeypatch.setattr(ops, "_warned", {"no-extension"})
+    with pytest.raises(ValueError) as fallback:
+        ops.kmeans_assign(x, c)
+    assert str(fallback.value) == str(kernels.value)
+    ops.kmeans_assign(x, c, check_finite_input=False)
+
+
+def test_bench_kmeans_times_the_default_call(monkeypatch):
+    # The user's call, finite check included, is what the benchmark reports.
+    from xdc_fast.bench.kmeans import bench_kmeans
+
+    real, calls = ops.kmeans_assign, []
+    monkeypatch.setattr(ops, "kmeans_assign", lambda *args, **kwargs: calls.append(kwargs) or real(*args, **kwargs))
+    bench_kmeans(n=64, d=4, k=4, repeats=1)
+    assert calls and all(kwargs.get("check_finite_input", True) for kwargs in calls)
 
 
 def test_blas_tile_path_matches_float64():
     # The BLAS-tile assignment (CPUs without AVX2, or XDC_FAST_CPU_ASSIGN=blas) is chosen once per
-    # process, so it is checked in a process of its own.
+    # process, so it is checked in a process of its own, with the contract the default engine meets.
     import os
     import subprocess
     import sys
@@ -293,6 +442,8 @@ def test_blas_tile_path_matches_float64():
         "        check_labels(x, c, labels, dist, spherical=spherical)\n"
         "labels, _ = ops.kmeans_assign(torch.randn(50, 4), torch.ones(1500, 4))\n"
         "assert int(labels.max()) == 0\n"
+        "from tests.test_ops import engine_contract_checks\n"
+        "engine_contract_checks()\n"
         "print('blas path ok')\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

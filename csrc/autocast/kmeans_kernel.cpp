@@ -16,12 +16,12 @@ at::Tensor upcast(const at::Tensor& t) {
 
 template <c10::DispatchKey AutocastKey>
 std::tuple<at::Tensor, at::Tensor> kmeans_assign_autocast(const at::Tensor& x, const at::Tensor& centroids,
-                                                          bool spherical) {
+                                                          bool spherical, bool check_finite) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(AutocastKey);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("xdc_fast::kmeans_assign", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, bool)>();
-  return op.call(upcast(x), upcast(centroids), spherical);
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, bool, bool)>();
+  return op.call(upcast(x), upcast(centroids), spherical, check_finite);
 }
 
 template <c10::DispatchKey AutocastKey>

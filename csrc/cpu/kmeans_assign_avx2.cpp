@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "../kmeans.h"
+
 namespace xdc_fast {
 namespace cpu {
 
@@ -78,6 +80,24 @@ __attribute__((target("avx2,fma"))) float squared_distance_avx2(const float* a, 
     sum += e * e;
   }
   return float(sum);
+}
+
+// Lanes are partial sums of squares, never above the total, so none overflows before the norm is
+// over the limit; the total is taken in double, where the limit itself is exact.
+__attribute__((target("avx2,fma"))) bool squared_norm_fits_avx2(const float* a, int64_t D) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m256 a0 = _mm256_loadu_ps(a + d), a1 = _mm256_loadu_ps(a + d + 8);
+    acc0 = _mm256_fmadd_ps(a0, a0, acc0);
+    acc1 = _mm256_fmadd_ps(a1, a1, acc1);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
+  double sum = 0.0;
+  for (float v : lanes) sum += v;
+  for (; d < D; ++d) sum += double(a[d]) * double(a[d]);
+  return sum <= kMaxSquaredNorm;  // false for NaN too
 }
 
 namespace {
@@ -184,7 +204,7 @@ int64_t reduce_lanes(const float* value, const float* index) {
 }  // namespace
 
 void assign_fused_avx2(const at::Tensor& x, const at::Tensor& c, const at::Tensor& cnorm, bool spherical,
-                       int64_t* labels, float* dist) {
+                       int64_t* labels, float* dist, std::atomic<int64_t>* bad_rows) {
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), K = c.size(1);
   const int64_t panels = (K + kPanel - 1) / kPanel;
   at::Tensor packed = at::empty({B, panels * D * kPanel + 8}, c.options());  // +8: room to align
@@ -206,6 +226,7 @@ void assign_fused_avx2(const at::Tensor& x, const at::Tensor& c, const at::Tenso
   at::parallel_for(0, B * chunks_per_batch, 1, [&](int64_t t0, int64_t t1) {
     alignas(32) float best_value[kRowsPerChunk * kPanel];
     alignas(32) float best_index[kRowsPerChunk * kPanel];
+    int64_t bad = 0;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / chunks_per_batch;
       const int64_t r0 = (t % chunks_per_batch) * kRowsPerChunk;
@@ -227,8 +248,10 @@ void assign_fused_avx2(const at::Tensor& x, const at::Tensor& c, const at::Tenso
         const float* ci = cp + (b * K + best) * D;
         labels[b * N + r0 + i] = best;
         dist[b * N + r0 + i] = spherical ? dot_exact(xi, ci, D) : squared_distance_avx2(xi, ci, D);
+        if (bad_rows != nullptr && !squared_norm_fits_avx2(xi, D)) ++bad;
       }
     }
+    if (bad) bad_rows->fetch_add(bad);
   });
 }
 

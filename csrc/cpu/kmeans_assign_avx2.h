@@ -10,6 +10,7 @@
 #define XDC_FAST_AVX2_ASSIGN 0
 #endif
 
+#include <atomic>
 #include <cstdint>
 
 #if XDC_FAST_AVX2_ASSIGN
@@ -34,13 +35,15 @@ bool avx2_assign_available();
 
 // Labels and distances of every row of x [B, N, D] (float32, unit stride inside a row) against the
 // centroids c [B, K, D] (float32, contiguous) with their squared norms cnorm [B, K]; K < 2^24,
-// because lane indices are carried as floats. Lowest index wins on exact ties.
+// because lane indices are carried as floats. Lowest index wins on exact ties. Unless bad_rows is
+// null, the rows whose squared norm is not a finite float32 are counted into it (see kmeans.h).
 void assign_fused_avx2(const at::Tensor& x, const at::Tensor& c, const at::Tensor& cnorm, bool spherical,
-                       int64_t* labels, float* dist);
+                       int64_t* labels, float* dist, std::atomic<int64_t>* bad_rows);
 
 // The BLAS path's per-row helpers; same contract as their scalar twins in kmeans_kernel.cpp.
 int64_t argmin_row_avx2(float* scores, const float* cnorm, int64_t K, bool spherical);
 float squared_distance_avx2(const float* a, const float* b, int64_t D);
+bool squared_norm_fits_avx2(const float* a, int64_t D);
 
 #else
 

@@ -15,9 +15,11 @@
 // the result does not depend on scheduling.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -64,6 +66,12 @@ int64_t argmin_row_scalar(float* scores, const float* cnorm, int64_t K, bool sph
   return best;  // 0 when the row holds only NaN or +inf: the label is then arbitrary but in range
 }
 
+bool squared_norm_fits_scalar(const float* a, int64_t D) {
+  double sum = 0.0;
+  for (int64_t d = 0; d < D; ++d) sum += double(a[d]) * double(a[d]);
+  return sum <= kMaxSquaredNorm;  // false for NaN too
+}
+
 float squared_distance_scalar(const float* a, const float* b, int64_t D) {
   double sum = 0.0;
   for (int64_t d = 0; d < D; ++d) {
@@ -89,8 +97,15 @@ float squared_distance(const float* a, const float* b, int64_t D, [[maybe_unused
   return squared_distance_scalar(a, b, D);
 }
 
+bool squared_norm_fits(const float* a, int64_t D, [[maybe_unused]] bool avx2) {
+#if XDC_FAST_AVX2_ASSIGN
+  if (avx2) return cpu::squared_norm_fits_avx2(a, D);
+#endif
+  return squared_norm_fits_scalar(a, D);
+}
+
 std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x_in, const at::Tensor& centroids_in,
-                                                     bool spherical) {
+                                                     bool spherical, bool check_finite) {
   auto [x3, c3] = check_assign_inputs(x_in, centroids_in);
   at::Tensor x = float_rows(x3);
   at::Tensor c = c3.to(at::kFloat).contiguous();
@@ -99,7 +114,11 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x_in, con
   at::Tensor dist = at::empty({B, N}, x.options().dtype(at::kFloat));
   if (N == 0) return squeeze_if_2d(x_in, labels, dist);
 
-  at::Tensor cnorm = c.to(at::kDouble).pow(2).sum(-1).to(at::kFloat).contiguous();
+  at::Tensor cnorm64 = c.to(at::kDouble).pow(2).sum(-1);
+  if (check_finite && !cnorm64.le(kMaxSquaredNorm).all().item<bool>())
+    throw_not_finite("kmeans_assign", x_in, centroids_in);
+  at::Tensor cnorm = cnorm64.to(at::kFloat).contiguous();
+  std::atomic<int64_t> bad_rows{0};
   const bool avx2 = cpu::avx2_assign_available();
 #if XDC_FAST_AVX2_ASSIGN
   // Our fused micro-kernel where the CPU has AVX2 and FMA (float lane indices are exact below 2^24);
@@ -109,7 +128,9 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x_in, con
     return choice != nullptr && std::string(choice) == "blas";
   }();
   if (avx2 && !use_blas && K < (int64_t(1) << 24)) {
-    cpu::assign_fused_avx2(x, c, cnorm, spherical, labels.data_ptr<int64_t>(), dist.data_ptr<float>());
+    cpu::assign_fused_avx2(x, c, cnorm, spherical, labels.data_ptr<int64_t>(), dist.data_ptr<float>(),
+                           check_finite ? &bad_rows : nullptr);
+    if (bad_rows.load() > 0) throw_not_finite("kmeans_assign", x_in, centroids_in);
     return squeeze_if_2d(x_in, labels, dist);
   }
 #endif
@@ -127,9 +148,14 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x_in, con
   const int64_t xsb = x.stride(0), xsn = x.stride(1);
 
   at::parallel_for(0, B * tiles_per_batch, 1, [&](int64_t t0, int64_t t1) {
+    // at::parallel_for does not carry the caller's thread-local dispatch state into its worker threads:
+    // there the Autograd kernel's guard (kmeans.cpp) was gone, and mm_out raised "functions with out=...
+    // arguments don't support automatic differentiation" for an x that requires grad.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::vector<float> scores(rows * block);
     std::vector<float> best_value(rows);
     std::vector<int64_t> best_index(rows);
+    int64_t bad = 0;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / tiles_per_batch;
       const int64_t r0 = (t % tiles_per_batch) * rows;
@@ -160,9 +186,12 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x_in, con
         const float* ci = cb + best_index[i] * D;
         lp[b * N + r0 + i] = best_index[i];
         dp[b * N + r0 + i] = spherical ? cpu::dot_exact(xi, ci, D) : squared_distance(xi, ci, D, avx2);
+        if (check_finite && !squared_norm_fits(xi, D, avx2)) ++bad;
       }
     }
+    if (bad) bad_rows.fetch_add(bad);
   });
+  if (bad_rows.load() > 0) throw_not_finite("kmeans_assign", x_in, centroids_in);
   return squeeze_if_2d(x_in, labels, dist);
 }
 

@@ -180,11 +180,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-// One warp per row: the distance (or inner product) to the chosen centroid, computed directly.
+// One warp per row: the distance (or inner product) to the chosen centroid, computed directly. Unless
+// bad_rows is null, the rows whose squared norm is not a finite float32 are counted into it (the
+// check_finite of kmeans.h), from the row as it streams past: no pass of its own over x. Partial sums
+// of squares never exceed the total, so the float sum reaches the limit only when the norm does.
 template <bool kSpherical>
 __global__ void winner_distance_kernel(const float* __restrict__ x, const float* __restrict__ c,
                                        const int64_t* __restrict__ labels, float* __restrict__ dist, int64_t B,
-                                       int64_t N, int D, int K, int64_t x_batch_stride, int64_t x_row_stride) {
+                                       int64_t N, int D, int K, int64_t x_batch_stride, int64_t x_row_stride,
+                                       unsigned long long* __restrict__ bad_rows) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
   for (int64_t item = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; item < B * N; item += warps) {
@@ -192,6 +196,7 @@ __global__ void winner_distance_kernel(const float* __restrict__ x, const float*
     const float* xr = x + b * x_batch_stride + n * x_row_stride;
     const float* cr = c + (b * K + labels[item]) * D;
     float sum = 0.0f;
+    float norm = 0.0f;
     for (int d = lane; d < D; d += 32) {
       if (kSpherical) {
         sum = fmaf(xr[d], cr[d], sum);
@@ -199,10 +204,17 @@ __global__ void winner_distance_kernel(const float* __restrict__ x, const float*
         const float e = xr[d] - cr[d];
         sum = fmaf(e, e, sum);
       }
+      norm = fmaf(xr[d], xr[d], norm);
     }
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (lane == 0) dist[item] = sum;
+    for (int offset = 16; offset > 0; offset /= 2) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      norm += __shfl_xor_sync(0xffffffffu, norm, offset);
+    }
+    if (lane == 0) {
+      dist[item] = sum;
+      if (bad_rows != nullptr && !(norm <= float(kMaxSquaredNorm))) atomicAdd(bad_rows, 1ull);  // NaN too
+    }
   }
 }
 
@@ -246,7 +258,7 @@ __global__ void __launch_bounds__(32 * kUpdateWarps)
 }
 
 std::tuple<at::Tensor, at::Tensor> kmeans_assign_cuda(const at::Tensor& x_in, const at::Tensor& centroids_in,
-                                                      bool spherical) {
+                                                      bool spherical, bool check_finite) {
   auto [x3, c3] = check_assign_inputs(x_in, centroids_in);
   c10::cuda::CUDAGuard guard(x3.device());
   at::Tensor x = float_rows(x3);
@@ -259,7 +271,11 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cuda(const at::Tensor& x_in, co
   at::Tensor dist = at::empty({B, N}, x.options().dtype(at::kFloat));
   if (N == 0) return squeeze_if_2d(x_in, labels, dist);
 
-  at::Tensor cnorm = c.to(at::kDouble).pow(2).sum(-1).to(at::kFloat).contiguous();
+  at::Tensor cnorm64 = c.to(at::kDouble).pow(2).sum(-1);
+  if (check_finite && !cnorm64.le(kMaxSquaredNorm).all().item<bool>())
+    throw_not_finite("kmeans_assign", x_in, centroids_in);
+  at::Tensor cnorm = cnorm64.to(at::kFloat).contiguous();
+  at::Tensor bad_rows = check_finite ? at::zeros({1}, x.options().dtype(at::kLong)) : at::Tensor();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid((N + kTileRows - 1) / kTileRows, B);
   const bool vector = D % 4 == 0 && x.stride(1) % 4 == 0 && x.stride(0) % 4 == 0 &&
@@ -275,10 +291,13 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cuda(const at::Tensor& x_in, co
   const int64_t warps_needed = B * N;
   const int blocks = int(std::min<int64_t>((warps_needed + 7) / 8, 65535 * 8));
   auto launch_distance = spherical ? winner_distance_kernel<true> : winner_distance_kernel<false>;
-  launch_distance<<<blocks, 256, 0, stream>>>(x.data_ptr<float>(), c.data_ptr<float>(), labels.data_ptr<int64_t>(),
-                                              dist.data_ptr<float>(), B, N, int(D), int(K), x.stride(0),
-                                              x.stride(1));
+  launch_distance<<<blocks, 256, 0, stream>>>(
+      x.data_ptr<float>(), c.data_ptr<float>(), labels.data_ptr<int64_t>(), dist.data_ptr<float>(), B, N, int(D),
+      int(K), x.stride(0), x.stride(1),
+      check_finite ? reinterpret_cast<unsigned long long*>(bad_rows.data_ptr<int64_t>()) : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // The read-back waits for the kernels, as the separate check's reduction did before.
+  if (check_finite && bad_rows.item<int64_t>() > 0) throw_not_finite("kmeans_assign", x_in, centroids_in);
   return squeeze_if_2d(x_in, labels, dist);
 }
 

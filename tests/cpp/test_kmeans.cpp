@@ -2,7 +2,9 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cmath>
 #include <cstdio>
+#include <string>
 #include <tuple>
 
 namespace {
@@ -16,11 +18,23 @@ void expect(bool ok, const char* what) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> assign(const at::Tensor& x, const at::Tensor& c, bool spherical) {
+std::tuple<at::Tensor, at::Tensor> assign(const at::Tensor& x, const at::Tensor& c, bool spherical,
+                                          bool check_finite = false) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("xdc_fast::kmeans_assign", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, bool)>();
-  return op.call(x, c, spherical);
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, bool, bool)>();
+  return op.call(x, c, spherical, check_finite);
+}
+
+// The message of the c10::ValueError the call raises, or "" when it raises none.
+template <typename Call>
+std::string value_error(Call call) {
+  try {
+    call();
+  } catch (const c10::ValueError& error) {
+    return error.what_without_backtrace();
+  }
+  return "";
 }
 
 std::tuple<at::Tensor, at::Tensor> update(const at::Tensor& x, const at::Tensor& labels, int64_t k) {
@@ -68,6 +82,43 @@ int main() {
       expect(labels.equal(all.argmin(-1)), spherical ? "spherical ties go to the lowest index"
                                                      : "ties go to the lowest index");
     }
+  }
+  // check_finite: NaN/Inf or norms past the limit (kmeans.h) in either input raise a ValueError that
+  // names the input; without the check the call returns, labels in range. Row 250 is past the first
+  // chunk of rows of either engine.
+  {
+    struct Case {
+      float x_factor, c_factor;
+      const char* message;
+    };
+    for (const Case& bad : {Case{NAN, 1.0f, "x should be finite, got 1 NaN/Inf"},
+                            Case{1.0f, INFINITY, "centroids should be finite, got 1 NaN/Inf"},
+                            Case{1e30f, 1.0f, "x overflows float32 when squared"},
+                            Case{1.0f, 1e30f, "centroids overflow float32 when squared"}}) {
+      at::Tensor x = at::randn({2, 300, 40}), c = at::randn({2, 20, 40});
+      x[1][250][7].mul_(bad.x_factor);
+      c[1][13][5].mul_(bad.c_factor);
+      for (bool spherical : {false, true}) {
+        const std::string message = value_error([&] { assign(x, c, spherical, true); });
+        expect(message.find(bad.message) != std::string::npos, bad.message);
+        auto [labels, dist] = assign(x, c, spherical, false);
+        expect(labels.min().item<int64_t>() >= 0 && labels.max().item<int64_t>() < 20,
+               "without the check, labels stay in range");
+      }
+    }
+    at::Tensor x = at::randn({2, 300, 40}), c = at::randn({2, 20, 40});
+    expect(value_error([&] { assign(x, c, false, true); }).empty(), "finite input passes the check");
+  }
+  // Inputs that require grad: the ops are not differentiable, so both engines (this test runs on each)
+  // return the labels of detached inputs, and outputs that do not require grad.
+  {
+    at::Tensor x = at::randn({2, 300, 40}), c = at::randn({2, 20, 40});
+    auto [labels, dist] = assign(x, c, false);
+    auto [labels_g, dist_g] = assign(x.clone().set_requires_grad(true), c.clone().set_requires_grad(true), false, true);
+    expect(labels_g.equal(labels) && dist_g.equal(dist), "inputs that require grad: the same labels and distances");
+    expect(!dist_g.requires_grad(), "outputs do not require grad");
+    auto [sums, counts] = update(x.clone().set_requires_grad(true), labels, 20);
+    expect(!sums.requires_grad(), "update: outputs do not require grad");
   }
   bool threw = false;
   try {
