@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, PRESETS, PretrainConfig, from_dict, read_yaml
+from .files import write_text_atomic
 
 
 @dataclass
@@ -103,8 +104,8 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, log=print) -> li
 
     figures = write_report(out / "pretrain", out / "data")
     timings["total"] = time.perf_counter() - start
-    (out / "demo.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "seconds": timings,
-                                               "config": asdict(config)}, indent=2) + "\n")
+    write_text_atomic(out / "demo.json", json.dumps({"rows": [asdict(r) for r in rows], "seconds": timings,
+                                                     "config": asdict(config)}, indent=2) + "\n")
     log("")
     log(format_table(rows, config.classes))
     log("")
