@@ -9,6 +9,7 @@ and the file beats the default; keys of the file that have no flag still reach t
 
 from __future__ import annotations
 
+import logging
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -148,8 +149,8 @@ def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path):
 
 # ---- pretrain -----------------------------------------------------------------------------------------
 
-PRETRAIN_FLAGS = ("variant", "arch", "epochs", "clusters", "batch_size", "lr", "device", "seed", "init_checkpoint",
-                  "labels_from")
+PRETRAIN_FLAGS = ("variant", "arch", "epochs", "clusters", "batch_size", "lr", "device", "loader", "seed",
+                  "init_checkpoint", "labels_from")
 EXISTING_FILE = click.Path(dir_okay=False, exists=True)
 
 
@@ -170,10 +171,26 @@ def pretrain(dataset, out, config_values, resume, **flags):
     from . import distributed as xdist
     from .pretrain import pretrain as run
 
+    _show_loader_choice()
     run(dataset, out, build_config(PretrainConfig, config_values, flags), resume=resume, log=click.echo)
     if xdist.is_main_process():
         _report_quietly(out)
     click.echo(f"done: {out}/metrics.jsonl, {out}/checkpoints/last.pt, {out}/report/")
+
+
+class _EchoHandler(logging.Handler):
+    """Log lines on click's stderr of the moment (CliRunner swaps it between invocations)."""
+
+    def emit(self, record):
+        click.echo(self.format(record), err=True)
+
+
+def _show_loader_choice() -> None:
+    """make_loader's one line saying which loader ``auto`` took and why, on stderr (once per process)."""
+    logger = logging.getLogger("xdc_fast.engine")
+    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+        logger.addHandler(_EchoHandler())
+        logger.setLevel(logging.INFO)
 
 
 def _report_quietly(run: str) -> None:
@@ -189,7 +206,7 @@ def _report_quietly(run: str) -> None:
 # ---- finetune -----------------------------------------------------------------------------------------
 
 FINETUNE_FLAGS = ("checkpoint", "modality", "mode", "arch", "split", "epochs", "batch_size", "lr", "test_clips",
-                  "eval_every", "device", "workers", "seed")
+                  "eval_every", "device", "loader", "workers", "seed")
 
 
 @main.command(context_settings=CONTEXT)
@@ -211,14 +228,15 @@ def finetune(dataset, out, config_values, **flags):
         from .probe import probe as run
     else:
         from .finetune import finetune as run
+    _show_loader_choice()
     run(dataset, out, config, log=click.echo)
     click.echo(f"done: {out}/metrics.json, {out}/confusion.png, {out}/checkpoints/last.pt")
 
 
 # ---- extract ------------------------------------------------------------------------------------------
 
-EXTRACT_FLAGS = ("checkpoint", "modality", "clips_per_video", "aggregate", "arch", "batch_size", "device", "workers",
-                 "seed")
+EXTRACT_FLAGS = ("checkpoint", "modality", "clips_per_video", "aggregate", "arch", "batch_size", "device", "loader",
+                 "workers", "seed")
 
 
 @main.command(context_settings=CONTEXT)
@@ -236,6 +254,7 @@ def extract(dataset, out, config_values, **flags):
     """
     from .extract import extract as run
 
+    _show_loader_choice()
     run(dataset, out, build_config(ExtractConfig, config_values, flags), log=click.echo)
 
 

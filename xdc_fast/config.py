@@ -19,12 +19,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .data.clips import CLIP_FIELDS, ClipConfig
+from .engine import LOADERS
 from .errors import XdcError
 from .pseudo_labels import VARIANTS
 
 ARCHS = ("tiny", "r2plus1d_18")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "constant")
+LOADER_HELP = ("Decoding: pyav (on the CPU, in DataLoader worker processes) or dali (NVDEC on CUDA; on the CPU "
+               "its graph reads VP8/VP9/MJPEG only). auto: DALI when the device is CUDA and DALI imports and builds its pipeline, "
+               "else PyAV, said in one log line with the reason.")
 MODALITIES = ("video", "audio")
 PRESETS = Path(__file__).parent / "configs"
 
@@ -202,6 +206,7 @@ class PretrainConfig(Checked):
     clip: dict = option(None, "Clip geometry overrides (frames, stride, resize_short, crop, audio_seconds, "
                         "n_mels, ...) on top of the arch's.", default_factory=dict)
     workers: int = option(0, "DataLoader worker processes.", min=0)
+    loader: str = option("auto", LOADER_HELP, choices=LOADERS)
     device: str = option("auto", "auto: CUDA when there is one.", choices=DEVICES)
     dist_timeout_s: float = option(600.0, "Under torchrun: seconds a rank waits for the others before every rank "
                                    "stops with a message naming the phase that stalled.", min=0, min_open=True)
@@ -246,6 +251,7 @@ class FinetuneConfig(Checked):
     bn_eps: float = option(1e-5, "Batch-norm epsilon of the video encoder: 1e-3 for the official XDC weights.",
                            min=0, min_open=True)
     workers: int = option(0, "DataLoader worker processes.", min=0)
+    loader: str = option("auto", LOADER_HELP, choices=LOADERS)
     device: str = option("auto", "auto: CUDA when there is one.", choices=DEVICES)
     dist_timeout_s: float = option(600.0, "Under torchrun: seconds a rank waits for the others.", min=0,
                                    min_open=True)
@@ -267,6 +273,7 @@ class ExtractConfig(Checked):
     clip: dict = option(None, "Clip geometry overrides on top of the checkpoint's (else the arch's).",
                         default_factory=dict)
     workers: int = option(0, "DataLoader worker processes.", min=0)
+    loader: str = option("auto", LOADER_HELP, choices=LOADERS)
     device: str = option("auto", "auto: CUDA when there is one.", choices=DEVICES)
     dist_timeout_s: float = option(600.0, "Under torchrun: seconds a rank waits for the others.", min=0,
                                    min_open=True)

@@ -17,56 +17,77 @@ import torch
 from torch import nn
 
 from . import distributed as xdist
+from .errors import LoaderError
 
 log = logging.getLogger(__name__)
 
 LOADERS = ("auto", "pyav", "dali")
+_ANNOUNCED: set[str] = set()  # what `auto` chose and why, said once per process (not once per epoch)
+
+
+def _announce(line: str) -> None:
+    if line not in _ANNOUNCED and xdist.is_main_process():
+        _ANNOUNCED.add(line)
+        log.info(line)
 
 
 # ---- loading ------------------------------------------------------------------------------------------
 
-def make_loader(dataset, batch_size: int, *, loader: str = "pyav", workers: int = 0, device: str = "cpu",
-                indices: Iterable[int] | None = None):
+def make_loader(dataset, batch_size: int, *, loader: str = "pyav", workers: int = 0,
+                device: str | torch.device = "cpu", indices: Iterable[int] | None = None):
     """Batches of ``dataset`` (a ClipDataset), in ``indices`` order (default: all samples).
 
     ``loader``: "pyav" decodes on the CPU in a torch DataLoader with ``workers`` processes; "dali" decodes
     with DALI (NVDEC on a GPU, its CPU graph otherwise); "auto" takes DALI on a CUDA device when it is
-    installed and builds, else PyAV, and says in one log line why. Batches are dicts of
-    ``video [B,3,T,H,W]``, ``audio [B,1,M,F]``, ``index``, ``label``, ``start`` and ``skipped`` (samples
-    that failed to decode and were left out)."""
+    installed and builds, else PyAV, and says in one log line (INFO, once per process) which and why.
+    Batches are dicts of ``video [B,3,T,H,W]`` and/or ``audio [B,1,M,F]`` (the dataset's modalities), ``index``, ``label``,
+    ``start`` and ``skipped`` (samples that failed to decode and were left out).
+
+    Raises LoaderError (one line) when "dali" cannot serve: not installed, a codec DALI's CPU graph
+    cannot decode, a pipeline that does not build."""
     from .data.dataset import collate_clips
 
     if loader not in LOADERS:
-        raise ValueError(f"loader should be one of {', '.join(LOADERS)}, got {loader!r}")
+        raise LoaderError(f"loader should be one of {', '.join(LOADERS)}, got {loader!r}")
+    device = torch.device(device)
     if loader in ("auto", "dali"):
         built, reason = _dali_loader(dataset, batch_size, loader, workers, device, indices)
         if built is not None:
+            if loader == "auto":
+                _announce("loader: DALI (auto), because the device is CUDA and DALI is installed and builds its "
+                          "pipeline")
             return built
         if loader == "dali":
-            raise RuntimeError(f"loader dali: {reason}")
-        log.info("loader: using PyAV on the CPU because %s", reason)
+            raise LoaderError(f"--loader dali: {reason}")
+        _announce(f"loader: PyAV (auto), because {reason}")
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
     # The CUDA copy of a pinned batch overlaps the step before it (non_blocking in `to_device`).
     return torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_clips,
-                                       pin_memory=device == "cuda" and torch.cuda.is_available())
+                                       pin_memory=device.type == "cuda" and torch.cuda.is_available())
 
 
-def _dali_loader(dataset, batch_size, loader, workers, device, indices):
+def _dali_loader(dataset, batch_size, loader, workers, device: torch.device, indices):
+    """(a DaliClipLoader, None), or (None, why not) where ``auto`` falls back; ``dali`` raises LoaderError
+    for a codec or a pipeline that does not build."""
     from .data import dali_backend
 
     if not dali_backend.dali_available():
-        return None, "nvidia-dali-cuda130 is not installed"
-    if loader == "auto" and (device != "cuda" or not torch.cuda.is_available()):
-        return None, "no CUDA device"
-    if set(dataset.modalities) != {"video", "audio"}:
-        return None, "DALI decodes both modalities together and only one is asked for"
+        return None, "DALI is not installed; pip install nvidia-dali-cuda130"
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    if loader == "auto" and not cuda:
+        return None, "the device is not CUDA, where PyAV's workers outrun DALI's CPU graph"
+    device_id = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
     try:
-        return dali_backend.DaliClipLoader(dataset, batch_size, device="gpu" if device == "cuda" else "cpu",
-                                           num_threads=max(1, workers), indices=indices), None
+        return dali_backend.DaliClipLoader(dataset, batch_size, device="gpu" if cuda else "cpu",
+                                           num_threads=max(1, workers), device_id=device_id, indices=indices), None
+    except LoaderError:
+        raise
     except Exception as error:  # noqa: BLE001 - a missing NVDEC or driver surfaces here
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        reason = f"the DALI pipeline did not build ({type(error).__name__}: {first_line})"
         if loader == "dali":
-            raise
-        return None, f"the DALI pipeline did not build ({type(error).__name__}: {error})"
+            raise LoaderError(f"--loader dali: {reason}; use --loader pyav") from None
+        return None, reason
 
 
 def to_device(batch: dict, names: Iterable[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -93,22 +114,23 @@ def shard_items(dataset, rank: int, world: int):
 
 
 def encode_clips(encoders: Mapping[str, nn.Module], dataset, batch_size: int, device: torch.device, *,
-                 workers: int = 0, gather: bool = True, description: str | None = None
+                 workers: int = 0, loader: str = "pyav", gather: bool = True, description: str | None = None
                  ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Features of every clip of an evaluation ClipDataset that decoded, per modality of ``encoders``,
     and the position of each clip in the dataset: ``video * dataset.config.eval_clips + clip``, where
     ``video`` indexes ``dataset.items`` (so ``position // eval_clips`` is the clip's video).
 
     The videos are shared out across ranks; with ``gather`` every rank gets everyone's features (rank
-    order), without it only its own. Clips that failed to decode are missing from both results."""
+    order), without it only its own. Clips that failed to decode are missing from both results.
+    ``loader`` and ``workers`` choose the decoding backend (see :func:`make_loader`)."""
     shard, positions = shard_items(dataset, xdist.rank(), xdist.world_size())
-    loader = progress(make_loader(shard, batch_size, workers=workers, device=device.type), description)
+    batches = progress(make_loader(shard, batch_size, loader=loader, workers=workers, device=device), description)
     for encoder in encoders.values():
         encoder.eval()
     chunks = {m: [np.zeros((0, encoders[m].feature_dim), np.float32)] for m in encoders}
     videos = [np.zeros(0, np.int64)]
     with torch.no_grad():
-        for batch in loader:
+        for batch in batches:
             if "index" not in batch:
                 continue
             inputs = to_device(batch, encoders, device)

@@ -9,3 +9,8 @@ class XdcError(ValueError):
     """A problem with the user's input, reported before (or instead of) doing the work.
 
     Subclasses ``ValueError`` so that library callers who caught ``ValueError`` keep working."""
+
+
+class LoaderError(XdcError):
+    """The loader asked for cannot serve here: DALI not installed, a codec its CPU graph cannot decode,
+    a pipeline that does not build."""

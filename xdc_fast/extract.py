@@ -52,7 +52,7 @@ def _extract(dataset, out, config: ExtractConfig, log) -> dict:
     log(f"{config.modality} features of {len(items)} items x {config.clips_per_video} clips "
         f"({source['source']} {source['arch']} encoder)")
     features, position = engine.encode_clips({config.modality: encoder}, clips, config.batch_size, device,
-                                             workers=config.workers, description="extracting")
+                                             workers=config.workers, loader=config.loader, description="extracting")
     features, video_of_clip = features[config.modality], position // config.clips_per_video
     means, counts = mean_per_video(features, video_of_clip, len(items))
     failed = [items[i]["id"] for i in np.flatnonzero(counts == 0)]

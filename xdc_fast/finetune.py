@@ -83,8 +83,8 @@ def train_epoch(model, optimizer, train_set, labels: np.ndarray, config: Finetun
     per_rank = math.ceil(len(order) / xdist.world_size())
     order = np.resize(order, per_rank * xdist.world_size())[xdist.rank() :: xdist.world_size()]
     train_set.set_epoch(epoch)
-    loader = engine.make_loader(train_set, config.batch_size, workers=config.workers, device=device.type,
-                                indices=order.tolist())
+    loader = engine.make_loader(train_set, config.batch_size, loader=config.loader, workers=config.workers,
+                                device=device, indices=order.tolist())
     loader = engine.progress(loader, f"epoch {epoch}", math.ceil(len(order) / config.batch_size), unit="step")
     model.train()
     loss_sum, correct, seen, skipped = 0.0, 0, 0, 0

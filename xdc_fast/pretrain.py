@@ -234,8 +234,9 @@ def _build_encoders(variant: Variant, arch: str) -> nn.ModuleDict:
     return nn.ModuleDict({m: build[m](arch) for m in variant.modalities})
 
 
-# Settings a resumed run may change: how long it goes on, and where and how fast it runs.
-RESUMABLE_CHANGES = {"epochs", "device", "workers", "checkpoint_every", "init_checkpoint", "dist_timeout_s",
+# Settings a resumed run may change: how long it goes on, and where and how fast it runs (both loaders
+# decode the same clip plans, so a resumed run sees the same clips).
+RESUMABLE_CHANGES = {"epochs", "device", "loader", "workers", "checkpoint_every", "init_checkpoint", "dist_timeout_s",
                      "max_unreadable"}
 
 
@@ -289,7 +290,7 @@ def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, 
     cpv = config.clips_per_video
     t0 = time.perf_counter()
     features, rows = engine.encode_clips(encoders, data.fixed_clips, config.batch_size, device,
-                                         workers=config.workers, gather=False)
+                                         workers=config.workers, loader=config.loader, gather=False)
     t_extract = time.perf_counter() - t0
     t0 = time.perf_counter()
     spec = ClusteringSpec(config.clusters, config.pca_dim, config.kmeans_niter, config.kmeans_nredo, cpv)
@@ -401,8 +402,8 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
                              numpy_rng(config.seed, "sampler", epoch, xdist.rank()))
     data.train_set.set_epoch(epoch)
     total_steps = math.ceil(data.samples_per_rank / config.batch_size)
-    loader = engine.make_loader(data.train_set, config.batch_size, workers=config.workers, device=device.type,
-                                indices=order[start_step * config.batch_size :].tolist())
+    loader = engine.make_loader(data.train_set, config.batch_size, loader=config.loader, workers=config.workers,
+                                device=device, indices=order[start_step * config.batch_size :].tolist())
     loader = engine.progress(loader, f"epoch {epoch}", total_steps, start_step, unit="step")
     model.train()
     keys = [f"{m}_{h}" for m in targets for h in range(len(targets[m]))]
@@ -441,7 +442,7 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
 def _heldout_loss(encoders, heads, targets, heldout_set, config, device) -> float:
     """Mean pseudo-label cross-entropy, summed over heads, on the held-out videos of every rank."""
     features, video = engine.encode_clips({m: encoders[m] for m in heads}, heldout_set, config.batch_size, device,
-                                          workers=config.workers, gather=False)
+                                          workers=config.workers, loader=config.loader, gather=False)
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for m in heads:

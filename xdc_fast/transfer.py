@@ -63,7 +63,7 @@ class Transfer:
         """Every rank's clip features of ``view`` and each clip's video position, on every rank."""
         features, position = engine.encode_clips({self.config.modality: self.encoder}, view,
                                                  self.config.batch_size, self.device, workers=self.config.workers,
-                                                 description=description)
+                                                 loader=self.config.loader, description=description)
         return features[self.config.modality], position // view.config.eval_clips
 
     def test_scores(self, head: nn.Linear) -> dict:

@@ -6,7 +6,9 @@ import torch
 
 from xdc_fast.data.clips import VIDEO_MEAN, VIDEO_STD, ClipConfig
 from xdc_fast.data.dali_backend import dali_available
+from xdc_fast import engine
 from xdc_fast.engine import make_loader
+from xdc_fast.errors import LoaderError
 from xdc_fast.data.dataset import ClipDataset, collate_clips
 from xdc_fast.data.prepare import prepare
 from xdc_fast.data.synthetic import SyntheticSpec, indexed_frames, make_synthetic_dataset, read_index, write_media
@@ -70,12 +72,17 @@ def test_dali_cpu_matches_pyav(vp9_dataset, train):
     assert seen == len(ds)
 
 
-def test_auto_falls_back_to_pyav_with_one_line(prepared, caplog):
+def test_auto_falls_back_to_pyav_with_one_line(prepared, caplog, monkeypatch):
+    monkeypatch.setattr(engine, "_ANNOUNCED", set())
     ds = ClipDataset(prepared, ClipConfig(frames=2, resize_short=32, crop=32, audio_seconds=0.5), seed=0)
     with caplog.at_level(logging.INFO, logger="xdc_fast.engine"):
         loader = make_loader(ds, 2, loader="auto", device="cpu", workers=0)
+        make_loader(ds, 2, loader="auto", device="cpu", workers=0)  # said once, not once per epoch
     assert isinstance(loader, torch.utils.data.DataLoader)
-    assert len([r for r in caplog.records if "using PyAV" in r.getMessage()]) == 1
+    assert [r.getMessage() for r in caplog.records if "loader:" in r.getMessage()] == \
+        ["loader: PyAV (auto), because the device is not CUDA, where PyAV's workers outrun DALI's CPU graph"] \
+        if dali_available() else \
+        ["loader: PyAV (auto), because DALI is not installed; pip install nvidia-dali-cuda130"]
     batch = next(iter(loader))
     assert batch["video"].shape[0] == 2
 
@@ -83,5 +90,62 @@ def test_auto_falls_back_to_pyav_with_one_line(prepared, caplog):
 @pytest.mark.skipif(dali_available(), reason="only without DALI")
 def test_asking_for_dali_without_it_is_a_clear_error(prepared):
     ds = ClipDataset(prepared, ClipConfig(frames=2, resize_short=32, crop=32), seed=0)
-    with pytest.raises(RuntimeError, match="not installed"):
+    with pytest.raises(LoaderError, match="not installed"):
         make_loader(ds, 2, loader="dali", device="cpu")
+
+
+# ---- on a GPU: H.264 on NVDEC (the codec of most datasets; DALI's CPU graph cannot read it) --------------
+
+@pytest.fixture(scope="module")
+def indexed_h264(tmp_path_factory):
+    root = tmp_path_factory.mktemp("indexed_h264")
+    audio = np.zeros((1, 16000 * 3), dtype=np.float32)
+    write_media(root / "media" / "indexed.mp4", indexed_frames(75, height=96, width=96), 25, audio, 16000,
+                codec="h264", keyframe_interval=25)
+    prepare(root / "media", root / "dataset", workers=1, progress=False)
+    return root / "dataset"
+
+
+@pytest.fixture(scope="module")
+def h264_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("h264")
+    make_synthetic_dataset(root / "media", SyntheticSpec(classes=2, videos_per_class=2, seconds=2.0, fps=12,
+                                                         width=64, height=48, codec="h264", seed=3))
+    prepare(root / "media", root / "dataset", workers=1, progress=False)
+    return root / "dataset"
+
+
+def _nvdec(dataset, batch_size=2):
+    return make_loader(dataset, batch_size, loader="dali", device="cuda", workers=2)
+
+
+@needs_dali
+@pytest.mark.cuda
+def test_nvdec_h264_frames_are_the_planned_frames(indexed_h264):
+    config = ClipConfig(frames=6, stride=3, resize_short=96, crop=96, audio_seconds=0.5, eval_clips=5)
+    ds = ClipDataset(indexed_h264, config, train=False)
+    mean = torch.tensor(VIDEO_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(VIDEO_STD).view(3, 1, 1, 1)
+    for batch in _nvdec(ds):
+        assert batch["video"].is_cuda
+        for video, index in zip(batch["video"].cpu(), batch["index"].tolist()):
+            _, plan = ds.plan(index)
+            pixels = ((video * std + mean) * 255).round().clamp(0, 255).byte().permute(1, 2, 3, 0).numpy()
+            assert [read_index(f) for f in pixels] == [min(i, 74) for i in plan.frame_indices]
+
+
+@needs_dali
+@pytest.mark.cuda
+@pytest.mark.parametrize("modalities", [("video", "audio"), ("video",), ("audio",)])
+def test_nvdec_h264_matches_pyav_within_the_cpu_graphs_tolerance(h264_dataset, modalities):
+    config = ClipConfig(frames=4, stride=2, resize_short=40, crop=32, audio_seconds=0.5, n_mels=20, eval_clips=3)
+    ds = ClipDataset(h264_dataset, config, train=True, seed=1, modalities=modalities)
+    seen = 0
+    for batch in _nvdec(ds):
+        reference = collate_clips([ds[i] for i in batch["index"].tolist()])
+        if "video" in modalities:
+            assert float((batch["video"].cpu() - reference["video"]).abs().mean()) < 0.06
+        if "audio" in modalities:
+            assert float((batch["audio"].cpu() - reference["audio"]).abs().max()) < 1e-3
+        seen += len(batch["index"])
+    assert seen == len(ds)
