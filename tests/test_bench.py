@@ -8,8 +8,10 @@ import torch
 from click.testing import CliRunner
 
 from xdc_fast.bench.loader import bench_loader, format_loader_table, loader_json
-from xdc_fast.bench.timing import check_device, interleaved_best_times, memory_budget, write_json
-from xdc_fast.bench.train import bench_train, format_train_table
+from xdc_fast import engine
+from xdc_fast.bench.timing import check_device, gemm_rate, interleaved_best_times, memory_budget, write_json
+from xdc_fast.bench.train import (bench_train, count_flops, format_train_table, step_flops_per_clip,
+                                  train_json)
 from xdc_fast.cli import main
 from xdc_fast.data.prepare import prepare
 from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
@@ -41,15 +43,66 @@ def test_bench_loader_rows(tmp_path):
     assert [r["clips"] for r in json.loads(out.read_text())][:2] == [2, 2]
 
 
-def test_bench_train_times_each_encoder():
-    rows, shares = bench_train("cpu", ("tiny",), batch_size=2, steps=1, round_runner=None)
-    assert [(r.arch, r.modality) for r in rows] == [("tiny", "video"), ("tiny", "audio")]
-    assert all(math.isfinite(r.clips_per_second) for r in rows)  # each encoder was measured
+def test_flop_count_of_a_linear_step_matches_the_hand_count():
+    b, d_in, d_out = 4, 6, 5
+    layer = torch.nn.Linear(d_in, d_out)
+    x = torch.randn(b, d_in, requires_grad=True)
+    # Forward: one B x in x out product, 2 FLOPs a multiply-add. Backward: the gradient of the input and of
+    # the weight, one product of the same size each; the bias gradient is a sum, which is not counted.
+    assert count_flops(lambda: layer(x).sum().backward()) == 2 * b * d_in * d_out * 3
+
+    # A whole supervised_step: encoder Linear(in0 -> d) on an input without grad (so no input gradient),
+    # then the head Linear(d -> k), whose input gradient does flow back to the encoder.
+    in0, d, k = 7, 6, 5
+    encoder = torch.nn.Linear(in0, d, bias=False)
+    model = engine.EncodersWithHeads({"video": encoder}, {"video": [torch.nn.Linear(d, k)]})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs = {"video": torch.randn(b, in0)}
+    targets = {"video": [torch.randint(0, k, (b,))]}
+    per_clip = (2 * in0 * d) * 2 + (2 * d * k) * 3  # encoder: forward + weight grad; head: forward + both grads
+    assert step_flops_per_clip(model, [optimizer], inputs, targets, b) == per_clip
+
+
+def test_bench_train_times_each_encoder_with_flops_and_a_loader(tmp_path):
+    rows, shares = bench_train("cpu", ("tiny",), batch_size=2, steps=1, round_runner=None, loaders=("pyav",),
+                               workers=0)
+    assert [(r.arch, r.modality, r.loader) for r in rows] == [
+        ("tiny", "video", None), ("tiny", "audio", None), ("tiny", "video", "pyav"), ("tiny", "audio", "pyav")]
+    assert all(math.isfinite(r.clips_per_second) and r.clips_per_second > 0 for r in rows)  # each was measured
+    assert all(r.flops_per_clip > 0 for r in rows)
+    assert rows[0].flops_per_clip > 10 * rows[1].flops_per_clip  # a video clip costs far more than 1 s of log-mel
+    assert [r.bound for r in rows] == [None, None] + [r.bound for r in rows[2:]]
+    assert all(r.bound in ("loader", "compute") for r in rows[2:])
     assert shares == {}
-    assert "| tiny | video | 2 |" in format_train_table(rows, shares, "cpu")
-    result = CliRunner().invoke(main, ["bench", "train", "--steps", "1", "--batch-size", "2", "--no-round"])
+    ceiling = {"dtype": "float32", "size": 64, "flops_per_s": 1e9}
+    table = format_train_table(rows, shares, "cpu", ceiling)
+    assert "| tiny | video | synthetic tensors | 2 |" in table and "| tiny | audio | pyav (0 workers) | 2 |" in table
+    assert "float32" in table and "MFU is left out" in table
+    record = train_json(rows, shares, "cpu", ceiling)
+    assert record["bf16_tflops"] is None and all(r["mfu"] is None for r in record["rows"])  # MFU is a bf16 figure
+    bf16 = train_json(rows, shares, "cuda", {"dtype": "bfloat16", "size": 64, "flops_per_s": 1e12})
+    assert bf16["bf16_tflops"] == 1.0
+    assert math.isclose(bf16["rows"][0]["mfu"], rows[0].flops_per_clip * rows[0].clips_per_second / 1e12)
+
+
+def test_gemm_rate_on_the_cpu_is_fp32():
+    ceiling = gemm_rate("cpu", size=128, repeats=1)
+    assert ceiling["dtype"] == "float32" and ceiling["size"] == 128 and ceiling["flops_per_s"] > 0
+
+
+def test_bench_train_cli_writes_json(tmp_path):
+    out = tmp_path / "train.json"
+    result = CliRunner().invoke(main, ["bench", "train", "--steps", "1", "--batch-size", "2", "--no-round",
+                                       "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert "clips/s" in result.output
+    assert "clips/s" in result.output and "GEMM ceiling" in result.output
+    record = json.loads(out.read_text())
+    assert record["gemm_ceiling"]["dtype"] == "float32" and record["gemm_ceiling"]["flops_per_s"] > 0
+    assert [(r["arch"], r["encoder"], r["loader"]) for r in record["rows"]] == [("tiny", "video", None),
+                                                                              ("tiny", "audio", None)]
+    for r in record["rows"]:
+        assert {"clips_per_s", "flops_per_clip", "mfu", "bound"} <= set(r)
+        assert r["clips_per_s"] > 0 and r["flops_per_clip"] > 0 and r["mfu"] is None
 
 
 def test_bench_train_round_runner_gives_phase_shares():

@@ -376,12 +376,23 @@ def bench_loader_command(dataset, workers, clips, seed, codec, json_path):
               help="Encoders to time (repeat); r2plus1d_18 takes ~25 s a step on two CPU cores.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, help="Clips per step.")
 @click.option("--steps", type=click.IntRange(min=1), default=3, help="Timed steps after a warm-up; the best counts.")
+@click.option("--loader", "loaders", multiple=True, type=click.Choice(["pyav", "dali"]), default=(),
+              help="Also time the step fed by this loader with real clips (repeat): H.264 synthetic data, "
+                   "VP9 when dali is asked for on the CPU.")
+@click.option("--workers", type=click.IntRange(min=0), default=2,
+              help="Loader workers (PyAV DataLoader processes, DALI threads).")
 @click.option("--no-round", is_flag=True, help="Skip the tiny pretraining round that measures phase shares.")
-def bench_train_command(device, archs, batch_size, steps, no_round):
-    """Clips/s of a training step per encoder and arch, and the share of a round spent extracting,
-    clustering and training."""
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write the figures as JSON here.")
+def bench_train_command(device, archs, batch_size, steps, loaders, workers, no_round, json_path):
+    """Clips/s, model FLOPs per clip (torch.utils.flop_counter) and MFU of a training step per encoder and
+    arch, the same step fed by each --loader (and which bound holds), and the share of a round spent
+    extracting, clustering and training.
+
+    MFU is against a bf16 GEMM measured in the same run (CUDA); on the CPU the fp32 GEMM rate is shown
+    instead, labelled so."""
     from .bench import train as bench_module
-    from .bench.timing import check_device
+    from .bench.timing import check_device, gemm_rate, machine, write_json
 
     check_device(device)
     archs = tuple(archs) or (("tiny", "r2plus1d_18") if device == "cuda" else ("tiny",))
@@ -392,9 +403,15 @@ def bench_train_command(device, archs, batch_size, steps, no_round):
         (record,) = run(dataset_dir, run_dir, PretrainConfig(clusters=4, epochs=1, device=device), log=lambda *_: None)
         return record
 
+    say = lambda msg: click.echo(f"... {msg}", err=True)  # noqa: E731
+    say("GEMM ceiling (bf16 on CUDA, fp32 on the CPU)")
+    ceiling = gemm_rate(device)
     rows, shares = bench_module.bench_train(device, archs, batch_size, steps, None if no_round else one_round,
-                                            progress=lambda msg: click.echo(f"... {msg}", err=True))
-    click.echo(bench_module.format_train_table(rows, shares, device))
+                                            progress=say, loaders=tuple(loaders), workers=workers)
+    click.echo(bench_module.format_train_table(rows, shares, device, ceiling))
+    if json_path:
+        write_json(bench_module.train_json(rows, shares, device, ceiling, machine(device)), json_path)
+        click.echo(f"wrote {json_path}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

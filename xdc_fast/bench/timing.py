@@ -66,3 +66,18 @@ def memory_budget(device: str) -> int:
 def write_json(obj: dict | list, path: str | Path) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
+
+
+def gemm_rate(device: torch.device | str, dtype: torch.dtype | None = None, size: int | None = None,
+              repeats: int = 5) -> dict:
+    """The FLOP/s of one square ``torch.mm`` (2·n³ FLOPs) timed with ``interleaved_best_times``: the
+    ceiling a model's FLOP/s is held against. Default: bf16 at n=8192 on CUDA (tensor cores), fp32 at
+    n=1024 on the CPU (small enough for a quick run). Returns ``{"dtype", "size", "flops_per_s"}``."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    size = size or (8192 if cuda else 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = interleaved_best_times({"mm": lambda: torch.mm(a, b)}, repeats, device)["mm"]
+    return {"dtype": str(dtype).removeprefix("torch."), "size": size, "flops_per_s": 2 * size ** 3 / seconds}

@@ -1,14 +1,21 @@
-"""``xdc-fast bench train``: clips/s of one training step per encoder and arch, and the share of a
-pretraining round that each phase takes.
+"""``xdc-fast bench train``: clips/s of one training step per encoder and arch, the model FLOPs of that
+step and the FLOP/s they come to against a GEMM ceiling measured in the same run (MFU on CUDA), the same
+step fed by each loader with real clips (and which bound holds), and the share of a pretraining round
+that each phase takes.
 
 The step is ``engine.supervised_step`` on ``engine.EncodersWithHeads``, the very step pretraining and
 fine-tuning run, so the figure moves with them. The round itself belongs to the ``pretrain`` command,
 which a benchmark may not import: the caller hands it in as ``round_runner``.
+
+Model FLOPs are what ``torch.utils.flop_counter.FlopCounterMode`` counts over one whole step (forward and
+backward): matrix products and convolutions, 2 FLOPs a multiply-add, the usual MFU convention.
+Normalisation, activations, the loss and the SGD update are not counted.
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,12 +23,16 @@ import torch
 
 from .. import engine
 from ..data.clips import ClipConfig
+from ..errors import LoaderError
 from ..models import build_audio_encoder, build_video_encoder
-from .timing import interleaved_best_times
+from .timing import _sync, interleaved_best_times
 
 RoundRunner = Callable[[str, str], dict]
 """``runner(dataset_dir, run_dir)``: runs one pretraining round and returns its metrics record, whose
 ``"seconds"`` maps each phase to the seconds it took."""
+
+LOADER_BOUND = 0.8
+"""Loader-fed clips/s under this share of the compute-only figure: the loader bounds training."""
 
 
 @dataclass
@@ -30,26 +41,107 @@ class TrainRow:
     modality: str
     batch_size: int
     seconds_per_step: float
+    flops_per_clip: float | None = None
+    loader: str | None = None  # None: synthetic tensors already on the device (compute only)
+    workers: int | None = None
+    bound: str | None = None  # loader rows: "loader" or "compute"
+    note: str = ""  # a loader that could not run says why here (seconds_per_step is then nan)
 
     @property
     def clips_per_second(self) -> float:
         return self.batch_size / self.seconds_per_step
 
+    @property
+    def measured(self) -> bool:
+        return self.seconds_per_step == self.seconds_per_step and self.seconds_per_step > 0
 
-def _step_seconds(arch: str, modality: str, batch_size: int, steps: int, dev: torch.device) -> float:
-    clip = ClipConfig()
+    def flops_per_second(self) -> float | None:
+        return self.flops_per_clip * self.clips_per_second if self.flops_per_clip and self.measured else None
+
+
+def _model(arch: str, modality: str, dev: torch.device):
     encoder = build_video_encoder(arch) if modality == "video" else build_audio_encoder(arch)
     model = engine.EncodersWithHeads({modality: encoder}, {modality: [engine.new_head(encoder.feature_dim, 256)]})
     model = model.to(dev)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def _synthetic(modality: str, batch_size: int, dev: torch.device, clip: ClipConfig = ClipConfig()):
     if modality == "video":
         shape = (batch_size, 3, clip.frames, clip.crop, clip.crop)
     else:
         shape = (batch_size, 1, clip.n_mels, int(clip.audio_seconds * 1000 / clip.hop_ms) + 1)
-    inputs = {modality: torch.randn(shape, device=dev)}
-    targets = {modality: [torch.randint(0, 256, (batch_size,), device=dev)]}
-    return interleaved_best_times({"step": lambda: engine.supervised_step(model, [optimizer], inputs, targets)},
-                                  steps, dev)["step"]
+    return {modality: torch.randn(shape, device=dev)}, {modality: [torch.randint(0, 256, (batch_size,), device=dev)]}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Total FLOPs ``FlopCounterMode`` counts while ``fn()`` runs (matmuls and convolutions, forward and
+    backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def step_flops_per_clip(model, optimizers, inputs, targets, batch_size: int) -> float:
+    """Model FLOPs of one ``supervised_step`` (forward + backward), per clip of the batch."""
+    return count_flops(lambda: engine.supervised_step(model, optimizers, inputs, targets)) / batch_size
+
+
+def _compute_row(arch: str, modality: str, batch_size: int, steps: int, dev: torch.device) -> TrainRow:
+    model, optimizer = _model(arch, modality, dev)
+    inputs, targets = _synthetic(modality, batch_size, dev)
+    flops = step_flops_per_clip(model, [optimizer], inputs, targets, batch_size)
+    seconds = interleaved_best_times({"step": lambda: engine.supervised_step(model, [optimizer], inputs, targets)},
+                                     steps, dev)["step"]
+    return TrainRow(arch, modality, batch_size, seconds, flops)
+
+
+def _loader_row(arch: str, modality: str, batch_size: int, steps: int, dev: torch.device, dataset_dir: str,
+                loader: str, workers: int, flops: float | None) -> TrainRow:
+    """The same step fed by ``loader`` decoding real clips: the first batch (worker start-up, pipeline
+    build) is a warm-up, then ``steps`` batches are timed end to end, loading included."""
+    from ..data.dataset import ClipDataset
+
+    data = ClipDataset(dataset_dir, ClipConfig(), modalities=(modality,))
+    order = [i % len(data) for i in range(batch_size * (steps + 1))]
+    row = TrainRow(arch, modality, batch_size, float("nan"), flops, loader, workers)
+    try:
+        batches = iter(engine.make_loader(data, batch_size, loader=loader, workers=workers, device=dev,
+                                          indices=order))
+    except LoaderError as error:
+        row.note = str(error)
+        return row
+    model, optimizer = _model(arch, modality, dev)
+
+    def one_step() -> int:
+        batch = next(batches)
+        inputs = engine.to_device(batch, (modality,), dev)
+        n = inputs[modality].shape[0]
+        targets = {modality: [torch.randint(0, 256, (n,), device=dev)]}
+        engine.supervised_step(model, [optimizer], inputs, targets)
+        return n
+
+    one_step()
+    _sync(dev)
+    t0 = time.perf_counter()
+    clips = sum(one_step() for _ in range(steps))
+    _sync(dev)
+    row.seconds_per_step = (time.perf_counter() - t0) / steps * batch_size / max(clips, 1)
+    return row
+
+
+def _write_dataset(work: str, codec: str, say) -> str:
+    from ..data.prepare import prepare
+    from ..data.synthetic import SyntheticSpec, make_synthetic_dataset
+
+    say(f"writing a small synthetic dataset ({codec}) for the loader-fed steps")
+    make_synthetic_dataset(f"{work}/media", SyntheticSpec(classes=2, videos_per_class=2, seconds=3.0, width=160,
+                                                          height=128, codec=codec))
+    prepare(f"{work}/media", f"{work}/ds", workers=2, progress=False)
+    return f"{work}/ds"
 
 
 def phase_shares(record: dict) -> dict[str, float]:
@@ -71,31 +163,103 @@ def _run_round(round_runner: RoundRunner, say: Callable[[str], None]) -> dict:
 
 
 def bench_train(device: str = "cpu", archs: tuple[str, ...] = ("tiny",), batch_size: int = 4, steps: int = 3,
-                round_runner: RoundRunner | None = None, progress: Callable[[str], None] | None = None
-                ) -> tuple[list[TrainRow], dict[str, float]]:
-    """Clips/s of one SGD step (forward, backward, update) per encoder and arch on ``device``, and the
-    share of one tiny pretraining round on synthetic data that each phase takes.
+                round_runner: RoundRunner | None = None, progress: Callable[[str], None] | None = None,
+                loaders: tuple[str, ...] = (), workers: int = 2) -> tuple[list[TrainRow], dict[str, float]]:
+    """Clips/s and model FLOPs per clip of one SGD step (forward, backward, update) per encoder and arch on
+    ``device``; for each of ``loaders`` (pyav, dali) the same step fed by that loader with real clips, and
+    the bound that holds; and the share of one tiny pretraining round on synthetic data that each phase
+    takes.
 
-    ``round_runner(dataset_dir, run_dir) -> record`` runs that round (see ``RoundRunner``); without one
-    the shares come back empty."""
+    The loader-fed steps read a small synthetic dataset written to a temporary folder: H.264, or VP9 when
+    DALI is asked for on the CPU (its CPU graph does not decode H.264). ``round_runner(dataset_dir,
+    run_dir) -> record`` runs the round (see ``RoundRunner``); without one the shares come back empty."""
     say = progress or (lambda _msg: None)
     dev = torch.device(device)
     rows = []
+    computed = {}
     for arch in archs:
         for modality in ("video", "audio"):
-            say(f"{arch} {modality} encoder")
-            rows.append(TrainRow(arch, modality, batch_size, _step_seconds(arch, modality, batch_size, steps, dev)))
+            say(f"{arch} {modality} encoder, synthetic tensors")
+            computed[arch, modality] = _compute_row(arch, modality, batch_size, steps, dev)
+            rows.append(computed[arch, modality])
+    if loaders and archs:
+        codec = "vp9" if "dali" in loaders and dev.type != "cuda" else "h264"
+        with tempfile.TemporaryDirectory(prefix="xdc-fast-train-loader-") as work:
+            dataset_dir = _write_dataset(work, codec, say)
+            for arch in archs:
+                for modality in ("video", "audio"):
+                    base = computed[arch, modality]
+                    for loader in loaders:
+                        say(f"{arch} {modality} encoder fed by {loader} ({workers} workers)")
+                        row = _loader_row(arch, modality, batch_size, steps, dev, dataset_dir, loader, workers,
+                                          base.flops_per_clip)
+                        if row.measured:
+                            row.bound = ("loader" if row.clips_per_second < LOADER_BOUND * base.clips_per_second
+                                         else "compute")
+                        rows.append(row)
     if round_runner is None:
         return rows, {}
     return rows, phase_shares(_run_round(round_runner, say))
 
 
-def format_train_table(rows: list[TrainRow], shares: dict, device: str) -> str:
-    lines = [f"training step on {device} (forward + backward + SGD, bf16 autocast on CUDA)", "",
-             "| arch | encoder | batch | s/step | clips/s |", "|---|---|---:|---:|---:|"]
+def _mfu(row: TrainRow, ceiling: dict | None) -> float | None:
+    """Model FLOP/s over the measured bf16 GEMM rate (CUDA); None without a bf16 ceiling."""
+    achieved = row.flops_per_second()
+    if achieved is None or not ceiling or ceiling.get("dtype") != "bfloat16":
+        return None
+    return achieved / ceiling["flops_per_s"]
+
+
+def _fmt(value: float | None, scale: float = 1.0, spec: str = ".1f") -> str:
+    return "–" if value is None else format(value / scale, spec)
+
+
+def format_train_table(rows: list[TrainRow], shares: dict, device: str, ceiling: dict | None = None) -> str:
+    lines = [f"training step on {device} (forward + backward + SGD, bf16 autocast on CUDA)", ""]
+    if ceiling:
+        label = "BF16" if ceiling["dtype"] == "bfloat16" else ceiling["dtype"]
+        lines += [f"GEMM ceiling measured in this run: {label} {ceiling['size']}³ torch.mm = "
+                  f"{ceiling['flops_per_s'] / 1e12:.3f} TFLOP/s" +
+                  ("" if label == "BF16" else " (no bf16 on this device: MFU is left out; "
+                   "'of GEMM' is against this rate)"), ""]
+    lines += ["| arch | encoder | fed by | batch | s/step | clips/s | GFLOP/clip | TFLOP/s | MFU | of GEMM | bound |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r.arch} | {r.modality} | {r.batch_size} | {r.seconds_per_step:.3f} | {r.clips_per_second:.1f} |")
+        fed = "synthetic tensors" if r.loader is None else f"{r.loader} ({r.workers} workers)"
+        if not r.measured:
+            lines.append(f"| {r.arch} | {r.modality} | {fed} | {r.batch_size} | – | – | "
+                         f"{_fmt(r.flops_per_clip, 1e9, '.2f')} | – | – | – | {r.note or 'not run'} |")
+            continue
+        achieved = r.flops_per_second()
+        mfu = _mfu(r, ceiling)
+        of_gemm = achieved / ceiling["flops_per_s"] if achieved is not None and ceiling else None
+        lines.append(f"| {r.arch} | {r.modality} | {fed} | {r.batch_size} | {r.seconds_per_step:.3f} | "
+                     f"{r.clips_per_second:.1f} | {_fmt(r.flops_per_clip, 1e9, '.2f')} | "
+                     f"{_fmt(achieved, 1e12, '.3f')} | {_fmt(mfu and 100 * mfu, 1, '.1f')}{'%' if mfu else ''} | "
+                     f"{_fmt(of_gemm and 100 * of_gemm, 1, '.1f')}{'%' if of_gemm else ''} | {r.bound or ''} |")
+    if any(r.loader for r in rows):
+        lines += ["", f"bound: 'loader' where the loader-fed clips/s is under {LOADER_BOUND:.0%} of the compute-only "
+                      "figure, else 'compute'."]
     if shares:
         lines += ["", "share of one tiny pretraining round: " +
                   ", ".join(f"{phase} {100 * share:.0f}%" for phase, share in shares.items())]
     return "\n".join(lines)
+
+
+def train_json(rows: list[TrainRow], shares: dict, device: str, ceiling: dict | None = None,
+               machine: str | None = None) -> dict:
+    """Everything the run measured, JSON-ready: the GEMM ceiling (with its dtype; ``bf16_tflops`` when it
+    is bf16), and per encoder, arch and loader: clips_per_s, flops_per_clip, mfu (None off CUDA) and bound."""
+    out = {"device": device, "machine": machine, "gemm_ceiling": ceiling,
+           "bf16_tflops": ceiling["flops_per_s"] / 1e12 if ceiling and ceiling["dtype"] == "bfloat16" else None,
+           "rows": [], "round_shares": shares}
+    for r in rows:
+        achieved = r.flops_per_second()
+        out["rows"].append({
+            "arch": r.arch, "encoder": r.modality, "loader": r.loader, "workers": r.workers,
+            "batch_size": r.batch_size, "seconds_per_step": r.seconds_per_step if r.measured else None,
+            "clips_per_s": r.clips_per_second if r.measured else None, "flops_per_clip": r.flops_per_clip,
+            "flops_per_s": achieved, "mfu": _mfu(r, ceiling),
+            "of_gemm": achieved / ceiling["flops_per_s"] if achieved is not None and ceiling else None,
+            "bound": r.bound, "note": r.note})
+    return out

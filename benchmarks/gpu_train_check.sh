@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The training check for the lent GPU machine (issue 13): build there, run the CUDA tests of the loaders,
+# DALI and the engine, `bench train` (FLOPs, MFU against the same-run bf16 GEMM, both loaders), and smoke
+# runs of pretrain (alone and under torchrun, NCCL), finetune and extract on CUDA, on synthetic H.264 data
+# made there. Every step runs under `timeout`; its exit code and seconds go to $OUT/summary.md, its output
+# to $OUT/steps.log (the machine sends back 8 files at most).
+# Usage (from the repository root): OUT=/tmp/gpu bash benchmarks/gpu_train_check.sh
+# PyAV and DALI are not installed on the GPU machine: carry their cp312 wheels (av, nvidia-dali-cuda130
+# and what DALI needs) in a folder and set WHEELS=that/folder; whatever does not import is skipped, said so.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-results}
+WHEELS=${WHEELS:-wheels}
+WORK=${WORK:-/tmp/xdc-train-check}
+mkdir -p "$OUT" "$WORK"
+export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+SUMMARY="$OUT/summary.md"
+LOG="$OUT/steps.log"
+: > "$LOG"
+printf '# GPU training check (%s)\n\n| step | exit | seconds |\n|---|---:|---:|\n' "$(date -u +%FT%TZ)" > "$SUMMARY"
+
+# step NAME SECONDS COMMAND...: run COMMAND under timeout, output to steps.log, a row in summary.md.
+step() {
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T))" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  echo "| $name | $rc$([ "$rc" = 124 ] && echo ' (timed out)') | $((SECONDS - t0)) |" >> "$SUMMARY"
+  echo "    exit $rc in $((SECONDS - t0)) s" | tee -a "$LOG"
+  return $rc
+}
+skip() { echo "| $1 | skipped: $2 | – |" >> "$SUMMARY"; echo "=== $1 skipped: $2" | tee -a "$LOG"; }
+
+echo "=== machine" | tee -a "$LOG"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  echo "NVDEC (libnvcuvid): $(ldconfig -p | grep -c nvcuvid) libraries"; } 2>&1 | tee "$OUT/machine.txt" >> "$LOG"
+
+step build 300 python3 -m pip install --no-deps --no-build-isolation -e . || { tail -40 "$LOG"; exit 1; }
+if [ -d "$WHEELS" ]; then
+  step wheels 180 python3 -m pip install --no-index --find-links "$WHEELS" av nvidia-dali-cuda130
+fi
+HAVE_AV=0; python3 -c "import av" >> "$LOG" 2>&1 && HAVE_AV=1
+HAVE_DALI=0; python3 -c "import nvidia.dali" >> "$LOG" 2>&1 && HAVE_DALI=1
+HAVE_NVDEC=0; ldconfig -p | grep -q nvcuvid && HAVE_NVDEC=1
+printf '\nPyAV: %s. DALI: %s. NVDEC library: %s.\n\n' \
+  "$([ $HAVE_AV = 1 ] && echo yes || echo 'no: no synthetic data, so no smoke runs and no loader-fed bench rows')" \
+  "$([ $HAVE_DALI = 1 ] && echo yes || echo 'no: the DALI tests skip and bench train has no dali row')" \
+  "$([ $HAVE_NVDEC = 1 ] && echo yes || echo 'no: DALI cannot decode on this GPU')" | tee -a "$SUMMARY" >> "$LOG"
+echo "| step | exit | seconds |" >> "$SUMMARY"; echo "|---|---:|---:|" >> "$SUMMARY"
+
+step cuda-tests 240 python3 -m pytest -q -p no:cacheprovider -m cuda -rs \
+  tests/test_loaders.py tests/data/test_dali_backend.py tests/test_engine.py
+
+LOADERS=()
+[ $HAVE_AV = 1 ] && LOADERS+=(--loader pyav)
+[ $HAVE_DALI = 1 ] && [ $HAVE_AV = 1 ] && [ $HAVE_NVDEC = 1 ] && LOADERS+=(--loader dali)
+step bench-train 300 xdc-fast bench train --device cuda --arch r2plus1d_18 --arch tiny --batch-size 32 \
+  --steps 10 --workers 16 --no-round "${LOADERS[@]}" --json "$OUT/train.json"
+
+if [ $HAVE_AV = 0 ]; then
+  for s in data pretrain pretrain-torchrun finetune extract; do skip "$s" "PyAV is not installed"; done
+else
+  step data 180 python3 -c "
+from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
+from xdc_fast.data.prepare import prepare
+make_synthetic_dataset('$WORK/media', SyntheticSpec(classes=4, videos_per_class=8, seconds=4.0, width=160, height=128))
+prepare('$WORK/media', '$WORK/ds', workers=8, progress=False)"
+  SMOKE=(--data "$WORK/ds" --config paper --device cuda --epochs 2 --clusters 8 --batch-size 8)
+  step pretrain 240 xdc-fast pretrain "${SMOKE[@]}" --out "$WORK/run"
+  step pretrain-torchrun 240 torchrun --nproc_per_node 1 -m xdc_fast.cli pretrain "${SMOKE[@]}" --out "$WORK/run-ddp"
+  step finetune 180 xdc-fast finetune --data "$WORK/ds" --out "$WORK/ft" --checkpoint "$WORK/run/checkpoints/last.pt" \
+    --device cuda --epochs 1 --batch-size 8
+  step extract 120 xdc-fast extract --data "$WORK/ds" --out "$WORK/features.npz" \
+    --checkpoint "$WORK/run/checkpoints/last.pt" --device cuda --batch-size 8
+fi
+echo "=== done ($(date +%T))" | tee -a "$LOG"
+cat "$SUMMARY"
