@@ -6,8 +6,8 @@ from pathlib import Path
 import xdc_fast
 
 PACKAGE = Path(xdc_fast.__file__).parent
-COMMANDS = {"pretrain", "finetune", "probe", "extract", "demo", "bench", "cli"}
-SHARED = {"config", "seeds", "engine", "pseudo_labels", "transfer", "metrics", "report"}
+COMMANDS = {"pretrain", "finetune", "probe", "extract", "evaluate", "demo", "bench", "cli"}
+SHARED = {"config", "seeds", "engine", "pseudo_labels", "transfer", "protocols", "metrics", "report"}
 # demo and cli run whole commands by design (the demo is pretrain + probes; the CLI dispatches).
 MAY_CALL_COMMANDS = {"demo", "cli"}
 

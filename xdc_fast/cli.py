@@ -16,7 +16,7 @@ from dataclasses import MISSING, fields
 
 import click
 
-from .config import ExtractConfig, FinetuneConfig, PretrainConfig, from_dict, read_yaml
+from .config import EvaluateConfig, ExtractConfig, FinetuneConfig, PretrainConfig, from_dict, read_yaml
 from .errors import XdcError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
@@ -231,6 +231,40 @@ def finetune(dataset, out, config_values, **flags):
     _show_loader_choice()
     run(dataset, out, config, log=click.echo)
     click.echo(f"done: {out}/metrics.json, {out}/confusion.png, {out}/checkpoints/last.pt")
+
+
+# ---- evaluate -----------------------------------------------------------------------------------------
+
+EVALUATE_FLAGS = ("modality", "arch", "split", "clips_per_video", "knn_k", "knn_temperature", "batch_size",
+                  "device", "loader", "workers", "seed")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--checkpoint", "checkpoints", multiple=True, metavar="FILE|random",
+              help="An encoder to score (repeat for several): a checkpoint file, 'random' (seeded by --seed) or "
+                   "'random:N'.  [default: random]")
+@click.option("--data", "dataset", required=True, type=click.Path(file_okay=False),
+              help="A labelled dataset written by `xdc-fast prepare`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Where results.json, results.md and results.png go.")
+@click.option("--protocol", "protocols", multiple=True, metavar="NAME",
+              help="linear, knn, retrieval, svm or clustering (repeat for several).  [default: all five]")
+@config_options(EvaluateConfig, EVALUATE_FLAGS)
+@config_file_option(EvaluateConfig, "evaluate_", " (checkpoints, protocols, clip geometry, linear_c, ...)")
+def evaluate(dataset, out, checkpoints, protocols, config_values, **flags):
+    """Score encoders with the field's protocols over every split of a labelled dataset, in one table.
+
+    Each checkpoint's encoder encodes every video once; linear probe, weighted k-NN, retrieval Recall@k,
+    linear SVM and k-means clustering all run on those features, for every split (or --split N). Writes
+    results.json (every per-split result with its protocol fingerprint, mean ± std across splits),
+    results.md and results.png.
+    """
+    from .evaluate import evaluate as run
+
+    lists = {k: list(v) for k, v in (("checkpoints", checkpoints), ("protocols", protocols)) if v}
+    _show_loader_choice()
+    run(dataset, out, build_config(EvaluateConfig, config_values, {**flags, **lists}), log=click.echo)
+    click.echo(f"done: {out}/results.json, {out}/results.md, {out}/results.png")
 
 
 # ---- extract ------------------------------------------------------------------------------------------

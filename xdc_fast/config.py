@@ -280,5 +280,53 @@ class ExtractConfig(Checked):
     seed: int = option(0, "Seed of a random encoder.")
 
 
+
+EVALUATE_PROTOCOLS = ("linear", "knn", "retrieval", "svm", "clustering")
+
+
+@dataclass
+class EvaluateConfig(Checked):
+    checkpoints: list = option(None, "Encoders to score, each a checkpoint file or 'random' (the untrained "
+                               "baseline, drawn from seed; 'random:N' draws it from seed N).",
+                               default_factory=lambda: ["random"])
+    protocols: list = option(None, "Protocols to run on the same features: linear, knn, retrieval, svm, "
+                             "clustering.", default_factory=lambda: list(EVALUATE_PROTOCOLS))
+    modality: str = option("video", "Which encoder to score.", choices=MODALITIES)
+    arch: str | None = option(None, "Default: the checkpoint's (tiny for random).", choices=ARCHS)
+    split: int | None = option(None, "One split/fold (UCF101/HMDB51 1-3, ESC-50 1-5); default: every split the "
+                               "manifest has, or one seeded stratified split when it has none.", min=1)
+    clips_per_video: int = option(10, "Uniformly spaced clips per training and per test video.", min=1)
+    test_fraction: float = option(0.3, "Datasets without splits: share of each class held out for testing.",
+                                  min=0, max=1, min_open=True)
+    knn_k: int = option(20, "k-NN: neighbours that vote.", min=1)
+    knn_temperature: float = option(0.07, "k-NN: temperature T of the exp(cos/T) vote weights.", min=0,
+                                    min_open=True)
+    linear_c: float = option(1.0, "linear: inverse L2 strength of the logistic regression.", min=0, min_open=True)
+    svm_folds: int = option(3, "svm: group folds over the training videos for choosing C.", min=2)
+    batch_size: int = option(8, "Clips per forward pass.", min=1)
+    clip: dict = option(None, "Clip geometry overrides on top of the checkpoint's (else the arch's).",
+                        default_factory=dict)
+    bn_eps: float = option(1e-5, "Batch-norm epsilon of the video encoder: 1e-3 for the official XDC weights.",
+                           min=0, min_open=True)
+    workers: int = option(0, "DataLoader worker processes.", min=0)
+    loader: str = option("auto", LOADER_HELP, choices=LOADERS)
+    device: str = option("auto", "auto: CUDA when there is one.", choices=DEVICES)
+    seed: int = option(0, "Seed of a stratified split, the classifiers, k-means (and of a random encoder).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, allowed in (("checkpoints", None), ("protocols", EVALUATE_PROTOCOLS)):
+            values = getattr(self, name)
+            if not values:
+                raise ConfigError(f"{name}: at least one is needed")
+            for value in values:
+                if not isinstance(value, str):
+                    raise ConfigError(f"{name}: expected strings, got {value!r} ({type(value).__name__})")
+                if allowed and value not in allowed:
+                    raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{name}: {values} names one twice")
+
+
 __all__ = ["XdcError", "ConfigError", "PretrainConfig", "FinetuneConfig", "ExtractConfig", "option", "from_dict",
            "check_value", "read_yaml", "clip_config"]

@@ -1,0 +1,248 @@
+"""``xdc-fast evaluate``: every chosen protocol, for several encoders, over every split of a dataset.
+
+For each checkpoint the encoder is built once and the ``clips_per_video`` uniformly spaced clips of every
+video that any split uses are encoded once; each split then takes its training and test videos' rows of
+those features, and every protocol of :mod:`xdc_fast.protocols` runs on them. The outputs:
+
+- ``results.json``: every per-split result (scores, and a fingerprint: manifest sha256, split, clip
+  geometry, clips per video, protocol hyperparameters, checkpoint file sha256 or ``random:<seed>``, code
+  version), and per checkpoint x protocol x metric the mean and standard deviation across splits
+  (sample standard deviation, ddof=1; 0 for one split);
+- ``results.md``: one table, rows checkpoint x protocol, the protocol's headline metric as mean ± std;
+- ``results.png``: the same numbers as bars with error bars.
+
+Features per protocol: ``linear`` and ``svm`` use clip features (train on every training clip, a video's
+test prediction averaged over its clips); ``knn`` and ``retrieval`` use each video's mean clip feature
+(test videos query training videos); ``clustering`` clusters the mean features of every video of the split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, engine, metrics, protocols
+from . import distributed as xdist
+from .checkpoint import load_encoder
+from .config import ConfigError, EvaluateConfig, clip_config
+from .data.clips import geometry
+from .data.splits import Split, check_modality, choose_split, class_names
+from .errors import XdcError
+from .files import atomic_path, output_lock, write_text_atomic
+from .seeds import numpy_rng, seed_for
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def parse_checkpoint(name: str, seed: int) -> tuple[str, int]:
+    """(what load_encoder loads, the seed of a random encoder): ``random:N`` is the random encoder of seed N."""
+    if name == "random":
+        return "random", seed
+    if name.startswith("random:"):
+        try:
+            return "random", int(name.split(":", 1)[1])
+        except ValueError:
+            raise ConfigError(f"checkpoint {name!r}: write random:N with an integer seed N") from None
+    if not Path(name).is_file():
+        raise ConfigError(f"checkpoint {name!r} is neither 'random' nor an existing file")
+    return name, seed
+
+
+def splits_of(items: list[dict], config: EvaluateConfig) -> list[Split]:
+    """The split asked for, or every split the manifest has, or one seeded stratified split."""
+    rng = lambda: numpy_rng(config.seed, "split")  # noqa: E731
+    if config.split is not None:
+        return [choose_split(items, config.split, config.test_fraction, rng(), config.seed)]
+    keys = sorted({k for r in items for k in (r.get("split") or {})}, key=lambda k: (not k.isdigit(), int(k) if
+                                                                                      k.isdigit() else 0, k))
+    if not keys:
+        return [choose_split(items, 1, config.test_fraction, rng(), config.seed)]
+    return [choose_split(items, int(key) if key.isdigit() else key, config.test_fraction, rng(), config.seed)
+            for key in keys]
+
+
+def split_name(split: Split) -> str:
+    d = split.description
+    return str(d["split"]) if d["kind"] == "manifest" else f"stratified(seed={d['seed']})"
+
+
+def split_fingerprint(split: Split) -> dict:
+    d = {k: v for k, v in split.description.items() if k != "test_ids"}
+    d["test_ids_sha256"] = hashlib.sha256("\n".join(r["id"] for r in split.test).encode()).hexdigest()
+    return d
+
+
+def _rows(features: np.ndarray, video_of_clip: np.ndarray, videos: np.ndarray, num_items: int
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Clip rows of ``videos`` (indices into the encoded items) and each row's position in ``videos``."""
+    where = np.full(num_items, -1)
+    where[videos] = np.arange(len(videos))
+    chosen = where[video_of_clip] >= 0
+    return features[chosen], where[video_of_clip[chosen]]
+
+
+def run_protocols(chosen: list[str], train: tuple, test: tuple, num_classes: int, config: EvaluateConfig) -> dict:
+    """Every protocol of ``chosen`` on one split's features: ``train``/``test`` are (clip features, video of
+    each clip, label of each video)."""
+    (train_x, train_v, train_labels), (test_x, test_v, test_labels) = train, test
+    if len(train_x) == 0 or len(test_x) == 0:
+        raise XdcError("no training or no test clip could be decoded (see the warnings above): nothing to score")
+    train_mean, train_n = metrics.mean_per_video(train_x, train_v, len(train_labels))
+    test_mean, test_n = metrics.mean_per_video(test_x, test_v, len(test_labels))
+    train_mean, train_y = train_mean[train_n > 0], train_labels[train_n > 0]
+    test_mean, test_y = test_mean[test_n > 0], test_labels[test_n > 0]
+    seed = seed_for(config.seed, "probe") % (2**32)  # the solvers' stream, as in finetune --mode linear
+    kmeans_seed = seed_for(config.seed, "kmeans") % (2**32)
+    results = {}
+    for name in chosen:
+        if name == "linear":
+            results[name] = protocols.linear(train_x, train_labels[train_v], test_x, test_labels, test_v, num_classes,
+                                             config.linear_c, seed)
+        elif name == "svm":
+            results[name] = protocols.svm(train_x, train_labels[train_v], train_v, test_x, test_labels, test_v,
+                                          num_classes, folds=config.svm_folds, seed=seed)
+        elif name == "knn":
+            results[name] = protocols.knn(train_mean, train_y, test_mean, test_y, config.knn_k,
+                                          config.knn_temperature, num_classes)
+        elif name == "retrieval":
+            results[name] = protocols.retrieval(train_mean, train_y, test_mean, test_y)
+        elif name == "clustering":
+            results[name] = protocols.clustering(np.concatenate([train_mean, test_mean]),
+                                                 np.concatenate([train_y, test_y]), seed=kmeans_seed)
+    return results
+
+
+def evaluate(dataset: str | Path, out: str | Path, config: EvaluateConfig, log=print) -> dict:
+    """Score every checkpoint of ``config`` with every protocol over the splits; writes ``out/results.*``."""
+    with output_lock(out):
+        return _evaluate(Path(dataset), Path(out), config, log)
+
+
+def _evaluate(dataset: Path, out: Path, config: EvaluateConfig, log) -> dict:
+    from .data.dataset import ClipDataset
+    from .data.prepare import load_manifest
+
+    # ===== everything checked before any work =====
+    if (out / "results.json").exists():
+        raise ConfigError(f"{out} already holds results (results.json); choose another --out")
+    checkpoints = [(name, *parse_checkpoint(name, config.seed)) for name in config.checkpoints]
+    items = load_manifest(dataset)
+    if not items:
+        raise XdcError(f"{dataset} holds no usable item (see its rejects.jsonl)")
+    check_modality(items, config.modality)
+    splits = splits_of(items, config)
+    classes = class_names(dataset, items)
+    manifest_sha = sha256_file(dataset / "manifest.jsonl")
+    used = {r["id"]: r for s in splits for r in s.train + s.test}
+    ordered = [used[i] for i in sorted(used)]
+    index_of = {r["id"]: i for i, r in enumerate(ordered)}
+    device = xdist.setup_device(config.device)
+    log(f"{len(checkpoints)} checkpoint(s) x {len(splits)} split(s) x {len(config.protocols)} protocol(s) "
+        f"({', '.join(config.protocols)}); {len(ordered)} videos, {len(classes)} classes")
+
+    started, results = time.perf_counter(), []
+    for label, path, seed in checkpoints:
+        # ===== one encoder, every used video encoded once =====
+        encoder, source = load_encoder(path, config.modality, config.arch, config.bn_eps, seed)
+        clip = clip_config(source["arch"], source.get("clip"), config.clip, eval_clips=config.clips_per_video)
+        view = ClipDataset(dataset, clip, train=False, modalities=(config.modality,))
+        view.items = ordered
+        features, position = engine.encode_clips({config.modality: encoder.to(device)}, view, config.batch_size,
+                                                 device, workers=config.workers, loader=config.loader,
+                                                 description=f"{label} features")
+        features, video_of_clip = features[config.modality], position // config.clips_per_video
+        checkpoint_id = f"random:{seed}" if path == "random" else f"sha256:{sha256_file(path)}"
+        log(f"{label}: {source['source']} ({source['arch']}), {len(features)} clips encoded")
+        # ===== every split, every protocol, on those features =====
+        for split in splits:
+            parts = []
+            for part in (split.train, split.test):
+                videos = np.array([index_of[r["id"]] for r in part])
+                x, v = _rows(features, video_of_clip, videos, len(ordered))
+                parts.append((x, v, np.array([r["label"] for r in part])))
+            for protocol, result in run_protocols(config.protocols, parts[0], parts[1], len(classes), config).items():
+                fingerprint = {"manifest_sha256": manifest_sha, "split": split_fingerprint(split),
+                               "clip": geometry(clip), "clips_per_video": config.clips_per_video,
+                               "modality": config.modality, "protocol": protocol, "params": result["params"],
+                               "checkpoint": checkpoint_id, "arch": source["arch"],
+                               "code_version": __version__}
+                results.append({"checkpoint": label, "protocol": protocol, "split": split_name(split),
+                                "scores": result["scores"], "fingerprint": fingerprint})
+                headline = protocols.HEADLINE[protocol]
+                log(f"  {label} split {split_name(split)} {protocol}: {headline} {result['scores'][headline]:.3f}")
+
+    # ===== summary and files =====
+    summary = summarise(results)
+    document = {"dataset": str(dataset), "classes": classes, "config": asdict(config),
+                "splits": [split_name(s) for s in splits], "seconds": time.perf_counter() - started,
+                "summary": summary, "results": results}
+    if xdist.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "results.md", table(summary))
+        with atomic_path(out / "results.png") as tmp:
+            chart(summary, tmp)
+        write_text_atomic(out / "results.json", json.dumps(document, indent=2) + "\n")  # last: marks completion
+    log(table(summary))
+    return document
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """Mean and std across splits of every numeric score, per checkpoint x protocol x metric (run order)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["checkpoint"], r["protocol"]), []).append(r)
+    summary = []
+    for (checkpoint, protocol), rows in groups.items():
+        for metric in rows[0]["scores"]:
+            values = [float(r["scores"][metric]) for r in rows]
+            summary.append({"checkpoint": checkpoint, "protocol": protocol, "metric": metric,
+                            "headline": metric == protocols.HEADLINE[protocol],
+                            "mean": float(np.mean(values)),
+                            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                            "splits": [r["split"] for r in rows], "values": values})
+    return summary
+
+
+def table(summary: list[dict]) -> str:
+    lines = ["| checkpoint | protocol | metric | mean ± std | splits |", "|---|---|---|---|---|"]
+    for s in summary:
+        if s["headline"]:
+            lines.append(f"| {s['checkpoint']} | {s['protocol']} | {s['metric']} | {s['mean']:.4f} ± {s['std']:.4f} "
+                         f"| {len(s['splits'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary: list[dict], path: Path) -> None:
+    from .report import _pyplot, _save
+
+    plt = _pyplot()
+    heads = [s for s in summary if s["headline"]]
+    checkpoints = list(dict.fromkeys(s["checkpoint"] for s in heads))
+    names = list(dict.fromkeys(s["protocol"] for s in heads))
+    width = 0.8 / len(checkpoints)
+    figure, axis = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))
+    for i, checkpoint in enumerate(checkpoints):
+        rows = {s["protocol"]: s for s in heads if s["checkpoint"] == checkpoint}
+        axis.bar(np.arange(len(names)) + (i - (len(checkpoints) - 1) / 2) * width,
+                 [rows[n]["mean"] if n in rows else 0.0 for n in names], width,
+                 yerr=[rows[n]["std"] if n in rows else 0.0 for n in names], capsize=3, label=checkpoint)
+    axis.set_xticks(np.arange(len(names)), [f"{n}\n{protocols.HEADLINE[n]}" for n in names])
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("mean ± std across splits")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    _save(figure, path)
+
+
+__all__ = ["evaluate", "summarise", "table", "run_protocols"]
