@@ -182,7 +182,7 @@ def test_killing_the_parent_ends_its_workers(tmp_path, small_video, mode):
 # ---- 7: kills at random moments, then resumes: nothing lost, duplicated or mislabelled ----------------------
 
 def _run_cli_here(args, log):
-    """A forked child that runs the CLI; output to ``log`` (pytest's capture is not ours to write)."""
+    """A spawned child that runs the CLI; output to ``log`` (pytest's capture is not ours to write)."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
