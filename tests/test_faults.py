@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -223,7 +222,7 @@ def test_a_bad_labels_from_file_is_a_clear_error(dataset, tmp_path):
 
 def test_a_stalled_rank_stops_the_others_with_the_phase_named(tmp_path):
     """Two real processes form a gloo group with a 4 s timeout; rank 1 stops itself (SIGSTOP) before a
-    collective. Rank 0 must give up with a message naming the phase, well before the 30 min default."""
+    collective. Rank 0 must give up with a message naming the phase instead of waiting out the default."""
     script = tmp_path / "stall.py"
     script.write_text(textwrap.dedent("""
         import os, signal, sys, torch
@@ -249,11 +248,11 @@ def test_a_stalled_rank_stops_the_others_with_the_phase_named(tmp_path):
         ranks.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     try:
-        start = time.monotonic()
+        # Without the timeout rank 0 would wait for gloo's 30 min default; communicate's limit turns that
+        # hang into a failure.
         output, _ = ranks[0].communicate(timeout=120)
         assert ranks[0].returncode == 2, output
         assert "while clustering the features of round 3" in output and "--resume" in output
-        assert time.monotonic() - start < 90
     finally:
         for process in ranks:
             process.send_signal(signal.SIGKILL)

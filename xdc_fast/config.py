@@ -166,6 +166,33 @@ def clip_config(arch: str, *layers: dict | None, **fixed) -> ClipConfig:
     return dataclasses.replace(clip_for_arch(arch), **merged, **fixed)
 
 
+# Fields several commands share, declared once (a fresh Field per dataclass).
+
+def clip_overrides_option():
+    return option(None, "Clip geometry overrides on top of the checkpoint's (else the arch's).", default_factory=dict)
+
+
+def bn_eps_option():
+    return option(1e-5, "Batch-norm epsilon of the video encoder: 1e-3 for the official XDC weights.", min=0,
+                  min_open=True)
+
+
+def workers_option():
+    return option(0, "DataLoader worker processes.", min=0)
+
+
+def loader_option():
+    return option("auto", LOADER_HELP, choices=LOADERS)
+
+
+def device_option():
+    return option("auto", "auto: CUDA when there is one.", choices=DEVICES)
+
+
+def dist_timeout_option():
+    return option(600.0, "Under torchrun: seconds a rank waits for the others.", min=0, min_open=True)
+
+
 # ---- the commands' configurations --------------------------------------------------------------------
 
 @dataclass
@@ -205,9 +232,9 @@ class PretrainConfig(Checked):
                                    "(they sit it out, listed in metrics.jsonl); more stops the run.", min=0, max=1)
     clip: dict = option(None, "Clip geometry overrides (frames, stride, resize_short, crop, audio_seconds, "
                         "n_mels, ...) on top of the arch's.", default_factory=dict)
-    workers: int = option(0, "DataLoader worker processes.", min=0)
-    loader: str = option("auto", LOADER_HELP, choices=LOADERS)
-    device: str = option("auto", "auto: CUDA when there is one.", choices=DEVICES)
+    workers: int = workers_option()
+    loader: str = loader_option()
+    device: str = device_option()
     dist_timeout_s: float = option(600.0, "Under torchrun: seconds a rank waits for the others before every rank "
                                    "stops with a message naming the phase that stalled.", min=0, min_open=True)
     seed: int = option(0, "Seed of every random choice of the run (see xdc_fast.seeds).")
@@ -246,15 +273,12 @@ class FinetuneConfig(Checked):
                              "(0 = final only).", min=0)
     test_fraction: float = option(0.3, "Datasets without splits: share of each class held out for testing.",
                                   min=0, max=1, min_open=True)
-    clip: dict = option(None, "Clip geometry overrides on top of the checkpoint's (else the arch's).",
-                        default_factory=dict)
-    bn_eps: float = option(1e-5, "Batch-norm epsilon of the video encoder: 1e-3 for the official XDC weights.",
-                           min=0, min_open=True)
-    workers: int = option(0, "DataLoader worker processes.", min=0)
-    loader: str = option("auto", LOADER_HELP, choices=LOADERS)
-    device: str = option("auto", "auto: CUDA when there is one.", choices=DEVICES)
-    dist_timeout_s: float = option(600.0, "Under torchrun: seconds a rank waits for the others.", min=0,
-                                   min_open=True)
+    clip: dict = clip_overrides_option()
+    bn_eps: float = bn_eps_option()
+    workers: int = workers_option()
+    loader: str = loader_option()
+    device: str = device_option()
+    dist_timeout_s: float = dist_timeout_option()
     seed: int = option(0, "Seed of the split, the head, the clip order (and of a random encoder).")
 
 
@@ -267,16 +291,13 @@ class ExtractConfig(Checked):
     aggregate: str = option("mean", "mean: one row per item; all: every clip ([items, clips, dim]).",
                             choices=("mean", "all"))
     arch: str | None = option(None, "Default: the checkpoint's (tiny for random).", choices=ARCHS)
-    bn_eps: float = option(1e-5, "Batch-norm epsilon of the video encoder: 1e-3 for the official XDC weights.",
-                           min=0, min_open=True)
+    bn_eps: float = bn_eps_option()
     batch_size: int = option(8, "Clips per forward pass.", min=1)
-    clip: dict = option(None, "Clip geometry overrides on top of the checkpoint's (else the arch's).",
-                        default_factory=dict)
-    workers: int = option(0, "DataLoader worker processes.", min=0)
-    loader: str = option("auto", LOADER_HELP, choices=LOADERS)
-    device: str = option("auto", "auto: CUDA when there is one.", choices=DEVICES)
-    dist_timeout_s: float = option(600.0, "Under torchrun: seconds a rank waits for the others.", min=0,
-                                   min_open=True)
+    clip: dict = clip_overrides_option()
+    workers: int = workers_option()
+    loader: str = loader_option()
+    device: str = device_option()
+    dist_timeout_s: float = dist_timeout_option()
     seed: int = option(0, "Seed of a random encoder.")
 
 
@@ -304,13 +325,11 @@ class EvaluateConfig(Checked):
     linear_c: float = option(1.0, "linear: inverse L2 strength of the logistic regression.", min=0, min_open=True)
     svm_folds: int = option(3, "svm: group folds over the training videos for choosing C.", min=2)
     batch_size: int = option(8, "Clips per forward pass.", min=1)
-    clip: dict = option(None, "Clip geometry overrides on top of the checkpoint's (else the arch's).",
-                        default_factory=dict)
-    bn_eps: float = option(1e-5, "Batch-norm epsilon of the video encoder: 1e-3 for the official XDC weights.",
-                           min=0, min_open=True)
-    workers: int = option(0, "DataLoader worker processes.", min=0)
-    loader: str = option("auto", LOADER_HELP, choices=LOADERS)
-    device: str = option("auto", "auto: CUDA when there is one.", choices=DEVICES)
+    clip: dict = clip_overrides_option()
+    bn_eps: float = bn_eps_option()
+    workers: int = workers_option()
+    loader: str = loader_option()
+    device: str = device_option()
     seed: int = option(0, "Seed of a stratified split, the classifiers, k-means (and of a random encoder).")
 
     def __post_init__(self):
