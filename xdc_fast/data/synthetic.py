@@ -7,6 +7,13 @@ and background, pixel noise, size, speed and phase of the motion, loudness, timb
 floor and the timing of the beeps. So colour or loudness statistics say nothing about the class; shape,
 motion and pitch do, and they agree across modalities, which is what cross-modal clustering needs to find.
 
+A second family, ``motion``, is for evaluation only (no setting of the project was chosen on it; the
+demo's settings were tuned on ``shapes``). Its cues are of another kind: what is seen is the drift of a
+random texture (direction and speed; a single frame shows only a per-video texture and two distractor
+blobs that wander at random), and what is heard is a rhythm (the timing of the beeps), played at a pitch
+drawn per video from one range for every class. So neither a frame alone nor the pitch alone says
+anything about the class; motion over time and rhythm do.
+
 Also here: test media whose frame index is drawn into the pixels, and whose audio clicks at chosen
 instants, for frame-accuracy and alignment tests.
 """
@@ -19,11 +26,27 @@ from pathlib import Path
 
 import numpy as np
 
+FAMILIES = ("shapes", "motion")
 CLASS_NAMES = ("disc-horizontal-low", "square-vertical-mid", "plus-diagonal-high", "diamond-circle-shrill",
                "disc-zigzag-bass", "square-still-chirp")
 # Pitch of each class's beep (Hz) and beeps per second: distinct, and well inside 16 kHz audio.
 CLASS_PITCH = (330.0, 660.0, 1320.0, 2640.0, 165.0, 990.0)
 CLASS_BEEP_RATE = (1.0, 2.0, 3.0, 1.5, 2.5, 4.0)
+
+# The motion family. Drift of the texture in pixels per frame (x right, y down). Training flips clips
+# left-right, so no two classes are mirror images of each other (no "left" beside "right").
+MOTION_CLASS_NAMES = ("right-slow-steady", "up-fast-pairs", "still-roll", "down-slow-triplets",
+                      "right-fast-sparse", "up-slow-gallop")
+MOTION_DRIFT = ((1.2, 0.0), (0.0, -3.0), (0.0, 0.0), (0.0, 1.2), (3.0, 0.0), (0.0, -1.2))
+# Beep onsets within one bar, as fractions of the bar, and the bar's length in seconds: every pattern
+# repeats within the 1 s audio window of the tiny clips.
+MOTION_RHYTHM = (((0.0,), 0.3), ((0.0, 0.2), 0.5), ((0.0,), 0.12), ((0.0, 0.15, 0.3), 0.6),
+                 ((0.0,), 0.8), ((0.0, 0.3, 0.45), 0.5))
+MOTION_PITCH_RANGE = (250.0, 2500.0)  # Hz, log-uniform per video, whatever the class
+
+
+def class_names(family: str = "shapes") -> tuple[str, ...]:
+    return CLASS_NAMES if family == "shapes" else MOTION_CLASS_NAMES
 
 
 @dataclass(frozen=True)
@@ -38,10 +61,13 @@ class SyntheticSpec:
     audio_channels: int = 2  # stereo with different channels, so a downmix by mean is exercised
     codec: str = "h264"  # or "vp9" (webm), which DALI's CPU decoder can read
     seed: int = 0
+    family: str = "shapes"  # or "motion" (evaluation only; see the module's docstring)
 
     def __post_init__(self):
-        if not 1 <= self.classes <= len(CLASS_NAMES):
-            raise ValueError(f"classes should be between 1 and {len(CLASS_NAMES)}, got {self.classes}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family should be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if not 1 <= self.classes <= len(class_names(self.family)):
+            raise ValueError(f"classes should be between 1 and {len(class_names(self.family))}, got {self.classes}")
         if self.codec not in ("h264", "vp9"):
             raise ValueError(f"codec should be 'h264' or 'vp9', got {self.codec!r}")
 
@@ -56,12 +82,14 @@ def make_synthetic_dataset(root: str | Path, spec: SyntheticSpec = SyntheticSpec
     paths = []
     ext = "mp4" if spec.codec == "h264" else "webm"
     for label in range(spec.classes):
-        name = CLASS_NAMES[label]
+        name = class_names(spec.family)[label]
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(spec.videos_per_class):
             rng = np.random.default_rng([spec.seed, label, i])
-            frames = _class_video(label, spec, rng)
-            audio = _class_audio(label, spec, rng)
+            if spec.family == "shapes":
+                frames, audio = _class_video(label, spec, rng), _class_audio(label, spec, rng)
+            else:
+                frames, audio = _motion_video(label, spec, rng), _rhythm_audio(label, spec, rng)
             path = root / name / f"{name}_{i:03d}.{ext}"
             write_media(path, frames, spec.fps, audio, spec.sample_rate, codec=spec.codec)
             paths.append(path)
@@ -137,6 +165,61 @@ def _class_audio(label: int, spec: SyntheticSpec, rng: np.random.Generator) -> n
         a, b = int(start * sr), min(n, int((start + length) * sr))
         envelope[a:b] = 1.0
         start += period * rng.uniform(0.85, 1.15)
+    loudness = rng.uniform(0.2, 0.6)
+    noise = rng.normal(0, rng.uniform(0.01, 0.05), size=(spec.audio_channels, n))
+    balance = rng.uniform(0.7, 1.0, size=(spec.audio_channels, 1))
+    return (loudness * balance * (tone * envelope)[None, :] + noise).astype(np.float32)
+
+
+def _motion_video(label: int, spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random texture drifting at the class's velocity (wrapping around), two distractor blobs
+    wandering in random directions over it, and pixel noise."""
+    n = int(round(spec.seconds * spec.fps))
+    h, w = spec.height, spec.width
+    # Texture: coarse noise (cells of 4 px, so it survives the codec and resizing) in two random colours.
+    cells = rng.random((h // 4 + 2, w // 4 + 2))
+    texture = np.kron(cells, np.ones((4, 4)))[: h, : w]
+    low, high = rng.uniform(0, 255, size=3), rng.uniform(0, 255, size=3)
+    high = np.where(np.abs(high - low) < 90, (low + 128) % 256, high)
+    pattern = low + texture[..., None] * (high - low)
+    speed = rng.uniform(0.85, 1.15)
+    vx, vy = (speed * v * 16 / spec.fps for v in MOTION_DRIFT[label])  # the same drift per second at any fps
+    offset_x, offset_y = rng.uniform(0, w), rng.uniform(0, h)
+    blobs = [(rng.uniform(0, w), rng.uniform(0, h), *rng.normal(0, 1.5, size=2), rng.uniform(0, 255, size=3),
+              max(2, int(min(h, w) * rng.uniform(0.08, 0.12)))) for _ in range(2)]
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = np.empty((n, h, w, 3), dtype=np.uint8)
+    for t in range(n):
+        frame = np.roll(pattern, (int(round(offset_y + vy * t)), int(round(offset_x + vx * t))), axis=(0, 1))
+        frame = frame + rng.normal(0, 8, size=(h, w, 3))
+        for x0, y0, bx, by, colour, radius in blobs:
+            px, py = (x0 + bx * t) % w, (y0 + by * t) % h
+            frame[(xx - px) ** 2 + (yy - py) ** 2 <= radius**2] = colour
+        frames[t] = np.clip(frame, 0, 255).astype(np.uint8)
+    return frames
+
+
+def _rhythm_audio(label: int, spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
+    """Short beeps at the onsets of the class's rhythm, at a pitch, timbre and loudness drawn per video."""
+    sr = spec.sample_rate
+    n = int(round(spec.seconds * sr))
+    t = np.arange(n) / sr
+    low, high = np.log(MOTION_PITCH_RANGE)
+    pitch = float(np.exp(rng.uniform(low, high)))
+    harmonics = np.array([1.0, *rng.uniform(0.0, 0.5, size=2)])
+    harmonics /= harmonics.sum()
+    tone = sum(a * np.sin(2 * math.pi * pitch * (k + 1) * t + rng.uniform(0, 2 * math.pi))
+               for k, a in enumerate(harmonics) if pitch * (k + 1) < sr / 2)
+    onsets, bar = MOTION_RHYTHM[label]
+    bar *= rng.uniform(0.93, 1.07)  # tempo varies a little; the pattern does not
+    envelope = np.zeros(n)
+    start = -rng.uniform(0, bar)
+    while start < spec.seconds:
+        for onset in onsets:
+            a = int((start + onset * bar) * sr)
+            b = a + int(0.045 * sr)
+            envelope[max(a, 0) : max(min(b, n), 0)] = 1.0
+        start += bar
     loudness = rng.uniform(0.2, 0.6)
     noise = rng.normal(0, rng.uniform(0.01, 0.05), size=(spec.audio_channels, n))
     balance = rng.uniform(0.7, 1.0, size=(spec.audio_channels, 1))
