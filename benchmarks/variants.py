@@ -144,12 +144,15 @@ def main() -> None:
                 print(f"{family} seed {seed} {variant}: " + ", ".join(
                     f"{m} {s['video_acc']:.1%} NMI {s['nmi']:.2f}" for m, s in record["scores"].items())
                     + f" ({record['seconds']:.0f} s)", flush=True)
-    text = (f"# Variant study ({args.tag})\n\n{datetime.date.today()}, `python benchmarks/variants.py "
-            f"--tag {args.tag}" + "".join(f" --set {o}" for o in args.overrides) + "`: "
-            f"{CLASSES} classes x {VIDEOS_PER_CLASS} videos of {SECONDS:g} s per seed; linear probe on a "
-            "seeded stratified 30% test split (video accuracy, chance "
-            f"{1 / CLASSES:.1%}); NMI of k-means (k = classes) on the probe's features. Mean ± std over seeds.\n\n"
-            + table(records, args.tag) + "\n")
+    tags = list(dict.fromkeys(r["tag"] for r in records))
+    text = (f"# Variant study\n\n{datetime.date.today()}, `python benchmarks/variants.py`: {CLASSES} classes x "
+            f"{VIDEOS_PER_CLASS} videos of {SECONDS:g} s per seed (the seed draws the data too); linear probe on a "
+            f"seeded stratified 30% test split (video accuracy, chance {1 / CLASSES:.1%}); NMI of k-means "
+            "(k = classes) on the probe's features. Mean ± std over seeds, in %.\n")
+    for tag in tags:
+        overrides = next(r["overrides"] for r in records if r["tag"] == tag)
+        settings = ", ".join(f"`{k}: {v}`" for k, v in overrides.items()) or "the defaults"
+        text += f"\n## {tag}: `--arch tiny` and {settings}\n\n" + table(records, tag) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

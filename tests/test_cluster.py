@@ -199,3 +199,83 @@ def test_fit_then_distances_are_consistent_with_oracle():
     km = KMeans(8, 6, niter=10, seed=1).fit(x)
     d64 = squared_distances64(x[None], km.centroids[None])[0]
     torch.testing.assert_close(km.assign(x)[1].double(), d64.min(1).values, rtol=1e-4, atol=1e-4)
+
+
+def _pca_whiten_as_released(x, dim, eps=1e-5):
+    """pca_whiten as it was before the transform became data (one process), kept to prove the results
+    did not move by a bit."""
+    x3 = (x if x.dim() == 3 else x.unsqueeze(0)).float()
+    B, N, D = x3.shape
+    out = x3
+    if dim > 0:
+        dim = min(dim, D)
+        out = torch.empty(B, N, dim)
+        for b in range(B):
+            block = x3[b].double()
+            mean = block.sum(0) / N
+            cov = (block.T @ block - N * torch.outer(mean, mean)) / (N - 1)
+            evals, evecs = torch.linalg.eigh(cov)
+            top = torch.arange(D - 1, D - 1 - dim, -1)
+            proj = evecs[:, top] / torch.sqrt(evals[top].clamp_min(0) + eps)
+            out[b] = (x3[b] - mean.float()) @ proj.float()
+    out = torch.nn.functional.normalize(out, dim=-1)
+    return out if x.dim() == 3 else out[0]
+
+
+@pytest.mark.parametrize("shape,dim", [((300, 12), 6), ((2, 300, 12), 6), ((300, 12), 0), ((2, 300, 12), 40)])
+def test_the_fitted_transform_is_pca_whiten_bit_for_bit(shape, dim):
+    from xdc_fast.cluster import apply_whitening, fit_whitening
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=gen) @ torch.randn(12, 12, generator=gen) + 2.0
+    whitening = fit_whitening(x, dim)
+    assert torch.equal(apply_whitening(x, whitening), _pca_whiten_as_released(x, dim))
+    assert torch.equal(pca_whiten(x, dim), _pca_whiten_as_released(x, dim))
+    assert whitening.dim == (min(dim, 12) if dim else 0)
+
+
+def test_the_transform_maps_new_points_with_the_fitted_statistics(tmp_path):
+    """New points go through the training mean and projection, not statistics of their own; checked in
+    float64 numpy, with signs of eigenvectors left out of it (inner products do not see them)."""
+    from xdc_fast.cluster import Whitening, apply_whitening, fit_whitening
+
+    gen = torch.Generator().manual_seed(4)
+    mixing = torch.randn(10, 10, generator=gen)
+    train = torch.randn(500, 10, generator=gen) @ mixing
+    new = torch.randn(40, 10, generator=gen) @ mixing + 3.0  # shifted: its own mean would hide the shift
+    whitening = fit_whitening(train, 5, eps=1e-3)
+    torch.save(whitening.to_dict(), tmp_path / "w.pt")
+    loaded = Whitening.from_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    mapped = apply_whitening(new, loaded).double().numpy()
+
+    t = train.double().numpy()
+    mean = t.mean(0)
+    evals, evecs = np.linalg.eigh(np.cov(t.T))
+    proj = evecs[:, ::-1][:, :5] / np.sqrt(evals[::-1][:5] + 1e-3)
+    expected = (new.double().numpy() - mean) @ proj
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(mapped @ mapped.T, expected @ expected.T, atol=1e-5)
+    assert Whitening.from_dict(fit_whitening(train, 0).to_dict()).projection is None  # L2 only
+    np.testing.assert_allclose(apply_whitening(new, fit_whitening(train, 0)).numpy(),
+                               (new / new.norm(dim=1, keepdim=True)).numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="fitted on unbatched points"):
+        apply_whitening(new[None], whitening)
+
+
+def test_nearest_other_is_the_second_nearest_centroid():
+    from xdc_fast.cluster import nearest_other
+
+    gen = torch.Generator().manual_seed(5)
+    x, centroids = torch.randn(300, 6, generator=gen), torch.randn(7, 6, generator=gen)
+    d64 = ((x.double()[:, None] - centroids.double()[None]) ** 2).sum(-1)
+    nearest = d64.argmin(1)
+    labels, dist = nearest_other(x, centroids, nearest)
+    second = d64.clone()
+    second[torch.arange(300), nearest] = float("inf")
+    assert torch.equal(labels, second.argmin(1))
+    torch.testing.assert_close(dist.double(), second.min(1).values, rtol=1e-5, atol=1e-5)
+    # Excluding an arbitrary centroid, not only the nearest one.
+    excluded = torch.randint(0, 7, (300,), generator=gen)
+    masked = d64.clone()
+    masked[torch.arange(300), excluded] = float("inf")
+    assert torch.equal(nearest_other(x, centroids, excluded)[0], masked.argmin(1))

@@ -21,6 +21,8 @@ BAD_VALUES = [
     (PretrainConfig, "clip", {"fps": "fast"}, "clip.fps: expected a number"),
     (PretrainConfig, "clip", {"crops": 3}, "unknown configuration key 'crops' for ClipConfig"),
     (PretrainConfig, "epochs", None, "epochs: a value is needed"),
+    (PretrainConfig, "epochs", "many", "epochs: expected an integer or 'auto', got 'many'"),
+    (PretrainConfig, "pca_dim", -1, "pca_dim: -1 is out of range"),
     (FinetuneConfig, "mode", "probe", "mode: 'probe' is not one of full, linear"),
     (FinetuneConfig, "test_clips", 0, "test_clips: 0 is out of range"),
     (FinetuneConfig, "test_fraction", 0, "test_fraction: 0.0 is out of range; it must be greater than 0"),
@@ -115,3 +117,56 @@ def test_flag_beats_file_beats_default(tmp_path):
     config = seen["config"]
     assert (config.lr, config.epochs, config.momentum, config.batch_size) == (0.1, 7, 0.5, 8), result.output
     assert build_config(PretrainConfig, {"momentum": 0.3}, {"lr": 0.2}).momentum == 0.3
+
+
+# ---- auto: settings resolved from the data's size ------------------------------------------------------
+
+@pytest.mark.parametrize("videos,batch,expected", [
+    # videos, batch size -> clusters, pca_dim, kmeans_nredo, epochs_per_round, epochs
+    (96, 8, (10, 0, 3, 17, 51)),  # the demo's size: 12 steps an epoch, rounds of 17 epochs, L2 only
+    (40, 8, (8, 0, 3, 40, 120)),  # at least 8 clusters; 5 steps an epoch
+    (5000, 8, (71, 64, 3, 1, 4)),  # 10000 clips: 100 per dimension allows 64; 625 steps an epoch
+    (240000, 32, (490, 128, 1, 1, 4)),  # Kinetics-size: whitening capped by tiny's 128 features
+])
+def test_auto_settings_follow_the_data_size(videos, batch, expected):
+    import math
+
+    from xdc_fast.config import resolve_auto
+
+    config, why = resolve_auto(PretrainConfig(batch_size=batch), videos, math.ceil(videos / batch))
+    assert (config.clusters, config.pca_dim, config.kmeans_nredo, config.epochs_per_round, config.epochs) == expected
+    assert set(why) == {"clusters", "pca_dim", "kmeans_nredo", "epochs_per_round", "epochs"}
+    steps_per_round = config.epochs_per_round * math.ceil(videos / batch)
+    assert steps_per_round >= 200 and (config.epochs_per_round == 1 or steps_per_round - math.ceil(videos / batch) < 200)
+
+
+def test_given_values_are_kept_and_only_auto_ones_resolved():
+    from xdc_fast.config import resolve_auto
+
+    config, why = resolve_auto(PretrainConfig(clusters=12, epochs=6, pca_dim=16), 96, 12)
+    assert (config.clusters, config.epochs, config.pca_dim, config.epochs_per_round) == (12, 6, 16, 17)
+    assert set(why) == {"kmeans_nredo", "epochs_per_round"}
+    assert resolve_auto(PretrainConfig(arch="r2plus1d_18"), 400000, 10)[0].pca_dim == 256
+
+
+def test_auto_on_the_command_line_and_in_the_saved_config(tmp_path):
+    """--epochs auto and numbers both parse; config.yaml keeps the values used and why."""
+    from xdc_fast.data.prepare import prepare
+    from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path / "media", SyntheticSpec(classes=2, videos_per_class=3, seconds=1.5, fps=8,
+                                                             width=32, height=32))
+    prepare(tmp_path / "media", tmp_path / "ds", workers=1, progress=False)
+    fast = ["--batch-size", "6", "--config", str(tmp_path / "c.yaml")]
+    (tmp_path / "c.yaml").write_text("epochs_per_round: 1\nclip: {frames: 4, resize_short: 32, crop: 28, "
+                                     "audio_seconds: 0.5, n_mels: 20}\n")
+    result = CliRunner().invoke(main, ["pretrain", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "run"),
+                                       "--epochs", "auto", "--clusters", "3", *fast])
+    assert result.exit_code == 0, result.output
+    assert "auto: epochs = 4 (3 rounds of 1 epoch(s), at least 4)" in result.output
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (saved["epochs"], saved["clusters"], saved["epochs_per_round"]) == (4, 3, 1)
+    assert set(saved["resolved_from_auto"]) == {"epochs", "pca_dim", "kmeans_nredo"}
+    bad = CliRunner().invoke(main, ["pretrain", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "r2"),
+                                    "--epochs", "lots", *fast])
+    assert bad.exit_code == 2 and "lots" in bad.output and "Traceback" not in bad.output

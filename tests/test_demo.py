@@ -5,8 +5,10 @@ import pytest
 from click.testing import CliRunner
 
 from xdc_fast.cli import main
+from xdc_fast.config import EvaluateConfig
 from xdc_fast.demo import DemoConfig, cluster_nmi, demo_config, format_table, run_demo
 from xdc_fast.errors import XdcError
+from xdc_fast.evaluate import compare, evaluate
 
 SMALL_PRETRAIN = {**demo_config().pretrain, "epochs": 2, "epochs_per_round": 1, "clusters": 2, "batch_size": 4,
                   "clip": {"frames": 4, "resize_short": 32, "crop": 28, "audio_seconds": 0.5, "n_mels": 20}}
@@ -28,7 +30,8 @@ def test_demo_runs_end_to_end_in_a_reduced_size(tmp_path):
                                                        ("audio", "xdc")]
     assert all(0 <= r.clip_acc <= 1 and 0 <= r.video_acc <= 1 and 0 <= r.nmi <= 1 for r in rows)
     written = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    assert written["rows"][1]["video_acc"] == rows[1].video_acc and set(written["seconds"]) == {"data", "pretrain", "scoring", "total"}
+    assert written["rows"][1]["video_acc"] == rows[1].video_acc
+    assert set(written["seconds"]) == {"data", "pretrain", "scoring", "evaluate", "total"}
     for name in ("video_random", "video_xdc", "audio_random", "audio_xdc"):
         probe = json.loads((tmp_path / "demo" / "probe" / name / "metrics.json").read_text())
         assert probe["config"]["mode"] == "linear" and probe["num_test_videos"] == 2
@@ -38,8 +41,38 @@ def test_demo_runs_end_to_end_in_a_reduced_size(tmp_path):
     assert len(tests) == 1
     assert (tmp_path / "demo" / "pretrain" / "report" / "curves.png").exists()
     assert format_table(rows, 2) in "\n".join(lines)
+    check_evaluate_stage(tmp_path / "demo", rows, lines, tmp_path)
     with pytest.raises(XdcError, match="already holds a demo"):
         run_demo(tmp_path / "demo", config, log=lines.append)
+
+
+def check_evaluate_stage(demo, rows, lines, tmp_path):
+    """The demo's evaluate/ of each modality scores XDC and random with evaluate's default protocols; its
+    linear probe is the demo table's (another code path: finetune --mode linear), and its XDC results, and
+    printed rows, are those of a standalone `evaluate` of the checkpoint on the same folder."""
+    checkpoint = str(demo / "pretrain" / "checkpoints" / "last.pt")
+    for modality in ("video", "audio"):
+        folder = demo / "evaluate" / modality
+        saved = json.loads((folder / "results.json").read_text())
+        assert (folder / "results.md").exists() and (folder / "results.png").stat().st_size > 0
+        assert {(r["checkpoint"], r["protocol"]) for r in saved["results"]} == \
+            {(c, p) for c in (checkpoint, "random") for p in ("linear", "knn", "retrieval", "svm", "clustering")}
+        for name, label in (("xdc", checkpoint), ("random", "random")):
+            (row,) = [r for r in rows if (r.modality, r.encoder) == (modality, name)]
+            (linear,) = [r for r in saved["results"] if (r["checkpoint"], r["protocol"]) == (label, "linear")]
+            assert (linear["scores"]["clip_acc"], linear["scores"]["video_acc"]) == (row.clip_acc, row.video_acc)
+    # a standalone run of the XDC checkpoint alone, its clip geometry read from the checkpoint
+    alone = evaluate(demo / "data", tmp_path / "alone", EvaluateConfig(checkpoints=[checkpoint], clips_per_video=2),
+                     log=lambda *_: None)
+    demo_video = demo / "evaluate" / "video" / "results.json"
+    assert compare(demo_video, tmp_path / "alone")["comparable"]
+    in_demo = {(s["protocol"], s["metric"]): s["values"] for s in json.loads(demo_video.read_text())["summary"]
+               if s["checkpoint"] == checkpoint}
+    assert in_demo == {(s["protocol"], s["metric"]): s["values"] for s in alone["summary"]}
+    printed = "\n".join(lines)
+    standalone_rows = (tmp_path / "alone" / "results.md").read_text().splitlines()[2:]
+    assert len(standalone_rows) == 5
+    assert all(row.replace(f"| {checkpoint} |", "| xdc |") in printed for row in standalone_rows)
 
 
 def test_cli_demo_help_and_existing_output(tmp_path):

@@ -59,3 +59,76 @@ def test_supervised_step_lowers_the_loss_and_stops_on_nan():
     assert last < first
     with pytest.raises(FloatingPointError, match="the loss became nan at step 3"):
         engine.supervised_step(model, [optimizer], {"video": x * float("nan")}, {"video": [y]}, where="at step 3")
+
+
+# ---- on a GPU (skipped without one; benchmarks/gpu_train_check.sh runs them) -------------------------
+
+def _step_model(seed: int):
+    from xdc_fast.models import build_audio_encoder, build_video_encoder
+
+    torch.manual_seed(seed)
+    encoders = {"video": build_video_encoder("tiny"), "audio": build_audio_encoder("tiny")}
+    heads = {m: [engine.new_head(e.feature_dim, 5)] for m, e in encoders.items()}
+    return engine.EncodersWithHeads(encoders, heads)
+
+
+def _batch(device):
+    generator = torch.Generator().manual_seed(1)
+    inputs = {"video": torch.randn(4, 3, 4, 32, 32, generator=generator),
+              "audio": torch.randn(4, 1, 20, 51, generator=generator)}
+    targets = {m: [torch.randint(0, 5, (4,), generator=generator)] for m in inputs}
+    return ({m: v.to(device) for m, v in inputs.items()}, {m: [t.to(device) for t in ts] for m, ts in targets.items()})
+
+
+@pytest.mark.cuda
+def test_a_bf16_step_on_cuda_follows_the_fp32_step_on_the_cpu():
+    """The encoders run under bf16 autocast on CUDA, the heads in fp32: one SGD step gives the losses and
+    the updated weights of the fp32 CPU step, to bf16's precision."""
+    results = {}
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        model = _step_model(0).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        inputs, targets = _batch(device)
+        figures = engine.supervised_step(model, [optimizer], inputs, targets, max_grad_norm=10.0)
+        results[device.type] = (figures, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    (cpu_figures, cpu_weights), (gpu_figures, gpu_weights) = results["cpu"], results["cuda"]
+    for key, (loss, _) in cpu_figures.items():
+        assert gpu_figures[key][0] == pytest.approx(loss, rel=0.05)
+    for name, weight in cpu_weights.items():
+        if weight.is_floating_point():
+            assert torch.allclose(gpu_weights[name], weight, rtol=0.05, atol=2e-3), name
+
+
+@pytest.mark.cuda
+def test_one_nccl_rank_steps_like_a_single_process(tmp_path):
+    """DDP over NCCL with one rank (torchrun) takes the same step as the model without DDP."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "step.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from tests.test_engine import _batch, _step_model\n"
+        "from xdc_fast import distributed as xdist, engine\n"
+        "device = xdist.setup_device('cuda', 120)\n"
+        "assert xdist.is_distributed() and torch.distributed.get_backend() == 'nccl'\n"
+        "model = engine.distributed(_step_model(0).to(device), device)\n"
+        "optimizer = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "engine.supervised_step(model, [optimizer], *_batch(device))\n"
+        "torch.save({k: v.cpu() for k, v in model.module.state_dict().items()}, sys.argv[1])\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr",
+                             "127.0.0.1", "--master_port", str(port), str(script), str(tmp_path / "ddp.pt")],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(os.getcwd())))
+    assert result.returncode == 0, result.stderr[-3000:]
+    device = torch.device("cuda")
+    model = _step_model(0).to(device)
+    engine.supervised_step(model, [torch.optim.SGD(model.parameters(), lr=0.1)], *_batch(device))
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    for name, weight in model.state_dict().items():
+        assert torch.allclose(ddp[name], weight.cpu(), atol=1e-5), name

@@ -23,7 +23,7 @@ from xdc_fast.errors import XdcError
 from xdc_fast.files import RunLock, atomic_path, write_text_atomic
 from xdc_fast.pretrain import pretrain
 
-FAST = dict(clusters=3, epochs=1, batch_size=4, pca_dim=0,
+FAST = dict(clusters=3, epochs=1, epochs_per_round=1, kmeans_nredo=1, batch_size=4, pca_dim=0,
             clip=dict(frames=4, resize_short=40, crop=32, audio_seconds=0.5, n_mels=20))
 QUIET = dict(log=lambda *_: None)
 

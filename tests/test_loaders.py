@@ -77,7 +77,7 @@ def test_pretrain_with_dali_runs_two_rounds_on_the_features_pyav_gives(vp9, tmp_
     from xdc_fast.pseudo_labels import variant
     from xdc_fast.seeds import seed_for
 
-    settings = dict(clusters=3, epochs=2, batch_size=4, pca_dim=0)
+    settings = dict(clusters=3, epochs=2, epochs_per_round=1, batch_size=4, pca_dim=0)
     result = CliRunner().invoke(main, ["pretrain", "--data", str(vp9), "--out", str(tmp_path / "run"),
                                        "--config", _config_file(tmp_path, **settings), "--loader", "dali",
                                        "--device", "cpu"])

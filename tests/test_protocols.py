@@ -118,7 +118,7 @@ def test_svm_model_selection_never_sees_a_test_item(monkeypatch):
         rows = {row.tobytes() for row in fitted}
         assert not rows & test_set
         assert rows <= train_set
-    assert result["params"]["C"] in protocols.SVM_CS
+    assert result["selected"]["C"] in protocols.SVM_CS and "C" not in result["params"]
     assert result["scores"]["video_acc"] > 0.8
 
 
@@ -150,3 +150,70 @@ def test_linear_is_the_probe():
     result = protocols.linear(x, y, x, y, np.arange(30), num_classes=3)
     assert result["scores"]["video_acc"] == 1.0 and result["scores"]["clip_acc"] == 1.0
     assert "confusion" not in result["scores"] and result["params"]["C"] == 1.0
+
+
+def test_multilabel_linear_equals_sklearn_one_vs_rest_and_average_precision():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import average_precision_score
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(5)
+    classes, clips = 5, 3
+    train_videos, test_videos = 40, 16
+    directions = rng.normal(size=(classes, 8))
+
+    def videos(n):
+        truth = rng.random((n, classes)) < 0.35
+        truth[:, 4] = False  # a class no test (or training) video carries: it must not enter the mean
+        features = truth.astype(float) @ directions
+        x = np.repeat(features, clips, axis=0) + rng.normal(size=(n * clips, 8))
+        return x, truth, np.repeat(np.arange(n), clips)
+
+    train_x, train_truth, train_video = videos(train_videos)
+    test_x, test_truth, test_video = videos(test_videos)
+    result = protocols.multilabel_linear(train_x, train_truth[train_video], test_x, test_truth, test_video, c=0.5)
+
+    present = test_truth.any(axis=0)
+    oracle = OneVsRestClassifier(make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=3000)))
+    oracle.fit(train_x, train_truth[train_video][:, present])
+    clip_probability = oracle.predict_proba(test_x)
+    video_probability = np.stack([clip_probability[test_video == v].mean(axis=0) for v in range(test_videos)])
+    expected = average_precision_score(test_truth[:, present], video_probability, average="macro")
+    assert result["scores"]["map"] == pytest.approx(expected, abs=1e-6)
+    assert result["scores"]["clip_map"] == pytest.approx(
+        average_precision_score(test_truth[test_video][:, present], clip_probability, average="macro"), abs=1e-6)
+    assert result["scores"]["num_classes_scored"] == int(present.sum()) < classes
+    assert result["scores"]["map"] > 0.8  # the classes are linearly readable from these features
+    assert protocols.headline("linear", result["scores"]) == "map"
+
+
+def test_multilabel_linear_never_fits_on_a_test_item(monkeypatch):
+    from sklearn.linear_model import LogisticRegression
+
+    seen = []
+    real_fit = LogisticRegression.fit
+
+    def spy(self, x, y, *args, **kwargs):
+        seen.append(np.asarray(x).copy())
+        return real_fit(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticRegression, "fit", spy)
+    rng = np.random.default_rng(6)
+    train_x, test_x = rng.normal(size=(30, 4)), rng.normal(size=(12, 4)) + 50.0  # far apart, easy to tell
+    train_y, test_y = rng.random((30, 3)) < 0.5, rng.random((6, 3)) < 0.5
+    test_y[0] = True
+    protocols.multilabel_linear(train_x, train_y, test_x, test_y, np.repeat(np.arange(6), 2))
+    assert seen and all(np.abs(fitted).max() < 10 for fitted in seen)  # standardised training rows only
+
+
+def test_retrieval_on_label_sets_counts_a_shared_class_as_a_hit():
+    train = unit(10, 20, 30, 40)  # ranked by distance from a query at 0 degrees
+    train_y = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 1], [1, 0, 1]], dtype=bool)
+    queries = unit(0, 0, 0)
+    query_y = np.array([[0, 0, 1],    # first shared class at rank 3
+                        [1, 1, 0],    # rank 1
+                        [0, 1, 0]], dtype=bool)  # rank 2
+    got = protocols.retrieval(train, train_y, queries, query_y, ks=(1, 2, 3))["scores"]
+    assert (got["recall@1"], got["recall@2"], got["recall@3"]) == pytest.approx((1 / 3, 2 / 3, 1.0))

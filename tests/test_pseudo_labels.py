@@ -70,3 +70,74 @@ def test_cdc_also_clusters_the_concatenation():
     labels, centroids = cluster_round(features, VARIANTS["cdc"], spec, 0, 0, np.arange(12))
     assert set(labels) == {"video", "audio", "concat"} and len(centroids) == 2
     assert centroids[1].shape == (1, 3, 8)  # the concatenation clusters in 4 + 4 dimensions
+
+
+# ---- what a round keeps to reproduce itself --------------------------------------------------------------
+
+@pytest.mark.parametrize("name,pca_dim", [("xdc", 4), ("cdc", 0)])
+def test_a_rounds_transforms_reproduce_its_points_and_labels(name, pca_dim):
+    """The kept transform maps the raw features to the points k-means saw (bit for bit), and each label
+    is the nearest kept centroid of its point (float64)."""
+    from xdc_fast.cluster import apply_whitening
+    from xdc_fast.pseudo_labels import fit_round
+
+    rng = np.random.default_rng(2)
+    features = {m: rng.normal(size=(30, 6)).astype(np.float32) for m in ("video", "audio")}
+    spec = ClusteringSpec(clusters=4, pca_dim=pca_dim, niter=10, nredo=1, clips_per_video=2)
+    fit = fit_round(features, VARIANTS[name], spec, 0, 0, np.arange(30))
+    labels, centroids = cluster_round(features, VARIANTS[name], spec, 0, 0, np.arange(30))
+    assert set(fit.transforms) == set(VARIANTS[name].clusterings)
+    for clustering, transform in fit.transforms.items():
+        raw = torch.cat([torch.from_numpy(features[m]) for m in transform["inputs"]], dim=1)
+        points = apply_whitening(raw, transform["whitening"])
+        assert torch.equal(points, fit.points[clustering])
+        d64 = ((points.double()[:, None] - transform["centroids"].double()[None]) ** 2).sum(-1)
+        assert np.array_equal(d64.argmin(1).numpy(), fit.labels[clustering])
+        assert np.array_equal(labels[clustering], fit.labels[clustering])  # cluster_round: the same fit
+    assert transforms_inputs(fit) == ({"video": ["video"], "audio": ["audio"]} if name == "xdc" else
+                                      {"video": ["video"], "audio": ["audio"], "concat": ["video", "audio"]})
+
+
+def transforms_inputs(fit):
+    return {name: t["inputs"] for name, t in fit.transforms.items()}
+
+
+def test_assignment_measures_against_float64_by_hand():
+    from xdc_fast.pseudo_labels import assignment_measures
+
+    rng = np.random.default_rng(3)
+    points = rng.normal(size=(9, 3)).astype(np.float32)
+    centroids = rng.normal(size=(4, 3)).astype(np.float32)
+    positions = np.array([0, 1, 2, 3, 4, 5, 6, 7, 9])  # 5 videos x 2 clips; clip 8 did not decode
+    got = assignment_measures(torch.from_numpy(points), torch.from_numpy(centroids), positions, 5, 2)
+
+    d = ((points.astype(np.float64)[:, None] - centroids.astype(np.float64)[None]) ** 2).sum(-1)
+    order = np.sort(d, axis=1)
+    clip_labels = np.full(10, -1)
+    clip_labels[positions] = d.argmin(1)
+    assert np.array_equal(got["clip_labels"], clip_labels)
+    np.testing.assert_allclose(got["clip_distance"][positions], order[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(got["clip_margin"][positions], order[:, 1] - order[:, 0], rtol=1e-4, atol=1e-6)
+    assert np.isnan(got["clip_distance"][8])
+    for v in range(5):
+        mine = [i for i, p in enumerate(positions) if p // 2 == v]
+        votes = np.bincount(d[mine].argmin(1), minlength=4)
+        label = int(votes.argmax())  # the lowest on a tie, as training decides
+        assert got["video_labels"][v] == label
+        others = np.delete(d[mine], label, axis=1).min(1)
+        assert got["video_distance"][v] == pytest.approx(d[mine, label].mean(), rel=1e-5)
+        assert got["video_margin"][v] == pytest.approx((others - d[mine, label]).mean(), rel=1e-4, abs=1e-6)
+
+
+def test_a_round_file_without_transforms_is_refused_by_name(tmp_path):
+    from xdc_fast.errors import XdcError
+    from xdc_fast.pseudo_labels import load_round, round_path, save_round
+
+    (tmp_path / "clusters").mkdir()
+    path = tmp_path / "clusters" / "round_002.pt"
+    save_round(path, ["a", "b"], 1, [torch.zeros(1, 2, 3)], {"video": np.array([0, 1])}, {"video": np.array([0, 1])})
+    assert round_path(tmp_path) == path
+    with pytest.raises(XdcError, match=r"round_002\.pt holds no PCA-whitening transforms"):
+        load_round(path)
+    with pytest.raises(XdcError, match=r"round_005\.pt does not exist \(.* has rounds 2\.\.2\)"):
+        round_path(tmp_path, 5)

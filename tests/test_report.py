@@ -15,7 +15,7 @@ from xdc_fast.pretrain import pretrain
 from xdc_fast.report import (ReportError, largest_clusters, latest_clusters, montage_tiles, read_curves,
                              round_boundaries, sorted_sizes, write_report)
 
-FAST = dict(clusters=3, epochs=2, batch_size=4, frames=4, resize_short=40, crop=32, pca_dim=8, audio_seconds=0.5,
+FAST = dict(clusters=3, epochs=2, epochs_per_round=1, batch_size=4, frames=4, resize_short=40, crop=32, pca_dim=8, audio_seconds=0.5,
             n_mels=20)
 
 
@@ -176,3 +176,14 @@ def test_run_without_cluster_files_draws_the_curves_only(trained, tmp_path, capl
         paths = write_report(transfer, dataset=dataset)
     assert [p.name for p in paths] == ["curves.png"]
     assert "no cluster files" in caplog.text
+
+
+def test_curves_show_each_heads_accuracy_above_chance(trained):
+    """The "is it learning?" panel: (accuracy - chance) / (1 - chance) per head and epoch, from metrics.jsonl."""
+    run, _ = trained
+    records = list(read_jsonl(run / "metrics.jsonl"))
+    panel = next(lines for title, lines in read_curves(run).panels.items() if title.startswith("is it learning?"))
+    for head in ("video_0", "audio_0"):
+        expected = [(r["pseudo_label_acc"][head] - r["chance"][head]["accuracy"]) / (1 - r["chance"][head]["accuracy"])
+                    for r in records]
+        np.testing.assert_allclose(panel[f"{head} (training)"], expected)

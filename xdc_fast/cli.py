@@ -10,7 +10,6 @@ and the file beats the default; keys of the file that have no flag still reach t
 from __future__ import annotations
 
 import logging
-import sys
 import typing
 from dataclasses import MISSING, fields
 
@@ -50,19 +49,35 @@ class XdcGroup(click.Group):
 
 # ---- options generated from the configuration dataclasses -----------------------------------------------
 
+class AutoOr(click.ParamType):
+    """A number flag that also takes the word ``auto`` (resolved from the data by the command)."""
+
+    def __init__(self, number: click.ParamType):
+        self.number, self.name = number, f"{number.name}|auto"
+
+    def convert(self, value, param, ctx):
+        return value if value == "auto" else self.number.convert(value, param, ctx)
+
+
 def _click_type(config_cls, name: str, meta: dict):
     if meta.get("choices"):
         return click.Choice(list(meta["choices"]))
     kinds = [k for k in typing.get_args(typing.get_type_hints(config_cls)[name]) if k is not type(None)] or \
         [typing.get_type_hints(config_cls)[name]]
-    kind = kinds[0]
+    if meta.get("auto"):
+        return AutoOr(_number_type(next(k for k in kinds if k is not str), meta))
+    return _number_type(kinds[0], meta)
+
+
+def _number_type(kind, meta: dict):
     low, high, open_low = meta.get("min"), meta.get("max"), meta.get("min_open", False)
     if kind is int:
-        return click.IntRange(min=low, max=high, min_open=open_low) if low is not None or high is not None else int
+        return click.IntRange(min=low, max=high, min_open=open_low) if low is not None or high is not None \
+            else click.INT
     if kind is float:
         return click.FloatRange(min=low, max=high, min_open=open_low) if low is not None or high is not None \
-            else float
-    return str
+            else click.FLOAT
+    return click.STRING
 
 
 def config_options(config_cls, names: tuple[str, ...], types: dict | None = None):
@@ -119,10 +134,13 @@ def main():
 @click.argument("root", type=click.Path(file_okay=False, path_type=str))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=str),
               help="The dataset folder to write (manifest.jsonl, rejects.jsonl, audio/). Re-running resumes.")
-@click.option("--format", "fmt", type=click.Choice(["folder", "ucf101", "hmdb51", "esc50", "kinetics-csv"]),
+@click.option("--format", "fmt", type=click.Choice(["folder", "ucf101", "hmdb51", "esc50", "kinetics-csv", "vggsound",
+                                                  "audioset"]),
               default="folder",
               help="folder: ROOT/<class>/<file> gives labels (flat: none); ucf101/hmdb51: their official split "
-                   "files, all 3 splits; esc50: audio only, meta/esc50.csv, 5 folds; kinetics-csv: --csv rows.")
+                   "files, all 3 splits; esc50: audio only, meta/esc50.csv, 5 folds; kinetics-csv: --csv rows; "
+                   "vggsound: vggsound.csv; audioset: *segments*.csv + class_labels_indices.csv (multi-label). "
+                   "vggsound/audioset find a row's media as <id>_<start:06d>[_<end:06d>].<ext> or <id>.<ext>.")
 @click.option("--sample-rate", type=click.IntRange(min=1000), default=16000,
               help="Rate of the extracted mono audio (Hz).")
 @click.option("--workers", type=click.IntRange(min=0), default=None, show_default="the number of CPUs",
@@ -130,7 +148,8 @@ def main():
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=1.0,
               help="Files shorter than this are rejected: they cannot hold one clip.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="kinetics-csv only: the annotation CSV (label,youtube_id,time_start,time_end,split).")
+              help="kinetics-csv: the annotation CSV (label,youtube_id,time_start,time_end,split); vggsound: its CSV "
+                   "(default: vggsound.csv under ROOT); audioset: one segments CSV (default: all under ROOT).")
 def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path):
     """Index the media under ROOT, extract each audio track once, and record every unusable file.
 
@@ -235,30 +254,44 @@ def finetune(dataset, out, config_values, **flags):
 
 # ---- evaluate -----------------------------------------------------------------------------------------
 
-EVALUATE_FLAGS = ("modality", "arch", "split", "clips_per_video", "knn_k", "knn_temperature", "batch_size",
-                  "device", "loader", "workers", "seed")
+EVALUATE_FLAGS = ("modality", "arch", "split", "clips_per_video", "knn_k", "knn_temperature", "epochs", "lr",
+                  "batch_size", "device", "loader", "workers", "seed")
 
 
 @main.command(context_settings=CONTEXT)
 @click.option("--checkpoint", "checkpoints", multiple=True, metavar="FILE|random",
               help="An encoder to score (repeat for several): a checkpoint file, 'random' (seeded by --seed) or "
                    "'random:N'.  [default: random]")
-@click.option("--data", "dataset", required=True, type=click.Path(file_okay=False),
-              help="A labelled dataset written by `xdc-fast prepare`.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Where results.json, results.md and results.png go.")
+@click.option("--data", "dataset", type=click.Path(file_okay=False),
+              help="A labelled dataset written by `xdc-fast prepare` (required unless --compare).")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Where results.json, results.md and results.png go (required unless --compare).")
 @click.option("--protocol", "protocols", multiple=True, metavar="NAME",
-              help="linear, knn, retrieval, svm or clustering (repeat for several).  [default: all five]")
+              help="linear, knn, retrieval, svm, clustering, or finetune (full finetuning per split: costly, "
+                   "so only when named); repeat for several. On a multi-label dataset: linear (scored by mAP) "
+                   "and retrieval.  [default: the first five]")
+@click.option("--compare", nargs=2, metavar="A.json B.json", type=click.Path(), default=None,
+              help="Run nothing: say which protocol fingerprint fields differ between two results.json files "
+                   "(exit status 0 when comparable, 1 when not).")
 @config_options(EvaluateConfig, EVALUATE_FLAGS)
 @config_file_option(EvaluateConfig, "evaluate_", " (checkpoints, protocols, clip geometry, linear_c, ...)")
-def evaluate(dataset, out, checkpoints, protocols, config_values, **flags):
+@click.pass_context
+def evaluate(ctx, dataset, out, checkpoints, protocols, compare, config_values, **flags):
     """Score encoders with the field's protocols over every split of a labelled dataset, in one table.
 
     Each checkpoint's encoder encodes every video once; linear probe, weighted k-NN, retrieval Recall@k,
     linear SVM and k-means clustering all run on those features, for every split (or --split N). Writes
     results.json (every per-split result with its protocol fingerprint, mean ± std across splits),
-    results.md and results.png.
+    results.md and results.png. With --compare A B, tells whether two such results may be set side by side.
     """
+    if compare:
+        from .evaluate import compare as compare_results, comparison_text
+
+        comparison = compare_results(*compare)
+        click.echo(comparison_text(comparison))
+        ctx.exit(0 if comparison["comparable"] else 1)
+    if not dataset or not out:
+        raise click.UsageError("--data and --out are required (or --compare A.json B.json)")
     from .evaluate import evaluate as run
 
     lists = {k: list(v) for k, v in (("checkpoints", checkpoints), ("protocols", protocols)) if v}
@@ -290,6 +323,104 @@ def extract(dataset, out, config_values, **flags):
 
     _show_loader_choice()
     run(dataset, out, build_config(ExtractConfig, config_values, flags), log=click.echo)
+
+
+# ---- clusters: assign, browse, export ------------------------------------------------------------------
+
+ROUND_OPTION = click.option("--round", "round_index", type=click.IntRange(min=0), default=None,
+                            show_default="the run's last round",
+                            help="Which round's clustering (clusters/round_NNN.pt).")
+LOADER_CHOICE = click.option("--loader", type=click.Choice(["auto", "pyav", "dali"]), default="auto",
+                             help="Decoding backend, as for extract: pyav on the CPU, dali on CUDA, auto picks.")
+DEVICE_CHOICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                             help="Where the encoders run; auto: CUDA when there is one.")
+WORKERS_OPTION = click.option("--workers", type=click.IntRange(min=0), default=0, help="DataLoader worker processes.")
+BATCH_OPTION = click.option("--batch-size", type=click.IntRange(min=1), default=None, show_default="the run's",
+                            help="Clips per forward pass.")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_argument", metavar="[RUN]", required=False, type=click.Path(file_okay=False, exists=True))
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True),
+              help="A pretraining run (its clusters/round_NNN.pt and checkpoints/); may also come as RUN. Under "
+                   "torchrun give it as RUN: torchrun's own parser mistakes --run for its --run-path.")
+@ROUND_OPTION
+@click.option("--data", "dataset", required=True, type=click.Path(file_okay=False),
+              help="A dataset written by `xdc-fast prepare`: new footage, or the run's own.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="The file to write: .json (every video and clip) or .csv (one row per video).")
+@BATCH_OPTION
+@DEVICE_CHOICE
+@LOADER_CHOICE
+@WORKERS_OPTION
+def assign(run_argument, run_dir, round_index, dataset, out, batch_size, device, loader, workers):
+    """Map every video of a dataset to a pretraining round's clusters (each clustering of the round).
+
+    Videos are encoded by the encoders whose features the round clustered, with the run's clips, then
+    PCA-whitened and assigned to the nearest centroid as the round was. Each video gets a cluster per
+    clustering, its distance and the margin to the second-nearest centroid (a confidence). Works under
+    torchrun (the encoding is shared out).
+    """
+    from .assign import assign as run
+
+    if run_argument is None and run_dir is None:
+        raise click.UsageError("which run? give --run RUN (or RUN)")
+    if run_argument is not None and run_dir is not None and run_argument != run_dir:
+        raise click.UsageError(f"two runs given ({run_argument} and --run {run_dir}); give one")
+    _show_loader_choice()
+    run(run_dir or run_argument, dataset, out, round_index, device=device, loader=loader, workers=workers, batch_size=batch_size,
+        log=click.echo)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False, exists=True))
+@ROUND_OPTION
+@click.option("--modality", required=True, type=click.Choice(["video", "audio", "concat"]),
+              help="Whose clusters become the labels: video, audio, or concat (cdc runs).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="The dataset folder to write (manifest.jsonl, classes.json, rejects.jsonl, export.json).")
+@click.option("--min-margin", type=float, default=None, show_default="keep every assigned item",
+              help="Keep only videos whose margin to the second-nearest centroid is at least this (confident "
+                   "members); see the margins with `xdc-fast assign`.")
+@click.option("--data", "dataset", type=click.Path(file_okay=False), default=None,
+              show_default="the one in RUN/config.yaml", help="The dataset the run trained on, if it moved.")
+def export(run_dir, round_index, modality, out, min_margin, dataset):
+    """Turn a round's clusters into a labelled dataset for finetune and evaluate.
+
+    The new folder points at the run's media; labels are cluster ids and classes.json holds a name per
+    cluster, which you may edit (exporting again into the folder keeps your names).
+    """
+    from .export import export as run
+
+    run(run_dir, out, modality, round_index, min_margin=min_margin, dataset=dataset, log=click.echo)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False, exists=True))
+@ROUND_OPTION
+@click.option("--data", "dataset", type=click.Path(file_okay=False), default=None,
+              show_default="the run's own videos, with the round's saved assignments",
+              help="Show this dataset's videos instead, assigned to the round's clusters first (as assign does).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="The folder of the site; open OUT/index.html in a browser (no server needed).")
+@click.option("--members", type=click.IntRange(min=1), default=12,
+              help="Members shown per list (most central, most uncertain) on each cluster's page; the page says "
+                   "how many were left out.")
+@DEVICE_CHOICE
+@LOADER_CHOICE
+@WORKERS_OPTION
+def browse(run_dir, round_index, dataset, out, members, device, loader, workers):
+    """A static web site of a round's clusters, to watch and listen to what each one holds.
+
+    index.html lists every cluster (size, purity and majority class when the data has labels, agreement
+    between the video and audio clusterings), sortable and filterable; each cluster's page shows its most
+    central and most uncertain members as a still, a short animated clip and an audio snippet.
+    """
+    from .browse import browse as run
+
+    _show_loader_choice()
+    run(run_dir, out, round_index, dataset, members=members, device=device, loader=loader, workers=workers,
+        log=click.echo)
 
 
 # ---- report and demo ----------------------------------------------------------------------------------

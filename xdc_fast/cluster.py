@@ -10,6 +10,7 @@ own shard; sums, counts and objectives are all-reduced, so every rank holds the 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -313,41 +314,134 @@ def pca_whiten(x: torch.Tensor, dim: int = 256, eps: float = 1e-5, *, l2_normali
     ``x`` is ``[N, D]`` or ``[B, N, D]`` (B problems whitened independently); ``dim = 0`` skips PCA;
     ``dim`` larger than D is clamped to D. Under ``torch.distributed`` the mean and covariance are
     those of all ranks' rows together. Statistics accumulate in float64; returns float32.
+
+    The same as ``apply_whitening(x, fit_whitening(x, dim, eps, l2_normalize=...))``; those two keep the
+    transform, so that new points can be mapped exactly as the fitted ones were.
     """
+    return apply_whitening(x, fit_whitening(x, dim, eps, l2_normalize=l2_normalize, caller="pca_whiten"))
+
+
+@dataclass
+class Whitening:
+    """A fitted PCA-whitening (or L2-only) transform: ``normalize((x - mean) @ projection)``.
+
+    ``mean`` is ``[D]`` or ``[B, D]`` and ``projection`` ``[D, dim]`` or ``[B, D, dim]`` (float64, the
+    eigenvectors already divided by ``sqrt(eigenvalue + eps)``); both are None when PCA is off
+    (``dim`` 0). ``eps`` is kept to describe the transform, it is already inside ``projection``.
+    """
+
+    mean: torch.Tensor | None
+    projection: torch.Tensor | None
+    eps: float
+    l2_normalize: bool = True
+
+    @property
+    def dim(self) -> int:
+        """Output dimension, 0 when PCA is off (the output keeps the input's dimension)."""
+        return 0 if self.projection is None else int(self.projection.shape[-1])
+
+    def problem(self, b: int) -> "Whitening":
+        """The transform of problem ``b`` of a batched fit, as an unbatched one."""
+        if self.mean is None or self.mean.dim() == 1:
+            return self
+        return Whitening(self.mean[b], self.projection[b], self.eps, self.l2_normalize)
+
+    def to_dict(self) -> dict:
+        """Plain tensors and numbers (loadable with ``torch.load(..., weights_only=True)``), on the CPU."""
+        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        return {"mean": cpu(self.mean), "projection": cpu(self.projection), "eps": float(self.eps),
+                "l2_normalize": bool(self.l2_normalize)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Whitening":
+        return cls(values["mean"], values["projection"], float(values["eps"]), bool(values["l2_normalize"]))
+
+
+def fit_whitening(x: torch.Tensor, dim: int = 256, eps: float = 1e-5, *, l2_normalize: bool = True,
+                  caller: str = "fit_whitening") -> Whitening:
+    """The transform :func:`pca_whiten` applies to ``x``, as data (see :class:`Whitening`)."""
     if x.dim() not in (2, 3):
-        raise ValueError(f"pca_whiten: x should be [N, D] or [B, N, D], got shape {tuple(x.shape)}")
+        raise ValueError(f"{caller}: x should be [N, D] or [B, N, D], got shape {tuple(x.shape)}")
     if dim < 0:
-        raise ValueError(f"pca_whiten: dim should be non-negative (0 = no PCA), got {dim}")
+        raise ValueError(f"{caller}: dim should be non-negative (0 = no PCA), got {dim}")
+    if dim == 0:
+        return Whitening(None, None, eps, l2_normalize)
     x3 = (x if x.dim() == 3 else x.unsqueeze(0)).float()
     B, N, D = x3.shape
+    dim = min(dim, D)
+    means, projections = [], []
+    for b in range(B):
+        total = torch.zeros(D, dtype=torch.float64, device=x3.device)
+        outer = torch.zeros(D, D, dtype=torch.float64, device=x3.device)
+        for start in range(0, N, PCA_BLOCK_ROWS):
+            block = x3[b, start : start + PCA_BLOCK_ROWS].double()
+            total += block.sum(0)
+            outer += block.T @ block
+        n = int(xdist.all_reduce_sum(torch.tensor([N], dtype=torch.long))[0])
+        total, outer = xdist.all_reduce_sum(total), xdist.all_reduce_sum(outer)
+        if n < 2:
+            raise ValueError(f"{caller}: needs at least 2 points, got {n}")
+        mean = total / n
+        cov = (outer - n * torch.outer(mean, mean)) / (n - 1)
+        evals, evecs = torch.linalg.eigh(cov)  # ascending
+        top = torch.arange(D - 1, D - 1 - dim, -1, device=x3.device)
+        means.append(mean)
+        projections.append(evecs[:, top] / torch.sqrt(evals[top].clamp_min(0) + eps))
+    mean, projection = torch.stack(means), torch.stack(projections)
+    if x.dim() == 2:
+        mean, projection = mean[0], projection[0]
+    return Whitening(mean, projection, eps, l2_normalize)
+
+
+def apply_whitening(x: torch.Tensor, whitening: Whitening) -> torch.Tensor:
+    """``x`` (``[N, D]`` or ``[B, N, D]``, batched like the fit) through a fitted transform; float32.
+
+    The arithmetic is pca_whiten's, step for step, so the fitted points come out bit for bit the same."""
+    if x.dim() not in (2, 3):
+        raise ValueError(f"apply_whitening: x should be [N, D] or [B, N, D], got shape {tuple(x.shape)}")
+    x3 = (x if x.dim() == 3 else x.unsqueeze(0)).float()
     out = x3
-    if dim > 0:
-        dim = min(dim, D)
-        out = torch.empty(B, N, dim, device=x3.device)
-        for b in range(B):
-            total = torch.zeros(D, dtype=torch.float64, device=x3.device)
-            outer = torch.zeros(D, D, dtype=torch.float64, device=x3.device)
-            for start in range(0, N, PCA_BLOCK_ROWS):
-                block = x3[b, start : start + PCA_BLOCK_ROWS].double()
-                total += block.sum(0)
-                outer += block.T @ block
-            n = int(xdist.all_reduce_sum(torch.tensor([N], dtype=torch.long))[0])
-            total, outer = xdist.all_reduce_sum(total), xdist.all_reduce_sum(outer)
-            if n < 2:
-                raise ValueError(f"pca_whiten: needs at least 2 points, got {n}")
-            mean = total / n
-            cov = (outer - n * torch.outer(mean, mean)) / (n - 1)
-            evals, evecs = torch.linalg.eigh(cov)  # ascending
-            top = torch.arange(D - 1, D - 1 - dim, -1, device=x3.device)
-            proj = evecs[:, top] / torch.sqrt(evals[top].clamp_min(0) + eps)
-            out[b] = (x3[b] - mean.float()) @ proj.float()
-    if l2_normalize:
+    if whitening.projection is not None:
+        mean, projection = whitening.mean, whitening.projection
+        if mean.dim() != x.dim() - 1:
+            fitted = "batched" if mean.dim() == 2 else "unbatched"
+            raise ValueError(f"apply_whitening: the transform was fitted on {fitted} points, got x of shape "
+                             f"{tuple(x.shape)}")
+        mean3 = mean if mean.dim() == 2 else mean.unsqueeze(0)
+        projection3 = projection if projection.dim() == 3 else projection.unsqueeze(0)
+        if mean3.shape[0] != x3.shape[0] or mean3.shape[1] != x3.shape[2]:
+            raise ValueError(f"apply_whitening: the transform takes {mean3.shape[0]} problem(s) of dimension "
+                             f"{mean3.shape[1]}, got x of shape {tuple(x.shape)}")
+        out = torch.empty(x3.shape[0], x3.shape[1], projection3.shape[-1], device=x3.device)
+        for b in range(x3.shape[0]):
+            out[b] = (x3[b] - mean3[b].to(x3.device).float()) @ projection3[b].to(x3.device).float()
+    if whitening.l2_normalize:
         out = torch.nn.functional.normalize(out, dim=-1)
     return out if x.dim() == 3 else out[0]
+
+
+def nearest_other(x: torch.Tensor, centroids: torch.Tensor,
+                  excluded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each point of ``x [N, D]``, the nearest of ``centroids [K, D]`` other than ``excluded[i]``:
+    ``(labels, squared distances)``. The margin of an assignment (second-nearest minus nearest) is a
+    confidence; this gives the second-nearest with the same kernels, one call per excluded centroid,
+    so the work is one assignment pass in all."""
+    k = centroids.shape[0]
+    if k < 2:
+        raise ValueError("nearest_other: needs at least 2 centroids")
+    labels = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+    dist = torch.full((x.shape[0],), float("nan"), dtype=torch.float32, device=x.device)
+    for c in torch.unique(excluded).tolist():
+        rows = (excluded == c).nonzero().flatten()
+        others = torch.cat([torch.arange(c, device=x.device), torch.arange(c + 1, k, device=x.device)])
+        found, d = kmeans_assign(x[rows].float(), centroids[others].float())
+        labels[rows], dist[rows] = others[found], d
+    return labels, dist
 
 
 def _fmt(values: np.ndarray) -> str:
     return " ".join(f"{v:.6g}" for v in np.atleast_1d(values))
 
 
-__all__ = ["KMeans", "pca_whiten", "imbalance_factor", "split_empty_clusters", "SPLIT_EPS"]
+__all__ = ["KMeans", "pca_whiten", "Whitening", "fit_whitening", "apply_whitening", "nearest_other", "imbalance_factor",
+           "split_empty_clusters", "SPLIT_EPS"]

@@ -13,6 +13,7 @@ holds only the fields a user overrides (on top of the arch's geometry, or the ch
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -40,10 +41,16 @@ class ConfigError(XdcError):
     """A configuration value that cannot run."""
 
 
+AUTO = "auto"
+
+
 def option(default, help: str = "", *, choices: tuple | None = None, min: float | None = None,
-           max: float | None = None, min_open: bool = False, default_factory=None):
-    """A dataclass field with its help text and allowed values (checked by :func:`check_value`)."""
-    metadata = {"help": help, "choices": choices, "min": min, "max": max, "min_open": min_open}
+           max: float | None = None, min_open: bool = False, default_factory=None, auto: bool = False):
+    """A dataclass field with its help text and allowed values (checked by :func:`check_value`).
+
+    ``auto``: the field also takes the word ``auto``, a value the command resolves from the data at
+    start-up (and records as resolved)."""
+    metadata = {"help": help, "choices": choices, "min": min, "max": max, "min_open": min_open, "auto": auto}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -71,6 +78,12 @@ def check_value(cls, name: str, value):
         raise ConfigError(f"unknown configuration key {name!r} for {cls.__name__}; known keys: "
                           f"{', '.join(f.name for f in fields(cls))}")
     kinds, optional = _allowed(typing.get_type_hints(cls)[name])
+    if spec.metadata.get("auto"):
+        if value == AUTO:
+            return value
+        kinds = tuple(k for k in kinds if k is not str)
+        if isinstance(value, str):
+            raise ConfigError(f"{name}: expected {_type_name(kinds)} or 'auto', got {value!r}")
     if value is None:
         if optional:
             return None
@@ -193,6 +206,12 @@ def dist_timeout_option():
     return option(600.0, "Under torchrun: seconds a rank waits for the others.", min=0, min_open=True)
 
 
+# A round shorter than this does not let the tiny encoders fit their targets: on the demo's data the
+# video encoder's pseudo-label loss stays at ln k for its first ~150 steps (docs/pretraining.md#auto-settings).
+MIN_ROUND_STEPS = 200
+AUTO_ROUNDS = 3  # the first teaches each encoder the other's initial clusters, the next two refine both
+
+
 # ---- the commands' configurations --------------------------------------------------------------------
 
 @dataclass
@@ -201,15 +220,22 @@ class PretrainConfig(Checked):
                           "mdc, cdc, sdc-video, sdc-audio are its baselines.", choices=tuple(VARIANTS))
     arch: str = option("tiny", "Encoders: r2plus1d_18 and ResNet-18 (the paper's, a GPU job) or tiny (CPU).",
                        choices=ARCHS)
-    clusters: int = option(8, "k of the k-means; at most the number of clips clustered. The XDC lineage uses "
-                           "64-1024 on Kinetics-size data.", min=2)
-    epochs: int = option(4, "Training epochs in all.", min=1)
-    epochs_per_round: int = option(1, "Re-cluster after this many epochs (DeepCluster: 1).", min=1)
+    clusters: int | str = option("auto", "k of the k-means, at most the number of clips clustered. auto: the "
+                                 "square root of the number of videos, between 8 and 1024 (the XDC lineage uses "
+                                 "64-1024 on Kinetics-size data).", min=2, auto=True)
+    epochs: int | str = option("auto", "Training epochs in all. auto: three rounds (at least 4 epochs).", min=1,
+                               auto=True)
+    epochs_per_round: int | str = option("auto", "Re-cluster after this many epochs (DeepCluster: 1). auto: the "
+                                         f"fewest epochs that give a round {MIN_ROUND_STEPS} optimisation steps "
+                                         "(1 on large data).", min=1, auto=True)
     clips_per_video: int = option(2, "Fixed clips per video whose features are clustered.", min=1)
-    pca_dim: int = option(32, "PCA-whitening dimension before k-means (0 = off, L2 only; DeepCluster: 256). "
-                          "With fewer than 10 clips per dimension, lower it or use 0.", min=0)
+    pca_dim: int | str = option("auto", "PCA-whitening dimension before k-means (0 = off, L2 only; DeepCluster: "
+                                "256). auto: the largest of 256, 128, 64, 32 (at most the feature size) with 100 "
+                                "clips clustered per dimension, else 0.", min=0, auto=True)
     kmeans_niter: int = option(20, "Lloyd iterations per clustering.", min=1)
-    kmeans_nredo: int = option(1, "k-means restarts; each modality keeps its lowest objective.", min=1)
+    kmeans_nredo: int | str = option("auto", "k-means restarts; each modality keeps its lowest objective. auto: 3 "
+                                     "while clips x clusters stays under 5e7 (restarts are cheap there), else 1.",
+                                     min=1, auto=True)
     batch_size: int = option(8, "Clips per step (per rank under torchrun).", min=1)
     lr: float = option(0.01, "SGD learning rate; 0.01 suits the tiny encoders, lower it if the loss does "
                        "not decrease.", min=0, min_open=True)
@@ -225,7 +251,9 @@ class PretrainConfig(Checked):
                                    min=0)
     recluster: str = option("epochs", "epochs: every epochs_per_round epochs; plateau: when the held-out "
                             "pseudo-label loss stops improving for `patience` epochs.", choices=("epochs", "plateau"))
-    heldout_fraction: float = option(0.1, "plateau mode: share of videos kept out of training to watch the loss.",
+    heldout_fraction: float = option(0.1, "Share of videos (rounded down) clustered but kept out of training: "
+                                     "each round says whether the encoders fit their targets on them (not just "
+                                     "memorised them); plateau mode watches their loss. 0: none.",
                                      min=0, max=1)
     patience: int = option(1, "plateau mode: epochs without improvement before re-clustering.", min=1)
     max_unreadable: float = option(0.05, "Share of videos whose fixed clips may all fail to decode in a round "
@@ -241,6 +269,42 @@ class PretrainConfig(Checked):
 
     def clip_config(self) -> ClipConfig:
         return clip_config(self.arch, self.clip)
+
+
+# ---- auto: pretraining settings resolved from the data's size ------------------------------------------
+
+FEATURE_DIM = {"tiny": 128, "r2plus1d_18": 512}
+
+
+def resolve_auto(config: PretrainConfig, videos: int, steps_per_epoch: int) -> tuple[PretrainConfig, dict[str, str]]:
+    """``config`` with every ``auto`` field replaced by its value for ``videos`` videos (all ranks) and
+    ``steps_per_epoch`` optimisation steps per epoch, and for each one why (a line for the log).
+
+    The rules, and the measurements behind them, are in docs/pretraining.md#auto-settings."""
+    values, why = {}, {}
+    clips = videos * config.clips_per_video
+    if config.clusters == AUTO:
+        k = min(max(8, round(math.sqrt(videos))), 1024, clips)
+        values["clusters"], why["clusters"] = k, f"about the square root of {videos} videos (between 8 and 1024)"
+    k = values.get("clusters", config.clusters)
+    if config.pca_dim == AUTO:
+        fits = [d for d in (256, 128, 64, 32) if d <= FEATURE_DIM[config.arch] and clips >= 100 * d]
+        values["pca_dim"] = fits[0] if fits else 0
+        why["pca_dim"] = (f"{clips} clips clustered, at least 100 per dimension" if fits else
+                          f"{clips} clips clustered: fewer than 100 per dimension even at 32, so L2 only")
+    if config.kmeans_nredo == AUTO:
+        values["kmeans_nredo"] = 3 if clips * k <= 5e7 else 1
+        why["kmeans_nredo"] = f"{clips} clips x {k} clusters " + ("is cheap to cluster again" if clips * k <= 5e7
+                                                                    else "is costly to cluster again")
+    if config.epochs_per_round == AUTO:
+        values["epochs_per_round"] = max(1, math.ceil(MIN_ROUND_STEPS / steps_per_epoch))
+        why["epochs_per_round"] = (f"{steps_per_epoch} steps per epoch; a round needs at least {MIN_ROUND_STEPS} "
+                                   "steps for the encoders to fit their targets")
+    per_round = values.get("epochs_per_round", config.epochs_per_round)
+    if config.epochs == AUTO:
+        values["epochs"] = max(4, AUTO_ROUNDS * per_round)
+        why["epochs"] = f"{AUTO_ROUNDS} rounds of {per_round} epoch(s), at least 4"
+    return dataclasses.replace(config, **values), why
 
 
 @dataclass
@@ -302,7 +366,9 @@ class ExtractConfig(Checked):
 
 
 
-EVALUATE_PROTOCOLS = ("linear", "knn", "retrieval", "svm", "clustering")
+# finetune trains a copy of the encoder per checkpoint and split (hours on real data), so it runs only
+# when named; the others share one encoding of every video.
+EVALUATE_PROTOCOLS = ("linear", "knn", "retrieval", "svm", "clustering", "finetune")
 
 
 @dataclass
@@ -311,7 +377,9 @@ class EvaluateConfig(Checked):
                                "baseline, drawn from seed; 'random:N' draws it from seed N).",
                                default_factory=lambda: ["random"])
     protocols: list = option(None, "Protocols to run on the same features: linear, knn, retrieval, svm, "
-                             "clustering.", default_factory=lambda: list(EVALUATE_PROTOCOLS))
+                             "clustering (a multi-label dataset: linear, scored by mAP, and retrieval); and "
+                             "finetune (full finetuning, trained per checkpoint and split: never a default).",
+                             default_factory=lambda: [p for p in EVALUATE_PROTOCOLS if p != "finetune"])
     modality: str = option("video", "Which encoder to score.", choices=MODALITIES)
     arch: str | None = option(None, "Default: the checkpoint's (tiny for random).", choices=ARCHS)
     split: int | None = option(None, "One split/fold (UCF101/HMDB51 1-3, ESC-50 1-5); default: every split the "
@@ -324,13 +392,22 @@ class EvaluateConfig(Checked):
                                     min_open=True)
     linear_c: float = option(1.0, "linear: inverse L2 strength of the logistic regression.", min=0, min_open=True)
     svm_folds: int = option(3, "svm: group folds over the training videos for choosing C.", min=2)
-    batch_size: int = option(8, "Clips per forward pass.", min=1)
+    epochs: int = option(8, "finetune: training epochs; the last one is scored.", min=1)
+    lr: float = option(0.01, "finetune: SGD learning rate, decayed after the warm-up.", min=0, min_open=True)
+    momentum: float = option(0.9, "finetune: SGD momentum.", min=0, max=1)
+    weight_decay: float = option(1e-4, "finetune: SGD weight decay.", min=0)
+    warmup_epochs: float = option(0.0, "finetune: linear warm-up epochs.", min=0)
+    schedule: str = option("cosine", "finetune: cosine or constant learning rate.", choices=SCHEDULES)
+    finetune_clips: int = option(1, "finetune: random augmented clips per training video per epoch (its test "
+                                 "clips are clips_per_video, as for every protocol).", min=1)
+    batch_size: int = option(8, "Clips per forward pass, and per training step of finetune (per rank).", min=1)
     clip: dict = clip_overrides_option()
     bn_eps: float = bn_eps_option()
     workers: int = workers_option()
     loader: str = loader_option()
     device: str = device_option()
-    seed: int = option(0, "Seed of a stratified split, the classifiers, k-means (and of a random encoder).")
+    seed: int = option(0, "Seed of a stratified split, the classifiers, k-means, finetune's head and clips (and "
+                       "of a random encoder).")
 
     def __post_init__(self):
         super().__post_init__()
@@ -347,5 +424,5 @@ class EvaluateConfig(Checked):
                 raise ConfigError(f"{name}: {values} names one twice")
 
 
-__all__ = ["XdcError", "ConfigError", "PretrainConfig", "FinetuneConfig", "ExtractConfig", "option", "from_dict",
+__all__ = ["XdcError", "ConfigError", "AUTO", "resolve_auto", "PretrainConfig", "FinetuneConfig", "ExtractConfig", "option", "from_dict",
            "check_value", "read_yaml", "clip_config"]

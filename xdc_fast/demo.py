@@ -3,7 +3,8 @@
 Writes a synthetic audio-video dataset whose classes are seen (shape and motion) and heard (pitch and
 beep rate), prepares it, pretrains XDC with the tiny encoders, then scores the XDC encoders against
 random ones of the same architecture on the same split: linear-probe clip and video accuracy, and the
-NMI of k-means clusters of their features to the true classes. The labels are used only for scoring.
+NMI of k-means clusters of their features to the true classes; then ``xdc-fast evaluate`` scores both
+with its default protocols (all but full finetuning). The labels are used only for scoring.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, PRESETS, PretrainConfig, from_dict, read_yaml
+from .config import ConfigError, PRESETS, EvaluateConfig, PretrainConfig, from_dict, read_yaml
 from .files import write_text_atomic
 
 
@@ -59,7 +60,7 @@ class DemoRow:
 
 
 def run_demo(out: str | Path, config: DemoConfig | None = None, log=print) -> list[DemoRow]:
-    """Every stage in ``out``: media/, data/, pretrain/ (with report/), probe/, demo.json."""
+    """Every stage in ``out``: media/, data/, pretrain/ (with report/), probe/, evaluate/, demo.json."""
     from .data.prepare import prepare
     from .data.synthetic import SyntheticSpec, make_synthetic_dataset
     from .pretrain import pretrain
@@ -72,7 +73,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, log=print) -> li
     timings = {}
 
     # ===== data =====
-    log(f"[1/4] writing {config.classes * config.videos_per_class} synthetic videos and preparing them")
+    log(f"[1/5] writing {config.classes * config.videos_per_class} synthetic videos and preparing them")
     t0 = time.perf_counter()
     spec = SyntheticSpec(classes=config.classes, videos_per_class=config.videos_per_class, seconds=config.seconds,
                          seed=config.seed)
@@ -82,7 +83,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, log=print) -> li
 
     # ===== pretraining =====
     pretrain_config = from_dict(PretrainConfig, {**config.pretrain, "seed": config.seed})
-    log(f"[2/4] pretraining XDC ({pretrain_config.epochs} epochs, a re-clustering every "
+    log(f"[2/5] pretraining XDC ({pretrain_config.epochs} epochs, a re-clustering every "
         f"{pretrain_config.epochs_per_round})")
     t0 = time.perf_counter()
     if (out / "pretrain" / "metrics.jsonl").exists():
@@ -91,15 +92,22 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, log=print) -> li
     timings["pretrain"] = time.perf_counter() - t0
 
     # ===== scoring =====
-    log("[3/4] linear probes and clustering of random and XDC encoders on the same split")
+    log("[3/5] linear probes and clustering of random and XDC encoders on the same split")
     t0 = time.perf_counter()
     rows = [score_encoder(out, modality, name, checkpoint, pretrain_config, config)
             for modality in ("video", "audio")
             for name, checkpoint in (("random", "random"), ("xdc", str(out / "pretrain" / "checkpoints" / "last.pt")))]
     timings["scoring"] = time.perf_counter() - t0
 
+    # ===== the protocols of the literature =====
+    log(f"[4/5] xdc-fast evaluate of XDC and random encoders: {', '.join(EvaluateConfig().protocols)}")
+    t0 = time.perf_counter()
+    evaluations = {modality: evaluate_encoders(out, modality, pretrain_config, config)
+                   for modality in ("video", "audio")}
+    timings["evaluate"] = time.perf_counter() - t0
+
     # ===== figures =====
-    log("[4/4] drawing the pretraining report")
+    log("[5/5] drawing the pretraining report")
     from .report import write_report
 
     figures = write_report(out / "pretrain", out / "data")
@@ -109,11 +117,19 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, log=print) -> li
     log("")
     log(format_table(rows, config.classes))
     log("")
+    for modality, table in evaluations.items():
+        log(f"xdc-fast evaluate, {modality} (evaluate/{modality}/results.md):")
+        log(table)
     log(f"done in {timings['total'] / 60:.1f} min. Files under {out}:")
     log(f"  data/             the prepared dataset ({out / 'data' / 'manifest.jsonl'})")
     log("  pretrain/         the XDC run: metrics.jsonl, checkpoints/last.pt, clusters/")
     log(f"  pretrain/report/  {', '.join(p.name for p in figures)}")
     log("  probe/            metrics.json, confusion.png and features.pt of each probe")
+    log("  evaluate/         results.json, results.md and results.png of each modality")
+    from .browse import browse  # a few seconds: media are written for the members shown only
+
+    log(f"  browse/           {browse(out / 'pretrain', out / 'browse', members=4, log=lambda *_: None)}: "
+        "watch and listen to the clusters")
     return rows
 
 
@@ -136,6 +152,26 @@ def score_encoder(out: Path, modality: str, name: str, checkpoint: str, pretrain
     features = torch.load(probe_dir / "features.pt", weights_only=True)
     return DemoRow(modality, name, metrics["clip_acc"], metrics["video_acc"],
                    cluster_nmi(features["features"].numpy(), features["labels"].numpy(), config.classes, config.seed))
+
+
+def evaluate_encoders(out: Path, modality: str, pretrain_config: PretrainConfig, config: DemoConfig) -> str:
+    """``xdc-fast evaluate`` of the XDC checkpoint and a random encoder with its default protocols (the
+    probes' split, clips and geometry; on 2 cores about as long as the probes) into
+    ``out/evaluate/<modality>/``; returns its table with the checkpoint named ``xdc``."""
+    from .data.clips import geometry
+    from .evaluate import evaluate, table
+
+    target = out / "evaluate" / modality
+    if (target / "results.json").exists():
+        (target / "results.json").unlink()  # an interrupted demo scores again
+    xdc = str(out / "pretrain" / "checkpoints" / "last.pt")
+    document = evaluate(out / "data", target,
+                        EvaluateConfig(checkpoints=[xdc, "random"], modality=modality, arch="tiny",
+                                       clips_per_video=config.probe_clips, clip=geometry(pretrain_config.clip_config()),
+                                       seed=config.seed),
+                        log=lambda *_: None)
+    return table([{**s, "checkpoint": "xdc" if s["checkpoint"] == xdc else s["checkpoint"]}
+                  for s in document["summary"]])
 
 
 def cluster_nmi(features: np.ndarray, labels: np.ndarray, k: int, seed: int) -> float:

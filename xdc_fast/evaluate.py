@@ -14,10 +14,18 @@ those features, and every protocol of :mod:`xdc_fast.protocols` runs on them. Th
 Features per protocol: ``linear`` and ``svm`` use clip features (train on every training clip, a video's
 test prediction averaged over its clips); ``knn`` and ``retrieval`` use each video's mean clip feature
 (test videos query training videos); ``clustering`` clusters the mean features of every video of the split.
+``finetune`` (only when asked for) trains a fresh copy of the encoder on each split with the loop of
+``finetune --mode full`` (:func:`xdc_fast.transfer.train_full`) and scores its ``clips_per_video`` test
+clips at the final epoch, so its numbers are that command's for the same settings.
+
+On a multi-label dataset (some item carries several ``labels``: VGGSound, AudioSet) ``linear`` is the
+one-vs-rest probe scored by mAP and ``retrieval`` counts a shared class as a hit; the other protocols are
+refused before any work.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -29,12 +37,20 @@ import numpy as np
 from . import __version__, engine, metrics, protocols
 from . import distributed as xdist
 from .checkpoint import load_encoder
-from .config import ConfigError, EvaluateConfig, clip_config
+from .config import ConfigError, EvaluateConfig, FinetuneConfig, clip_config
 from .data.clips import geometry
-from .data.splits import Split, check_modality, choose_split, class_names
+from .data.splits import DatasetError, Split, check_modality, choose_split, class_names, is_multilabel, label_matrix
 from .errors import XdcError
 from .files import atomic_path, output_lock, write_text_atomic
 from .seeds import numpy_rng, seed_for
+from .transfer import open_transfer, train_full
+
+# The headline of the protocol that only evaluate runs (the others' are protocols.HEADLINE).
+FINETUNE_HEADLINE = "video_acc"
+
+
+def headline(protocol: str, scores: dict) -> str:
+    return FINETUNE_HEADLINE if protocol == "finetune" else protocols.headline(protocol, scores)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -106,7 +122,10 @@ def run_protocols(chosen: list[str], train: tuple, test: tuple, num_classes: int
     kmeans_seed = seed_for(config.seed, "kmeans") % (2**32)
     results = {}
     for name in chosen:
-        if name == "linear":
+        if name == "linear" and train_labels.ndim == 2:
+            results[name] = protocols.multilabel_linear(train_x, train_labels[train_v], test_x, test_labels, test_v,
+                                                        config.linear_c, seed)
+        elif name == "linear":
             results[name] = protocols.linear(train_x, train_labels[train_v], test_x, test_labels, test_v, num_classes,
                                              config.linear_c, seed)
         elif name == "svm":
@@ -121,6 +140,31 @@ def run_protocols(chosen: list[str], train: tuple, test: tuple, num_classes: int
             results[name] = protocols.clustering(np.concatenate([train_mean, test_mean]),
                                                  np.concatenate([train_y, test_y]), seed=kmeans_seed)
     return results
+
+
+def finetune_protocol(dataset: Path, out: Path, split: Split, classes: list[str], config: EvaluateConfig,
+                      checkpoint: str, encoder, source: dict, device, log) -> dict:
+    """Full finetuning of ``encoder`` (trained in place: pass a copy) on one split, as ``finetune --mode full``
+    runs it with ``epochs``, ``lr``, ... of ``config``, ``finetune_clips`` random clips per training video per
+    epoch and ``clips_per_video`` test clips; scored at the final epoch."""
+    settings = FinetuneConfig(checkpoint=checkpoint, modality=config.modality, mode="full",
+                              arch=source["arch"], epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                              momentum=config.momentum, weight_decay=config.weight_decay,
+                              warmup_epochs=config.warmup_epochs, schedule=config.schedule,
+                              clips_per_video=config.finetune_clips, test_clips=config.clips_per_video,
+                              test_fraction=config.test_fraction, clip=config.clip, bn_eps=config.bn_eps,
+                              workers=config.workers, loader=config.loader, device=config.device, seed=config.seed)
+    transfer = open_transfer(dataset, out, settings, split, classes, device, encoder, source, log)
+    _, final, history = train_full(transfer)
+    return {"scores": {k: final[k] for k in ("clip_acc", "video_acc", "clip_top5", "video_top5", "num_test_videos",
+                                             "num_test_clips")},
+            "params": {"epochs": config.epochs, "lr": config.lr, "momentum": config.momentum,
+                       "weight_decay": config.weight_decay, "warmup_epochs": config.warmup_epochs,
+                       "schedule": config.schedule, "train_clips_per_video": config.finetune_clips,
+                       "batch_size": config.batch_size, "world_size": xdist.world_size(), "seed": config.seed,
+                       "model": "the encoder and a new linear layer trained end to end by SGD",
+                       "aggregation": "mean softmax over a video's clips", "scored": "final epoch"},
+            "history": history}
 
 
 def evaluate(dataset: str | Path, out: str | Path, config: EvaluateConfig, log=print) -> dict:
@@ -143,44 +187,68 @@ def _evaluate(dataset: Path, out: Path, config: EvaluateConfig, log) -> dict:
     check_modality(items, config.modality)
     splits = splits_of(items, config)
     classes = class_names(dataset, items)
+    multilabel = is_multilabel(items)
+    refused = [p for p in config.protocols if multilabel and p not in protocols.MULTILABEL_PROTOCOLS]
+    if refused:
+        raise DatasetError(f"this dataset is multi-label (some items carry several labels); {', '.join(refused)} "
+                           f"score(s) one label per item: choose among --protocol "
+                           f"{' / '.join(protocols.MULTILABEL_PROTOCOLS)} (linear is then scored by mAP)")
     manifest_sha = sha256_file(dataset / "manifest.jsonl")
     used = {r["id"]: r for s in splits for r in s.train + s.test}
     ordered = [used[i] for i in sorted(used)]
     index_of = {r["id"]: i for i, r in enumerate(ordered)}
     device = xdist.setup_device(config.device)
     log(f"{len(checkpoints)} checkpoint(s) x {len(splits)} split(s) x {len(config.protocols)} protocol(s) "
-        f"({', '.join(config.protocols)}); {len(ordered)} videos, {len(classes)} classes")
+        f"({', '.join(config.protocols)}); {len(ordered)} videos, {len(classes)} classes"
+        f"{' (multi-label)' if multilabel else ''}")
 
     started, results = time.perf_counter(), []
+    on_features = [p for p in config.protocols if p != "finetune"]
     for label, path, seed in checkpoints:
         # ===== one encoder, every used video encoded once =====
         encoder, source = load_encoder(path, config.modality, config.arch, config.bn_eps, seed)
+        encoder = encoder.to(device)
         clip = clip_config(source["arch"], source.get("clip"), config.clip, eval_clips=config.clips_per_video)
-        view = ClipDataset(dataset, clip, train=False, modalities=(config.modality,))
-        view.items = ordered
-        features, position = engine.encode_clips({config.modality: encoder.to(device)}, view, config.batch_size,
-                                                 device, workers=config.workers, loader=config.loader,
-                                                 description=f"{label} features")
-        features, video_of_clip = features[config.modality], position // config.clips_per_video
         checkpoint_id = f"random:{seed}" if path == "random" else f"sha256:{sha256_file(path)}"
-        log(f"{label}: {source['source']} ({source['arch']}), {len(features)} clips encoded")
-        # ===== every split, every protocol, on those features =====
+        if on_features:
+            view = ClipDataset(dataset, clip, train=False, modalities=(config.modality,))
+            view.items = ordered
+            features, position = engine.encode_clips({config.modality: encoder}, view, config.batch_size, device,
+                                                     workers=config.workers, loader=config.loader,
+                                                     description=f"{label} features")
+            features, video_of_clip = features[config.modality], position // config.clips_per_video
+            log(f"{label}: {source['source']} ({source['arch']}), {len(features)} clips encoded")
+        else:
+            log(f"{label}: {source['source']} ({source['arch']})")
+        # ===== every split, every protocol, on those features (finetune: on a fresh copy of the encoder) =====
         for split in splits:
-            parts = []
-            for part in (split.train, split.test):
-                videos = np.array([index_of[r["id"]] for r in part])
-                x, v = _rows(features, video_of_clip, videos, len(ordered))
-                parts.append((x, v, np.array([r["label"] for r in part])))
-            for protocol, result in run_protocols(config.protocols, parts[0], parts[1], len(classes), config).items():
+            scored = {}
+            if on_features:
+                parts = []
+                for part in (split.train, split.test):
+                    videos = np.array([index_of[r["id"]] for r in part])
+                    x, v = _rows(features, video_of_clip, videos, len(ordered))
+                    labels = label_matrix(part, len(classes)) if multilabel else np.array([r["label"] for r in part])
+                    parts.append((x, v, labels))
+                scored = run_protocols(on_features, parts[0], parts[1], len(classes), config)
+            if "finetune" in config.protocols:
+                where = f"  {label} split {split_name(split)} finetune "
+                scored["finetune"] = finetune_protocol(dataset, out, split, classes, config, path,
+                                                       copy.deepcopy(encoder), source, device,
+                                                       lambda line, where=where: log(where + line))
+            for protocol in config.protocols:
+                result = scored[protocol]
                 fingerprint = {"manifest_sha256": manifest_sha, "split": split_fingerprint(split),
                                "clip": geometry(clip), "clips_per_video": config.clips_per_video,
                                "modality": config.modality, "protocol": protocol, "params": result["params"],
                                "checkpoint": checkpoint_id, "arch": source["arch"],
                                "code_version": __version__}
+                # outcomes beside the scores (the SVM's chosen C, finetune's epochs), not in the fingerprint
+                outcomes = {k: v for k, v in result.items() if k not in ("scores", "params")}
                 results.append({"checkpoint": label, "protocol": protocol, "split": split_name(split),
-                                "scores": result["scores"], "fingerprint": fingerprint})
-                headline = protocols.HEADLINE[protocol]
-                log(f"  {label} split {split_name(split)} {protocol}: {headline} {result['scores'][headline]:.3f}")
+                                "scores": result["scores"], "fingerprint": fingerprint, **outcomes})
+                metric = headline(protocol, result["scores"])
+                log(f"  {label} split {split_name(split)} {protocol}: {metric} {result['scores'][metric]:.3f}")
 
     # ===== summary and files =====
     summary = summarise(results)
@@ -204,10 +272,11 @@ def summarise(results: list[dict]) -> list[dict]:
         groups.setdefault((r["checkpoint"], r["protocol"]), []).append(r)
     summary = []
     for (checkpoint, protocol), rows in groups.items():
+        main_metric = headline(protocol, rows[0]["scores"])
         for metric in rows[0]["scores"]:
             values = [float(r["scores"][metric]) for r in rows]
             summary.append({"checkpoint": checkpoint, "protocol": protocol, "metric": metric,
-                            "headline": metric == protocols.HEADLINE[protocol],
+                            "headline": metric == main_metric,
                             "mean": float(np.mean(values)),
                             "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                             "splits": [r["split"] for r in rows], "values": values})
@@ -230,6 +299,7 @@ def chart(summary: list[dict], path: Path) -> None:
     heads = [s for s in summary if s["headline"]]
     checkpoints = list(dict.fromkeys(s["checkpoint"] for s in heads))
     names = list(dict.fromkeys(s["protocol"] for s in heads))
+    metric_of = {s["protocol"]: s["metric"] for s in heads}
     width = 0.8 / len(checkpoints)
     figure, axis = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))
     for i, checkpoint in enumerate(checkpoints):
@@ -237,7 +307,7 @@ def chart(summary: list[dict], path: Path) -> None:
         axis.bar(np.arange(len(names)) + (i - (len(checkpoints) - 1) / 2) * width,
                  [rows[n]["mean"] if n in rows else 0.0 for n in names], width,
                  yerr=[rows[n]["std"] if n in rows else 0.0 for n in names], capsize=3, label=checkpoint)
-    axis.set_xticks(np.arange(len(names)), [f"{n}\n{protocols.HEADLINE[n]}" for n in names])
+    axis.set_xticks(np.arange(len(names)), [f"{n}\n{metric_of[n]}" for n in names])
     axis.set_ylim(0, 1)
     axis.set_ylabel("mean ± std across splits")
     axis.legend(fontsize="small")
@@ -245,4 +315,116 @@ def chart(summary: list[dict], path: Path) -> None:
     _save(figure, path)
 
 
-__all__ = ["evaluate", "summarise", "table", "run_protocols"]
+# ===== --compare: may two results files' numbers be set side by side? =====
+
+# What is being scored, not how: two encoders compared under one protocol differ here by design.
+ENCODER_FIELDS = ("checkpoint", "arch")
+
+
+def read_results(path: str | Path) -> dict:
+    """A ``results.json`` written by ``evaluate`` (or the folder holding one), checked to be one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise XdcError(f"{path} does not exist; --compare takes two results.json files written by xdc-fast evaluate")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise XdcError(f"cannot read {path}: {error.strerror or error}") from None
+    except (UnicodeDecodeError, ValueError) as error:
+        raise XdcError(f"{path} is not a results.json of xdc-fast evaluate: not JSON ({error})") from None
+    results = document.get("results") if isinstance(document, dict) else None
+    if not isinstance(results, list) or not results or not all(
+            isinstance(r, dict) and isinstance(r.get("fingerprint"), dict) and "protocol" in r and "split" in r
+            for r in results):
+        raise XdcError(f"{path} is not a results.json of xdc-fast evaluate: it needs a non-empty 'results' list whose "
+                       "entries carry protocol, split and fingerprint (finetune's metrics.json has none)")
+    return {"path": str(path), **document}
+
+
+def _flatten(value: dict, prefix: str = "") -> dict:
+    """``{"clip": {"crop": 28}}`` -> ``{"clip.crop": 28}``, so a difference is named down to the leaf."""
+    flat = {}
+    for key, inner in value.items():
+        if isinstance(inner, dict) and inner:
+            flat.update(_flatten(inner, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = inner
+    return flat
+
+
+def _protocol_fields(result: dict) -> dict:
+    return {k: v for k, v in _flatten(result["fingerprint"]).items() if k not in ENCODER_FIELDS}
+
+
+def compare(a: str | Path, b: str | Path) -> dict:
+    """Which fingerprint fields differ between two results files, for the protocols and splits both hold.
+
+    Results are matched by protocol and split; every field but the encoder's (checkpoint, arch) must agree
+    across all matched results of both files, and each protocol must cover the same splits (a mean over
+    splits 1-3 is not comparable with split 1 alone). Returns ``comparable``, ``differences`` (field, the
+    values in each file, where), the protocols found in one file only, and what each file scored."""
+    documents = [read_results(a), read_results(b)]
+    groups: list[dict[tuple[str, str], list[dict]]] = []
+    for document in documents:
+        grouped: dict[tuple[str, str], list[dict]] = {}
+        for r in document["results"]:
+            grouped.setdefault((r["protocol"], str(r["split"])), []).append(_protocol_fields(r))
+        groups.append(grouped)
+    protocols_of = [list(dict.fromkeys(p for p, _ in g)) for g in groups]
+    common = [p for p in protocols_of[0] if p in protocols_of[1]]
+    differences: dict[str, dict] = {}
+
+    def note(field: str, values: tuple[set, set], where: str) -> None:
+        entry = differences.setdefault(field, {"field": field, "a": set(), "b": set(), "where": []})
+        entry["a"] |= values[0]
+        entry["b"] |= values[1]
+        entry["where"].append(where)
+
+    for protocol in common:
+        splits = [[s for p, s in g if p == protocol] for g in groups]
+        if set(splits[0]) != set(splits[1]):
+            note(f"splits of {protocol}", (set(splits[0]), set(splits[1])), protocol)
+        for split in (s for s in splits[0] if s in splits[1]):
+            rows = [g[(protocol, split)] for g in groups]
+            for field in sorted({f for side in rows for row in side for f in row}):
+                values = tuple({json.dumps(row.get(field, "(absent)"), sort_keys=True) for row in side}
+                               for side in rows)
+                if len(values[0] | values[1]) > 1:
+                    note(field, values, f"{protocol} split {split}")
+    listed = [{**d, "a": sorted(d["a"]), "b": sorted(d["b"])} for d in differences.values()]
+    return {"a": documents[0]["path"], "b": documents[1]["path"], "common_protocols": common,
+            "only_in_a": [p for p in protocols_of[0] if p not in common],
+            "only_in_b": [p for p in protocols_of[1] if p not in common],
+            "encoders": [sorted({r["fingerprint"].get("checkpoint", "?") for r in d["results"]}) for d in documents],
+            "differences": listed, "comparable": bool(common) and not listed}
+
+
+def _shown(values: list[str]) -> str:
+    def short(text: str) -> str:
+        return text if len(text) <= 40 else text[:24] + "..."
+    return ", ".join(short(v) for v in values)
+
+
+def comparison_text(comparison: dict) -> str:
+    a, b = Path(comparison["a"]), Path(comparison["b"])
+    lines = [f"a: {a} ({_shown(comparison['encoders'][0])})", f"b: {b} ({_shown(comparison['encoders'][1])})"]
+    for side in ("a", "b"):
+        if comparison[f"only_in_{side}"]:
+            lines.append(f"only in {side}: {', '.join(comparison[f'only_in_{side}'])} (not compared)")
+    if not comparison["common_protocols"]:
+        lines.append("not comparable: the two files share no protocol")
+        return "\n".join(lines)
+    for d in comparison["differences"]:
+        where = ", ".join(d["where"][:3]) + (f" and {len(d['where']) - 3} more" if len(d["where"]) > 3 else "")
+        lines.append(f"differs: {d['field']}: a {_shown(d['a'])}; b {_shown(d['b'])} ({where})")
+    if comparison["comparable"]:
+        lines.append(f"comparable: every fingerprint field agrees ({', '.join(comparison['common_protocols'])})")
+    else:
+        lines.append(f"not comparable: {len(comparison['differences'])} fingerprint field(s) differ")
+    return "\n".join(lines)
+
+
+__all__ = ["evaluate", "summarise", "table", "run_protocols", "finetune_protocol", "headline", "compare",
+           "comparison_text", "read_results"]

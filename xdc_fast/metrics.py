@@ -1,10 +1,13 @@
-"""Scores: clustering quality (on scikit-learn and scipy) and clip/video classification accuracy."""
+"""Scores: clustering quality (on scikit-learn and scipy), clip/video classification accuracy, and the mean
+average precision of multi-label classification."""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics import adjusted_rand_score, average_precision_score, normalized_mutual_info_score
+
+from .errors import XdcError
 
 
 def _np(a) -> np.ndarray:
@@ -91,3 +94,15 @@ def score(probabilities: np.ndarray, video_of_clip: np.ndarray, labels: np.ndarr
 def video_accuracy(probabilities: np.ndarray, video_of_clip: np.ndarray, labels: np.ndarray) -> float:
     """Share of videos whose mean softmax over their clips peaks at their label (see :func:`score`)."""
     return score(probabilities, video_of_clip, labels, probabilities.shape[1])["video_acc"]
+
+
+def mean_average_precision(truth: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
+    """mAP as AudioSet and VGGSound tables report it: scikit-learn's average precision of each class
+    (``truth`` ``[items, classes]`` booleans, ``scores`` the same shape), averaged over the classes with at
+    least one positive item (a class without one has no defined AP). Returns mAP and that class count."""
+    present = np.asarray(truth, bool).any(axis=0)
+    if not present.any():
+        raise XdcError("no test item carries any label: there is no average precision to compute")
+    value = average_precision_score(np.asarray(truth, bool)[:, present], np.asarray(scores)[:, present],
+                                    average="macro")
+    return float(value), int(present.sum())

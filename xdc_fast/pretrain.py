@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 from . import distributed as xdist
-from . import engine, metrics
+from . import engine, learning, metrics
 from .checkpoint import CheckpointError, load_encoders_from, read_checkpoint, save_atomic
 from .files import RunLock, write_text_atomic
-from .config import ConfigError, PretrainConfig
+from .config import ConfigError, PretrainConfig, resolve_auto
 from .errors import XdcError
 from .data.clips import geometry
-from .pseudo_labels import (ClusteringSpec, Variant, balanced_indices, cluster_round, cluster_sizes, gather_by_video,
+from .pseudo_labels import (ClusteringSpec, Variant, balanced_indices, cluster_sizes, gather_by_video,
                             load_saved_labels, save_round, variant as variant_named, video_labels)
 from .seeds import numpy_rng, seed_for, torch_generator
 
@@ -58,7 +58,7 @@ class RunData:
     true_labels: np.ndarray  # -1 where unlabelled
     train_set: object  # random augmented clips of this rank's training videos
     fixed_clips: object  # the clips whose features are clustered (all videos; encode_clips shards them)
-    heldout_set: object  # plateau mode: one clip of each held-out video (encode_clips shards them)
+    heldout_set: object  # >= 4 fixed clips of each held-out video (encode_clips shards them)
     shard: np.ndarray  # global indices of this rank's videos
     train_shard: np.ndarray  # ... of those it trains on
     heldout: np.ndarray  # global indices of every held-out video
@@ -84,21 +84,35 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
     # ===== checking the configuration =====
     variant = variant_named(config.variant)
     items = load_manifest(dataset)
-    check_config(config, variant, items)
     out = Path(out)
     device = xdist.setup_device(config.device, config.dist_timeout_s)
     writer = xdist.is_main_process()
+    config, why = resolve_auto(config, len(items), steps_per_epoch(config, len(items)))
+    for name, reason in why.items():
+        (log if writer else lambda *_: None)(f"auto: {name} = {getattr(config, name)} ({reason})")
+    check_config(config, variant, items)
     with RunLock(out) if writer else contextlib.nullcontext():
         if not resume and (out / "metrics.jsonl").exists():
             raise ConfigError(f"{out} already holds a run; continue it with --resume or choose another --out")
         last = out / "checkpoints" / "last.pt"
         saved = _read_resumable(last, config) if resume and last.exists() else None
         return _run(dataset, out, config, variant, items, device, saved, log if writer else lambda *_: None,
-                    max_rounds, stop_after_steps)
+                    max_rounds, stop_after_steps, why)
+
+
+def steps_per_epoch(config: PretrainConfig, videos: int) -> int:
+    """Optimisation steps per epoch on each rank: the training videos (plateau mode holds some out)
+    shared over the ranks, in batches."""
+    return math.ceil(math.ceil((videos - heldout_count(config, videos)) / xdist.world_size()) / config.batch_size)
+
+
+def heldout_count(config: PretrainConfig, videos: int) -> int:
+    """Videos kept out of training: the fraction asked for, rounded down (none on a handful of videos)."""
+    return int(config.heldout_fraction * videos + 1e-9)
 
 
 def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: list[dict], device, saved: dict | None,
-         log, max_rounds: int | None, stop_after_steps: int | None) -> list[dict]:
+         log, max_rounds: int | None, stop_after_steps: int | None, auto_reasons: dict[str, str]) -> list[dict]:
     writer = xdist.is_main_process()
     for sub in ("checkpoints", "clusters"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -107,7 +121,7 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
         log(f"note: PCA-whitening {clustered} clips to {config.pca_dim} dimensions gives noise the weight of "
             "signal; with fewer than 10 clips per dimension a smaller pca_dim (or 0: L2 only) clusters better")
     if writer:
-        _write_config(out, dataset, config)
+        _write_config(out, dataset, config, auto_reasons)
 
     # ===== preparing data =====
     data = _prepare_data(dataset, config, variant)
@@ -118,6 +132,11 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
     if config.init_checkpoint and saved is None:
         loaded = load_encoders_from(encoders, config.init_checkpoint, config.arch)
         log(f"encoders from {config.init_checkpoint}: {', '.join(loaded)}")
+    if writer and saved is None:
+        # Round 0 clusters the features of these encoders; `xdc-fast assign` needs them to map new videos
+        # to its clusters (later rounds use checkpoints/round_{N-1}.pt). Weights only, no optimizer.
+        save_atomic({"encoders": encoders.state_dict(), "round": -1, "config": asdict(config),
+                     "clip": geometry(config.clip_config())}, out / "checkpoints" / "init.pt")
     optimizer = torch.optim.SGD(encoders.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(data.samples_per_rank / config.batch_size)
@@ -158,6 +177,8 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
         # ===== training =====
         _train_round(state, labels, encoders, heads, [optimizer, head_optimizer], data, config, variant, rates,
                      steps_per_epoch, device, out, log, stop_after_steps)
+        for line in learning.describe_round(state.history[-1], steps_per_epoch * config.epochs_per_round, config.lr):
+            log(line)
 
         # ===== checkpoint =====
         state.previous, state.inside = labels.everyone, None
@@ -168,6 +189,8 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
         with xdist.phase(f"waiting for rank 0 to write the checkpoint of round {state.round}"):
             xdist.barrier()  # nobody resumes from, or reads, a checkpoint that is still being written
         state.round, rounds_run = state.round + 1, rounds_run + 1
+    if state.next_epoch >= config.epochs:
+        log(learning.run_summary(state.history))
     return state.history
 
 
@@ -185,19 +208,22 @@ def check_config(config: PretrainConfig, variant: Variant, items: list[dict]) ->
     if "video" in variant.modalities and any(r.get("fps") is None for r in items):
         raise ConfigError(f"variant {variant.name} learns from video, but this dataset holds audio-only items; "
                           "use sdc-audio")
-    if config.recluster == "plateau" and not 0 < config.heldout_fraction < 1:
-        raise ConfigError("recluster 'plateau' needs a heldout_fraction between 0 and 1")
+    if config.recluster == "plateau" and not (heldout_count(config, len(items)) and config.heldout_fraction < 1):
+        raise ConfigError(f"recluster 'plateau' needs held-out videos: heldout_fraction {config.heldout_fraction} of "
+                          f"{len(items)} videos holds out {heldout_count(config, len(items))}; raise it (below 1)")
 
 
 # ---- phases ------------------------------------------------------------------------------------------
 
-def _write_config(out: Path, dataset, config: PretrainConfig) -> None:
+def _write_config(out: Path, dataset, config: PretrainConfig, auto_reasons: dict[str, str]) -> None:
+    """The settings used, ``auto`` ones as resolved for this data; ``resolved_from_auto`` says which and why."""
     import yaml
 
     from . import __version__
 
     values = {**asdict(config), "clip_used": geometry(config.clip_config()), "code_version": __version__,
-              "world_size": xdist.world_size(), "dataset": str(Path(dataset).resolve())}
+              "world_size": xdist.world_size(), "dataset": str(Path(dataset).resolve()),
+              "resolved_from_auto": auto_reasons}
     write_text_atomic(out / "config.yaml", yaml.safe_dump(values, sort_keys=False))
 
 
@@ -212,12 +238,14 @@ def _prepare_data(dataset, config: PretrainConfig, variant: Variant) -> RunData:
                             modalities=variant.modalities)
     items = train_set.items
     fixed_clips = ClipDataset(dataset, clip, train=False, modalities=variant.modalities)
-    heldout_set = ClipDataset(dataset, replace(clip, eval_clips=1), train=False, modalities=variant.modalities)
+    # At least 4 clips per held-out video: on small data there are few of them, and each clip is a sample.
+    heldout_set = ClipDataset(dataset, replace(clip, eval_clips=max(4, config.clips_per_video)), train=False,
+                              modalities=variant.modalities)
     shard = np.arange(rank, len(items), world)
-    held = np.zeros(len(items), dtype=bool)  # plateau mode: videos that only measure the loss
-    if config.recluster == "plateau":
-        count = max(1, int(round(config.heldout_fraction * len(items))))
-        held[numpy_rng(config.seed, "heldout").permutation(len(items))[:count]] = True
+    # Videos clustered but never trained on: whether the heads fit their targets beyond memorising them,
+    # and in plateau mode when to re-cluster.
+    held = np.zeros(len(items), dtype=bool)
+    held[numpy_rng(config.seed, "heldout").permutation(len(items))[: heldout_count(config, len(items))]] = True
     train_shard = shard[~held[shard]]
     train_set.items = [items[i] for i in train_shard]
     heldout_set.items = [items[i] for i in np.flatnonzero(held)]
@@ -287,6 +315,8 @@ def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, 
              out: Path | None, log) -> RoundLabels:
     """Encode this rank's fixed clips, cluster them with every rank's, and save the assignments. A clip
     that does not decode is left out (label -1); a video none of whose clips decode sits the round out."""
+    from .pseudo_labels import describe_round, encoder_fingerprint, fit_round, round_measures
+
     cpv = config.clips_per_video
     t0 = time.perf_counter()
     features, rows = engine.encode_clips(encoders, data.fixed_clips, config.batch_size, device,
@@ -295,7 +325,8 @@ def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, 
     t0 = time.perf_counter()
     spec = ClusteringSpec(config.clusters, config.pca_dim, config.kmeans_niter, config.kmeans_nredo, cpv)
     _check_finite(features, round_index)
-    clip_labels, centroids = cluster_round(features, variant, spec, config.seed, round_index, rows)
+    fit = fit_round(features, variant, spec, config.seed, round_index, rows)
+    clip_labels, centroids = fit.labels, fit.centroids
     t_cluster = time.perf_counter() - t0
     # This rank's clips in shard order, -1 where a clip did not decode.
     slots = np.searchsorted(data.shard, rows // cpv) * cpv + rows % cpv
@@ -306,9 +337,13 @@ def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, 
     everyone = gather_by_video(data.shard, per_video, len(data.items), 1)
     everyone_clips = gather_by_video(data.shard, local, len(data.items), cpv)
     _check_unreadable(everyone, data, config, round_index, log)
+    measures = round_measures(fit, rows, len(data.items), cpv)  # every rank takes part
     if out is not None:
+        description = describe_round(fit, measures, variant_name=variant.name, round_index=round_index,
+                                     clip=geometry(config.clip_config()), pca_dim=config.pca_dim,
+                                     fingerprint=encoder_fingerprint(encoders.state_dict()))
         save_round(out / "clusters" / f"round_{round_index:03d}.pt", [r["id"] for r in data.items], cpv, centroids,
-                   everyone_clips, everyone)
+                   everyone_clips, everyone, description=description)
     return RoundLabels(everyone, config.clusters, (t_extract, t_cluster))
 
 
@@ -368,10 +403,11 @@ def _train_round(state: RunState, labels: RoundLabels, encoders, heads, optimize
                                     running=resumed["running"][xdist.rank()] if resumed else None,
                                     save_inside=save_inside)
         t_train = time.perf_counter() - t0
-        if config.recluster == "plateau":
+        last_of_round = in_round + 1 >= config.epochs_per_round or epoch + 1 >= config.epochs
+        if len(data.heldout) and (config.recluster == "plateau" or last_of_round):
             with xdist.phase(f"scoring the held-out videos after epoch {epoch}"):
-                stats["heldout_loss"] = _heldout_loss(encoders, heads, heldout_targets, data.heldout_set, config,
-                                                      device)
+                stats["heldout_loss"], stats["heldout"] = _heldout_scores(encoders, heads, heldout_targets,
+                                                                          data.heldout_set, config, device)
 
         # ===== writing logs =====
         record = _record(state, labels, stats, epoch, t_train, data, config)
@@ -439,22 +475,30 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
             "skipped": skipped, "lr": float(rates[0]) if len(rates) else None}
 
 
-def _heldout_loss(encoders, heads, targets, heldout_set, config, device) -> float:
-    """Mean pseudo-label cross-entropy, summed over heads, on the held-out videos of every rank."""
-    features, video = engine.encode_clips({m: encoders[m] for m in heads}, heldout_set, config.batch_size, device,
-                                          workers=config.workers, loader=config.loader, gather=False)
-    total = torch.zeros(2, dtype=torch.float64)
+def _heldout_scores(encoders, heads, targets, heldout_set, config, device) -> tuple[float, dict[str, dict]]:
+    """On the fixed clips of the held-out videos of every rank: the mean pseudo-label cross-entropy summed
+    over heads (plateau mode's criterion), and each head's accuracy, loss and clip count."""
+    features, position = engine.encode_clips({m: encoders[m] for m in heads}, heldout_set, config.batch_size, device,
+                                             workers=config.workers, loader=config.loader, gather=False)
+    video = position // heldout_set.config.eval_clips
+    keys = [f"{m}_{h}" for m in heads for h in range(len(heads[m]))]
+    sums = torch.zeros(len(keys), 3, dtype=torch.float64)  # loss, correct, clips per head
     with torch.no_grad():
         for m in heads:
             feature = torch.from_numpy(features[m]).to(device)
             for h, head in enumerate(heads[m]):
                 # -1: a video that sat the round out (its fixed clips did not decode).
                 target = torch.from_numpy(targets[m][h][video]).to(device)
-                total[0] += float(nn.functional.cross_entropy(head(feature), target, reduction="sum",
-                                                              ignore_index=-1))
-    total[1] = int((targets[next(iter(targets))][0][video] >= 0).sum())
-    total = xdist.all_reduce_sum(total)
-    return float(total[0] / max(float(total[1]), 1.0))
+                logits, kept = head(feature), target >= 0
+                row = keys.index(f"{m}_{h}")
+                sums[row, 0] = float(nn.functional.cross_entropy(logits, target, reduction="sum", ignore_index=-1))
+                sums[row, 1] = float((logits.argmax(1)[kept] == target[kept]).sum())
+                sums[row, 2] = float(kept.sum())
+    sums = xdist.all_reduce_sum(sums)
+    per_head = {k: {"accuracy": float(sums[i, 1] / max(float(sums[i, 2]), 1.0)),
+                    "loss": float(sums[i, 0] / max(float(sums[i, 2]), 1.0)), "clips": int(sums[i, 2])}
+                for i, k in enumerate(keys)}
+    return float(sums[:, 0].sum() / max(float(sums[0, 2]), 1.0)), per_head
 
 
 def _record(state: RunState, labels: RoundLabels, stats: dict, epoch: int, t_train: float, data: RunData,
@@ -464,6 +508,18 @@ def _record(state: RunState, labels: RoundLabels, stats: dict, epoch: int, t_tra
               "clusters": cluster_sizes(everyone, config.clusters if config.labels_from is None else 0),
               "seconds": {"extract": labels.seconds[0], "cluster": labels.seconds[1], "train": t_train},
               "clips_per_s": stats["clips"] / t_train if t_train else None}
+    # What a constant guess scores under the sampler, for the "is it learning?" verdict (xdc_fast.learning).
+    variant = variant_named(config.variant)
+    training = np.ones(len(data.items), dtype=bool)
+    training[data.heldout] = False
+    on_training = {m: v[training] for m, v in everyone.items()}
+    sampled_by = variant.learns[next(iter(variant.learns))][0]  # the clustering balanced_indices draws over
+    if sampled_by in on_training:
+        record["chance"] = learning.chance_of_heads(variant.learns, on_training, on_training[sampled_by])
+    if "heldout" in record:  # held-out clips are scored as they come: chance is their majority target
+        held = {m: v[data.heldout] for m, v in everyone.items()}
+        for key, chance in learning.chance_of_heads(variant.learns, held, None).items():
+            record["heldout"][key].update(chance_accuracy=chance["accuracy"], chance_loss=chance["loss"])
     labelled = next(iter(everyone.values())) >= 0  # videos that took part in the round
     if not labelled.all():
         record["unreadable"] = [data.items[i]["id"] for i in np.flatnonzero(~labelled)]

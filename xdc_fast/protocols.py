@@ -1,7 +1,8 @@
 """The evaluation protocols of the video/audio self-supervised literature, on features already computed.
 
 Each function takes numpy features (rows) and integer labels and returns ``{"scores": {...}, "params":
-{...}}``: the numbers and every hyperparameter that produced them, so a result carries its protocol.
+{...}}``: the numbers and every hyperparameter that produced them, so a result carries its protocol; a
+protocol that chooses a hyperparameter on the training items adds ``"selected": {...}`` (the SVM's C).
 Nothing here encodes a clip; :mod:`xdc_fast.evaluate` encodes once and calls every protocol on the same
 features.
 
@@ -17,6 +18,8 @@ features.
   recording's clips: video accuracy (the ESC-50/DCASE audio protocol).
 - :func:`clustering`: k-means with k = number of classes on L2-normalised features: NMI, ARI, purity,
   Hungarian accuracy.
+- :func:`multilabel_linear`: for multi-label data (VGGSound, AudioSet), one-vs-rest logistic regression
+  scored by mAP (the tables of those datasets); :func:`retrieval` also takes label sets.
 """
 
 from __future__ import annotations
@@ -62,14 +65,18 @@ def knn(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07
 
 
 def retrieval(train_x, train_y, test_x, test_y, ks=(1, 5, 10, 20, 50)) -> dict:
-    """Recall@k of test queries against training items (cosine similarity)."""
+    """Recall@k of test queries against training items (cosine similarity). Labels are class indices, or
+    ``[items, classes]`` booleans for multi-label data, where a hit shares at least one class."""
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     _, order = _ranked(train_x, test_x)
-    same = train_y[order] == test_y[:, None]  # [queries, ranked training items]
+    if train_y.ndim == 2:
+        shares = (test_y.astype(np.float32) @ train_y.T.astype(np.float32)) > 0  # [queries, training items]
+        same, hit = np.take_along_axis(shares, order, axis=1), "any of the top k shares a class with the query"
+    else:
+        same, hit = train_y[order] == test_y[:, None], "any of the top k shares the query's class"
     scores = {f"recall@{k}": float(same[:, :k].any(axis=1).mean()) for k in ks}
     scores["num_queries"] = int(len(test_y))
-    return {"scores": scores, "params": {"ks": list(ks), "similarity": "cosine",
-                                         "hit": "any of the top k shares the query's class"}}
+    return {"scores": scores, "params": {"ks": list(ks), "similarity": "cosine", "hit": hit}}
 
 
 def _fit_svm(x: np.ndarray, y: np.ndarray, c: float, seed: int):
@@ -135,9 +142,11 @@ def svm(train_x, train_y, train_groups, test_x, test_y, test_video_of_clip, num_
     return {"scores": {"video_acc": float((per_video[present].argmax(1) == test_y[present]).mean()),
                        "clip_acc": float((decisions.argmax(1) == clip_labels).mean()),
                        "num_test_videos": int(present.sum())},
-            "params": {"C": c, "cs": list(cs), "cv_folds": folds, "cv": "GroupKFold over training videos only",
-                       "cv_accuracy": {str(k): v for k, v in cv.items()}, "standardised": True,
-                       "aggregation": "mean decision value over a video's clips"}}
+            "params": {"cs": list(cs), "cv_folds": folds, "cv": "GroupKFold over training videos only",
+                       "standardised": True, "aggregation": "mean decision value over a video's clips"},
+            # What the training data chose, apart from the settings: two encoders scored by the same protocol
+            # may choose different values, so these are no part of the protocol's fingerprint.
+            "selected": {"C": c, "cv_accuracy": {str(k): v for k, v in cv.items()}}}
 
 
 def clustering(x, y, k: int | None = None, nredo: int = 5, niter: int = 20, seed: int = 0) -> dict:
@@ -170,8 +179,57 @@ def linear(train_x, train_y, test_x, test_y, test_video_of_clip, num_classes: in
                                          "aggregation": "mean softmax over a video's clips", "seed": seed}}
 
 
+def multilabel_linear(train_x, train_y, test_x, test_y, test_video_of_clip, c: float = 1.0, seed: int = 0) -> dict:
+    """The linear probe of multi-label data: one logistic regression per class (one-vs-rest) on standardised
+    clip features, a video's score per class the mean probability over its clips, scored by mAP over the
+    classes with a positive test video. ``train_y``: ``[training clips, classes]`` booleans; ``test_y``:
+    ``[test videos, classes]``. A scored class without both positive and negative training clips gets a
+    constant score (its share of positive training clips): it ranks nothing, so its AP is its prevalence."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    train_y, test_y = np.asarray(train_y, bool), np.asarray(test_y, bool)
+    test_video_of_clip = np.asarray(test_video_of_clip)
+    if len(train_x) == 0 or len(test_x) == 0:
+        raise XdcError("the probe needs at least one training and one test clip with features")
+    train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
+    scaler = StandardScaler().fit(train_x)
+    train_z, test_z = scaler.transform(train_x), scaler.transform(test_x)
+    clip_scores = np.zeros((len(test_z), test_y.shape[1]))
+    scored = np.flatnonzero(test_y.any(axis=0))  # AP is only defined, and only averaged, for these
+    untrained = 0
+    for k in scored:
+        positives = train_y[:, k]
+        if positives.all() or not positives.any():
+            clip_scores[:, k] = positives.mean()
+            untrained += 1
+            continue
+        model = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(train_z, positives)
+        clip_scores[:, k] = model.predict_proba(test_z)[:, 1]
+    per_video, counts = metrics.mean_per_video(clip_scores, test_video_of_clip, len(test_y))
+    present = counts > 0
+    video_map, classes = metrics.mean_average_precision(test_y[present], per_video[present])
+    clip_map, _ = metrics.mean_average_precision(test_y[test_video_of_clip], clip_scores)
+    return {"scores": {"map": video_map, "clip_map": clip_map, "num_test_videos": int(present.sum()),
+                       "num_classes_scored": classes, "num_classes_without_training_contrast": untrained},
+            "params": {"C": c, "model": "one-vs-rest logistic regression on standardised clip features",
+                       "aggregation": "mean probability over a video's clips",
+                       "score": "mAP: average precision per class, macro over classes with a positive test video",
+                       "seed": seed}}
+
+
 PROTOCOLS = ("linear", "knn", "retrieval", "svm", "clustering")
 HEADLINE = {"linear": "video_acc", "knn": "top1", "retrieval": "recall@1", "svm": "video_acc",
             "clustering": "nmi"}
+# On multi-label data: linear becomes the one-vs-rest probe scored by mAP, retrieval counts a shared class
+# as a hit; k-NN's vote, the SVM's argmax and clustering against one class per item have no such reading.
+MULTILABEL_PROTOCOLS = ("linear", "retrieval")
 
-__all__ = ["knn", "retrieval", "svm", "select_c", "clustering", "linear", "PROTOCOLS", "HEADLINE"]
+
+def headline(protocol: str, scores: dict) -> str:
+    """The metric a table shows for a result: mAP for the multi-label probe, else the protocol's own."""
+    return "map" if "map" in scores else HEADLINE[protocol]
+
+
+__all__ = ["knn", "retrieval", "svm", "select_c", "clustering", "linear", "multilabel_linear", "headline",
+           "PROTOCOLS", "HEADLINE", "MULTILABEL_PROTOCOLS"]

@@ -3,7 +3,8 @@
 Written to RUN/report/ by default:
 
     curves.png              per-epoch loss and pseudo-label accuracy of every head, NMI to the true
-                            classes, between modalities and to the previous round; round boundaries dashed
+                            classes, between modalities and to the previous round, and each head's
+                            accuracy above chance (held-out at each round's end); round boundaries dashed
     cluster_sizes.png       the last round's cluster sizes per modality, largest first
     montage_<modality>.png  the middle frames of a few videos of the largest clusters, one row per
                             cluster, so a person can see what a cluster means
@@ -120,9 +121,19 @@ def read_curves(run: str | Path) -> Curves:
         "NMI to true classes": series(lambda r: {m: q.get("nmi") for m, q in (r.get("vs_true_labels") or {}).items()}),
         "NMI video vs audio": series(lambda r: {"video-audio": r["nmi_video_audio"]} if "nmi_video_audio" in r else {}),
         "NMI to previous round": series(lambda r: r.get("nmi_to_previous") or {}),
+        "is it learning? pseudo-label accuracy above chance (0: chance, 1: perfect)": series(_lifts),
     }
     return Curves(epochs=np.array([r["epoch"] for r in records]), rounds=np.array([r["round"] for r in records]),
                   panels={title: lines for title, lines in panels.items() if lines})
+
+
+def _lifts(record: dict) -> dict[str, float]:
+    """Each head's lift over chance: on the training clips every epoch, on the held-out ones at a round's end."""
+    from .learning import round_signal
+
+    lifts = {f"{head} (training)": s["lift"] for head, s in round_signal({**record, "heldout": None}).items()}
+    lifts.update({f"{head} (held-out)": s["lift"] for head, s in round_signal(record).items() if s["on"] == "held-out"})
+    return lifts
 
 
 def round_boundaries(curves: Curves) -> list[float]:

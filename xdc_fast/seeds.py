@@ -15,7 +15,7 @@ import torch
 STREAMS = {
     "encoders": "initial encoder weights (the same on every rank, so DDP starts in agreement)",
     "clips": "training clips: start, crop, flip and gain of sample (epoch, index); the dataset adds those keys",
-    "heldout": "plateau mode: which videos are held out to watch the pseudo-label loss",
+    "heldout": "which videos are clustered but held out of training (the learning signal, plateau mode)",
     "kmeans": "k-means of round r: initial centroids of each restart and the splits of empty clusters",
     "heads": "fresh classifier heads of round r (cluster ids permute between rounds, so heads restart)",
     "sampler": "order of the balanced draws of epoch e on rank r",

@@ -1,6 +1,8 @@
 """What the two ways of scoring an encoder on a labelled dataset share: choosing the split, loading the
 encoder with its clip geometry, the test clips, the logistic regression of the linear probe, and writing
-the results (``metrics.json``, ``confusion.png``, ``checkpoints/last.pt``).
+the results (``metrics.json``, ``confusion.png``, ``checkpoints/last.pt``); and the training loop of full
+finetuning (:func:`train_full`), which ``finetune --mode full`` and ``evaluate --protocol finetune`` both
+run, so the two give the same numbers for the same settings.
 
 Both report, on the test split at the **final** epoch, clip accuracy (each clip on its own) and video
 accuracy (the softmax averaged over ``test_clips`` uniformly spaced clips per video), top-1 and top-5,
@@ -10,6 +12,7 @@ with a confusion matrix.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,8 +28,8 @@ from .config import ConfigError, FinetuneConfig, clip_config
 from .errors import XdcError
 from .files import atomic_path, write_text_atomic
 from .data.clips import ClipConfig, geometry
-from .data.splits import Split, check_modality, choose_split, class_names
-from .seeds import numpy_rng
+from .data.splits import Split, check_modality, choose_split, class_names, refuse_multilabel
+from .seeds import numpy_rng, seed_for, torch_generator
 
 
 @dataclass
@@ -83,7 +86,6 @@ def score_or_refuse(probabilities_: np.ndarray, video_of_clip: np.ndarray, label
 def start_transfer(dataset: str | Path, out: str | Path, config: FinetuneConfig, log=print) -> Transfer:
     """Check everything before any work: the output folder, the dataset's modality and split, the
     checkpoint; then load the encoder on the device (joining torchrun's group when launched by it)."""
-    from .data.dataset import ClipDataset
     from .data.prepare import load_manifest
 
     out = Path(out)
@@ -93,22 +95,32 @@ def start_transfer(dataset: str | Path, out: str | Path, config: FinetuneConfig,
     if not items:
         raise XdcError(f"{dataset} holds no usable item (see its rejects.jsonl)")
     check_modality(items, config.modality)
+    refuse_multilabel(items, f"finetune --mode {config.mode}")
     split = choose_split(items, config.split, config.test_fraction, numpy_rng(config.seed, "split"), config.seed)
     classes = class_names(dataset, items)
     device = xdist.setup_device(config.device, config.dist_timeout_s)
     if not xdist.is_main_process():
         log = lambda *_: None  # noqa: E731
     encoder, source = load_encoder(config.checkpoint, config.modality, config.arch, config.bn_eps, config.seed)
-    clip = clip_config(source["arch"], source.get("clip"), config.clip, eval_clips=config.test_clips)
     log(f"{config.modality} encoder: {source['source']} ({source['arch']}); {len(split.train)} training and "
         f"{len(split.test)} test videos, {len(classes)} classes; mode {config.mode}")
     if split.description["kind"] == "stratified":
         log(f"the manifest has no splits: a stratified split with {config.test_fraction:.0%} of each class for "
             f"testing (seed {config.seed}), its test ids written to metrics.json")
+    return open_transfer(dataset, out, config, split, classes, device, encoder, source, log)
+
+
+def open_transfer(dataset: str | Path, out: str | Path, config: FinetuneConfig, split: Split, classes: list[str],
+                  device: torch.device, encoder: nn.Module, source: dict, log=print) -> Transfer:
+    """A Transfer of an encoder already loaded, on a split already chosen (nothing is checked here:
+    :func:`start_transfer` checks for ``finetune``, ``evaluate`` checks once for all its splits)."""
+    from .data.dataset import ClipDataset
+
+    clip = clip_config(source["arch"], source.get("clip"), config.clip, eval_clips=config.test_clips)
     test_set = ClipDataset(dataset, clip, train=False, modalities=(config.modality,))
     test_set.items = split.test
-    return Transfer(Path(dataset), out, config, split, classes, device, encoder.to(device), source, clip, test_set,
-                    log)
+    return Transfer(Path(dataset), Path(out), config, split, classes, device, encoder.to(device), source, clip,
+                    test_set, log)
 
 
 def probabilities(head: nn.Linear, features: np.ndarray, device: torch.device) -> np.ndarray:
@@ -177,3 +189,82 @@ def write_results(transfer: Transfer, head: nn.Linear, final: dict, history: lis
     transfer.log(f"test: clip accuracy {result['clip_acc']:.1%}, video accuracy {result['video_acc']:.1%} "
                  f"({result['num_test_videos']} videos x {config.test_clips} clips)")
     return result
+
+
+# ===== full finetuning =====
+
+def train_full(transfer: Transfer) -> tuple[nn.Linear, dict, list[dict]]:
+    """Train ``transfer.encoder`` and a new linear layer end to end with SGD (warm-up, then the schedule)
+    on ``clips_per_video`` random clips of every training video per epoch; score the test split at the
+    final epoch (and every ``eval_every`` epochs). Returns the layer, the final scores (with their epoch)
+    and one record per epoch."""
+    from .data.dataset import ClipDataset
+
+    config = transfer.config
+    train_set = ClipDataset(transfer.dataset, transfer.clip, train=True, seed=seed_for(config.seed, "clips"),
+                            modalities=(config.modality,))
+    train_set.items = transfer.split.train * config.clips_per_video  # repeats draw different random clips
+    train_labels = np.array([r["label"] for r in train_set.items])
+
+    head = engine.new_head(transfer.encoder.feature_dim, len(transfer.classes),
+                           torch_generator(config.seed, "heads", 0))
+    head.to(transfer.device)
+    model = engine.distributed(engine.EncodersWithHeads({config.modality: transfer.encoder},
+                                                        {config.modality: [head]}), transfer.device)
+    optimizer = torch.optim.SGD(list(transfer.encoder.parameters()) + list(head.parameters()), lr=config.lr,
+                                momentum=config.momentum, weight_decay=config.weight_decay)
+    steps = math.ceil(math.ceil(len(train_set) / xdist.world_size()) / config.batch_size)
+    rates = engine.lr_schedule(config.lr, config.epochs, steps, config.warmup_epochs, config.schedule)
+
+    history, final = [], None
+    for epoch in range(config.epochs):
+        record = train_epoch(model, optimizer, train_set, train_labels, config, epoch,
+                             engine.rates_of_epoch(rates, epoch, steps), transfer.device)
+        if record["clips"] == 0:
+            raise XdcError(f"no training clip could be decoded in epoch {epoch} (see the warnings above); nothing "
+                           "was learnt, so no result is written")
+        last = epoch == config.epochs - 1
+        if last or (config.eval_every and (epoch + 1) % config.eval_every == 0):
+            scored = transfer.test_scores(head)
+            record.update({k: scored[k] for k in ("clip_acc", "video_acc", "clip_top5", "video_top5")})
+            if last:
+                final = {**scored, "epoch": epoch}
+        history.append(record)
+        transfer.log(_epoch_line(record))
+    return head, final, history
+
+
+def train_epoch(model, optimizer, train_set, labels: np.ndarray, config: FinetuneConfig, epoch: int,
+                rates: np.ndarray, device: torch.device) -> dict:
+    """One pass over the training clips in a seeded order, the same number of steps on every rank."""
+    order = numpy_rng(config.seed, "order", epoch).permutation(len(train_set))
+    per_rank = math.ceil(len(order) / xdist.world_size())
+    order = np.resize(order, per_rank * xdist.world_size())[xdist.rank() :: xdist.world_size()]
+    train_set.set_epoch(epoch)
+    loader = engine.make_loader(train_set, config.batch_size, loader=config.loader, workers=config.workers,
+                                device=device, indices=order.tolist())
+    loader = engine.progress(loader, f"epoch {epoch}", math.ceil(len(order) / config.batch_size), unit="step")
+    model.train()
+    loss_sum, correct, seen, skipped = 0.0, 0, 0, 0
+    for step, batch in enumerate(loader):
+        engine.set_lr([optimizer], float(rates[min(step, len(rates) - 1)]))
+        skipped += batch["skipped"]
+        if "index" not in batch:
+            continue
+        target = torch.from_numpy(labels[batch["index"].numpy()]).to(device)
+        ((loss, hits),) = engine.supervised_step(model, [optimizer], engine.to_device(batch, [config.modality], device),
+                                                 {config.modality: [target]},
+                                                 where=f"at epoch {epoch}; lower --lr").values()
+        loss_sum += loss * len(target)
+        correct += hits
+        seen += len(target)
+    totals = xdist.all_reduce_sum(torch.tensor([loss_sum, correct, seen, skipped], dtype=torch.float64))
+    return {"epoch": epoch, "train_loss": float(totals[0] / max(totals[2], 1)),
+            "train_acc": float(totals[1] / max(totals[2], 1)), "clips": int(totals[2]), "skipped": int(totals[3])}
+
+
+def _epoch_line(record: dict) -> str:
+    line = f"epoch {record['epoch']}: loss {record['train_loss']:.3f}, train acc {record['train_acc']:.1%}"
+    if "video_acc" in record:
+        line += f" | test clip acc {record['clip_acc']:.1%}, video acc {record['video_acc']:.1%}"
+    return line

@@ -201,3 +201,110 @@ def test_the_excluded_folder_is_not_listed(tmp_path, small_video):
     assert list_dataset(tmp_path, "folder").classes == ["a", "ds"]
     listing = list_dataset(tmp_path, "folder", exclude=tmp_path / "ds")
     assert listing.classes == ["a"] and [i.id for i in listing.items] == ["a/x"]
+
+
+# ---- multi-label formats: VGGSound and AudioSet -------------------------------------------------------
+
+AUDIOSET_INDEX = 'index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/04rlf,"Music"\n2,/m/0jbk,"Animal"\n'
+AUDIOSET_HEADER = ("# Segments csv created Sun Mar  5 10:54:31 2017\n"
+                   "# num_ytids=3, num_segs=3, num_unique_labels=3, num_positive_labels=5\n"
+                   "# YTID, start_seconds, end_seconds, positive_labels\n")
+
+
+def test_vggsound_rows_become_segments_and_a_second_label_makes_an_item_multilabel(tmp_path, small_video):
+    place(small_video, tmp_path / "video" / "abc_000030.mp4")
+    place(small_video, tmp_path / "video" / "solo.mp4")  # one segment of that id: the file may be named <id>
+    (tmp_path / "vggsound.csv").write_text('abc,30,dog barking,train\nsolo,0,"male speech, man speaking",test\n'
+                                           "abc,30,people marching,train\nnothere,12,dog barking,test\n")
+    listing = list_dataset(tmp_path, "vggsound")
+    by_id = {i.id: i for i in listing.items}
+    assert listing.classes == ["dog barking", "male speech, man speaking", "people marching"]
+    assert by_id["abc_000030"].labels == [0, 2] and by_id["abc_000030"].label == 0
+    assert by_id["abc_000030"].split == {"1": "train"} and not by_id["abc_000030"].missing
+    assert by_id["solo_000000"].labels == [1] and by_id["solo_000000"].split == {"1": "test"}
+    assert by_id["solo_000000"].path.name == "solo.mp4"
+    assert by_id["nothere_000012"].missing
+
+
+def test_audioset_segments_with_quoted_label_lists(tmp_path, small_video):
+    (tmp_path / "class_labels_indices.csv").write_text(AUDIOSET_INDEX)
+    (tmp_path / "eval_segments.csv").write_text(AUDIOSET_HEADER + '--PJHxphWEs, 30.000, 40.000, "/m/09x0r,/m/0jbk"\n')
+    (tmp_path / "balanced_train_segments.csv").write_text(
+        AUDIOSET_HEADER + '-0RWZT-miFs, 420.000, 430.000, "/m/04rlf"\n-1LrH01Ei1w, 0.000, 10.000, "/m/0jbk,/m/04rlf"\n')
+    place(small_video, tmp_path / "eval" / "--PJHxphWEs_000030_000040.mp4")
+    place(small_video, tmp_path / "train" / "-0RWZT-miFs_000420.mp4")
+    listing = list_dataset(tmp_path, "audioset")
+    by_id = {i.id: i for i in listing.items}
+    assert listing.classes == ["Speech", "Music", "Animal"]
+    assert by_id["--PJHxphWEs_000030"].labels == [0, 2] and by_id["--PJHxphWEs_000030"].split == {"1": "test"}
+    assert by_id["--PJHxphWEs_000030"].path.name == "--PJHxphWEs_000030_000040.mp4"
+    assert by_id["-0RWZT-miFs_000420"].labels == [1] and by_id["-0RWZT-miFs_000420"].label_name == "Music"
+    assert by_id["-1LrH01Ei1w_000000"].missing and by_id["-1LrH01Ei1w_000000"].labels == [2, 1]
+    # prepared: the manifest carries every label, and the first as `label` for single-label readers
+    prepare(tmp_path, tmp_path / "out", fmt="audioset", workers=1, progress=False, min_seconds=0.5)
+    records = {r["id"]: r for r in load_manifest(tmp_path / "out")}
+    assert records["--PJHxphWEs_000030"]["labels"] == [0, 2] and records["--PJHxphWEs_000030"]["label"] == 0
+    assert set(records) == {"--PJHxphWEs_000030", "-0RWZT-miFs_000420"}
+
+
+VGGSOUND_BAD = [
+    ("abc,30,dog barking,train\nabc,30,dog\n", 2, "expected 4 fields"),
+    ("abc,30,dog barking,train\nxyz,half,dog,test\n", 2, "start should be a number"),
+    ("abc,-3,dog barking,train\n", 1, "0 or more seconds"),
+    ("abc,30,dog barking,val\n", 1, "train or test"),
+    (",30,dog barking,train\n", 1, "must not be empty"),
+    ("abc,30,dog barking,train\n\nabc,30,cat,test\n", 3, "must never train"),
+    ("abc,30,male speech, man speaking,train\n", 1, "quote a label"),
+]
+
+
+@pytest.mark.parametrize("text, line, message", VGGSOUND_BAD)
+def test_malformed_vggsound_rows_name_file_and_line(tmp_path, text, line, message):
+    (tmp_path / "vggsound.csv").write_text(text)
+    with pytest.raises(FormatError, match=rf"vggsound\.csv, line {line}: .*{message}"):
+        list_dataset(tmp_path, "vggsound")
+
+
+AUDIOSET_BAD = [
+    ('a, 0.000, 10.000, /m/09x0r,/m/04rlf\n', "expected 4 fields"),
+    ('a, 0.000, 10.000, "/m/nope"\n', "/m/nope is not in class_labels_indices.csv"),
+    ('a, 10.000, 10.000, "/m/09x0r"\n', "not after start_seconds"),
+    ('a, ten, 20.000, "/m/09x0r"\n', "start_seconds should be a number"),
+    ('a, 0.000, 10.000, ""\n', "no label"),
+]
+
+
+@pytest.mark.parametrize("row, message", AUDIOSET_BAD)
+def test_malformed_audioset_rows_name_file_and_line(tmp_path, row, message):
+    (tmp_path / "class_labels_indices.csv").write_text(AUDIOSET_INDEX)
+    (tmp_path / "eval_segments.csv").write_text(AUDIOSET_HEADER + 'ok, 0.000, 10.000, "/m/09x0r"\n' + row)
+    with pytest.raises(FormatError, match=rf"eval_segments\.csv, line 5: .*{message}"):
+        list_dataset(tmp_path, "audioset")
+
+
+def test_audioset_class_index_and_file_names_are_checked(tmp_path):
+    (tmp_path / "class_labels_indices.csv").write_text("index,mid,display_name\n0,/m/a,A\n0,/m/b,B\n")
+    with pytest.raises(FormatError, match=r"class_labels_indices\.csv, line 3: class index 0 is given twice"):
+        list_dataset(tmp_path, "audioset")
+    (tmp_path / "class_labels_indices.csv").write_text("index,mid,display_name\n0,/m/a,A\n2,/m/b,B\n")
+    with pytest.raises(FormatError, match="should run 0 to 1; 1 is missing"):
+        list_dataset(tmp_path, "audioset")
+    (tmp_path / "class_labels_indices.csv").write_text("index,mid,display_name\n0,/m/a,A\n")
+    with pytest.raises(FormatError, match="no AudioSet segment CSV"):
+        list_dataset(tmp_path, "audioset")
+    (tmp_path / "my_segments.csv").write_text('x, 0, 10, "/m/a"\n')
+    with pytest.raises(FormatError, match="cannot tell whether it lists training or evaluation"):
+        list_dataset(tmp_path, "audioset")
+
+
+def test_cli_malformed_csv_is_one_error_line(tmp_path):
+    from click.testing import CliRunner
+
+    from xdc_fast.cli import main
+
+    (tmp_path / "vggsound.csv").write_text("abc,30,dog barking,train\nabc,x,dog,train\n")
+    result = CliRunner().invoke(main, ["prepare", str(tmp_path), "--out", str(tmp_path / "out"),
+                                       "--format", "vggsound", "--workers", "0"])
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "vggsound.csv, line 2" in errors[0] and "Traceback" not in result.output

@@ -5,6 +5,10 @@ name; an item not used by a split simply lacks that key. Labels are class indice
 name order, except where the dataset defines its own numbering (UCF101's classInd.txt, ESC-50's
 target column).
 
+Multi-label datasets (``vggsound``, ``audioset``) give each item ``labels``, every class index it carries
+in the order its metadata lists them, and ``label``, the first of them: readers that know one label per
+item keep working, and a dataset whose every item has one label is an ordinary single-label one.
+
 A metadata line that cannot be read (a class index without its number, a CSV row without its times)
 is a :class:`FormatError` naming the file and the line, never a guess: a skipped or misread line
 would silently drop or mislabel videos.
@@ -16,6 +20,7 @@ import csv
 import io
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +28,7 @@ from ..errors import XdcError
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3"}
-FORMATS = ("folder", "ucf101", "hmdb51", "esc50", "kinetics-csv")
+FORMATS = ("folder", "ucf101", "hmdb51", "esc50", "kinetics-csv", "vggsound", "audioset")
 
 
 class FormatError(XdcError):
@@ -38,6 +43,7 @@ class Item:
     label_name: str | None = None
     split: dict[str, str] = field(default_factory=dict)
     missing: bool = False  # listed by the dataset's metadata but not on disk
+    labels: list[int] | None = None  # multi-label formats: every class of the item, ``label`` being the first
 
 
 @dataclass
@@ -70,7 +76,9 @@ def list_dataset(root: Path, fmt: str, csv_path: Path | None = None, exclude: Pa
     if fmt not in FORMATS:
         raise FormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return {"folder": _folder, "ucf101": _ucf101, "hmdb51": _hmdb51, "esc50": _esc50,
-            "kinetics-csv": lambda r, x: _kinetics(r, csv_path, x)}[fmt](root, exclude)
+            "kinetics-csv": lambda r, x: _kinetics(r, csv_path, x),
+            "vggsound": lambda r, x: _vggsound(r, csv_path, x),
+            "audioset": lambda r, x: _audioset(r, csv_path, x)}[fmt](root, exclude)
 
 
 def _read_text(path: Path) -> str:
@@ -257,3 +265,158 @@ def _kinetics(root: Path, csv_path: Path | None, exclude: Path | None) -> Listin
         items.append(Item(path or root / f"{stem}.mp4", stem, index[r["label"]], r["label"],
                           {"1": (r.get("split") or "train").strip() or "train"}, missing=path is None))
     return Listing(items, classes)
+
+
+# ---- multi-label audio-visual datasets: one row per YouTube segment ------------------------------------
+
+@dataclass
+class _Segment:
+    youtube_id: str
+    start: int  # whole seconds, as the datasets' own file names use them
+    end: int | None
+    split: str
+    labels: list[str]
+    where: str  # "file, line N" of its first row, for messages about a later contradicting row
+
+    @property
+    def id(self) -> str:
+        return f"{self.youtube_id}_{self.start:06d}"
+
+
+def _seconds(path: Path, line: int, text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _bad_row(path, line, f"{what} should be a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise _bad_row(path, line, f"{what} should be 0 or more seconds, got {text!r}")
+    return value
+
+
+def _add_segment(segments: dict[str, _Segment], segment: _Segment, path: Path, line: int) -> None:
+    """One item per segment: a segment listed again adds its labels, but may not change its split."""
+    first = segments.get(segment.id)
+    if first is None:
+        segments[segment.id] = segment
+        return
+    if first.split != segment.split:
+        raise _bad_row(path, line, f"segment {segment.id} is in the {segment.split} part here but in the "
+                                   f"{first.split} part at {first.where}: a test item must never train")
+    first.labels += [name for name in segment.labels if name not in first.labels]
+
+
+def _segment_items(root: Path, segments: dict[str, _Segment], classes: list[str], exclude: Path | None
+                   ) -> list[Item]:
+    """Items of ``segments``, each found as ``<id>_<start:06d>_<end:06d>``, ``<id>_<start:06d>`` or, for a
+    YouTube id with one segment only, ``<id>`` (any video or audio extension, anywhere under ROOT)."""
+    index = {name: i for i, name in enumerate(classes)}
+    on_disk = {p.stem: p for p in media_files(root, VIDEO_EXTENSIONS | AUDIO_EXTENSIONS, exclude)}
+    per_video = Counter(s.youtube_id for s in segments.values())
+    items = []
+    for segment in segments.values():
+        stems = [f"{segment.id}_{segment.end:06d}"] if segment.end is not None else []
+        stems.append(segment.id)
+        if per_video[segment.youtube_id] == 1:
+            stems.append(segment.youtube_id)
+        path = next((on_disk[stem] for stem in stems if stem in on_disk), None)
+        labels = [index[name] for name in segment.labels]
+        items.append(Item(path or root / f"{segment.id}.mp4", segment.id, labels[0], segment.labels[0],
+                          {"1": segment.split}, missing=path is None, labels=labels))
+    return sorted(items, key=lambda i: i.id)
+
+
+def _audio_only(items: list[Item]) -> bool:
+    found = [i.path for i in items if not i.missing]
+    return bool(found) and all(p.suffix.lower() in AUDIO_EXTENSIONS for p in found)
+
+
+def _vggsound(root: Path, csv_path: Path | None, exclude: Path | None) -> Listing:
+    """VGGSound's ``vggsound.csv``: rows ``YouTube id, start seconds, label, train|test``, no header."""
+    path = Path(csv_path) if csv_path else _find_one(root, "vggsound.csv", "VGGSound CSV")
+    reader = csv.reader(io.StringIO(_read_text(path)))
+    segments: dict[str, _Segment] = {}
+    for row in reader:
+        line = reader.line_num
+        if not any(cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
+            continue
+        if len(row) != 4:
+            raise _bad_row(path, line, f"expected 4 fields (YouTube id, start seconds, label, train|test), got "
+                                       f"{len(row)}: {','.join(row)[:80]!r} (quote a label that holds a comma)")
+        youtube_id, start, label, split = (cell.strip() for cell in row)
+        if not youtube_id or not label:
+            raise _bad_row(path, line, "the YouTube id and the label must not be empty")
+        if split not in ("train", "test"):
+            raise _bad_row(path, line, f"the split should be train or test, got {split!r}")
+        segment = _Segment(youtube_id, int(_seconds(path, line, start, "the start")), None, split, [label],
+                           f"{path.name}, line {line}")
+        _add_segment(segments, segment, path, line)
+    if not segments:
+        raise FormatError(f"{path} lists no segment")
+    classes = sorted({name for s in segments.values() for name in s.labels})
+    items = _segment_items(root, segments, classes, exclude)
+    return Listing(items, classes, _audio_only(items))
+
+
+_AUDIOSET_PARTS = (("eval", "test"), ("test", "test"), ("train", "train"))
+
+
+def _audioset_classes(path: Path) -> tuple[list[str], dict[str, str]]:
+    """Display names in index order and the name of each mid, from ``class_labels_indices.csv``."""
+    by_index: dict[int, tuple[str, str]] = {}
+    for line, row in _csv_rows(path, ("index", "mid", "display_name")):
+        if not row["index"].strip().isdigit():
+            raise _bad_row(path, line, f"index should be a class number, got {row['index']!r}")
+        number, mid, name = int(row["index"]), row["mid"].strip(), row["display_name"].strip()
+        if number in by_index:
+            raise _bad_row(path, line, f"class index {number} is given twice")
+        if any(mid == other for other, _ in by_index.values()):
+            raise _bad_row(path, line, f"mid {mid} is given twice")
+        by_index[number] = (mid, name)
+    if sorted(by_index) != list(range(len(by_index))):
+        gap = min(set(range(len(by_index))) - set(by_index))
+        raise FormatError(f"{path}: class indices should run 0 to {len(by_index) - 1}; {gap} is missing")
+    return [by_index[i][1] for i in range(len(by_index))], {mid: name for mid, name in by_index.values()}
+
+
+def _audioset(root: Path, csv_path: Path | None, exclude: Path | None) -> Listing:
+    """AudioSet's segment CSVs (``# YTID, start_seconds, end_seconds, positive_labels`` with the labels a
+    quoted comma list of mids) and ``class_labels_indices.csv``; a file whose name holds ``eval`` (or
+    ``test``) is the test part, one holding ``train`` the training part."""
+    classes, name_of = _audioset_classes(_find_one(root, "class_labels_indices.csv", "AudioSet class index"))
+    files = [Path(csv_path)] if csv_path else [p for p in sorted(root.rglob("*segments*.csv"))
+                                               if exclude is None or exclude not in p.parents]
+    if not files:
+        raise FormatError(f"no AudioSet segment CSV (*segments*.csv, e.g. eval_segments.csv) under {root}")
+    segments: dict[str, _Segment] = {}
+    for path in files:
+        split = next((part for word, part in _AUDIOSET_PARTS if word in path.name.lower()), None)
+        if split is None:
+            raise FormatError(f"{path}: cannot tell whether it lists training or evaluation segments; name it "
+                              "as AudioSet does (balanced_train_segments.csv, eval_segments.csv, ...)")
+        for line, text in enumerate(_read_text(path).split("\n"), 1):
+            if not text.strip() or text.lstrip().startswith("#"):
+                continue
+            row = next(csv.reader([text], skipinitialspace=True))
+            if len(row) != 4:
+                raise _bad_row(path, line, "expected 4 fields (YTID, start_seconds, end_seconds, "
+                                           f"\"positive_labels\"), got {len(row)}: {text.strip()[:80]!r} (the "
+                                           "labels need their quotes)")
+            youtube_id, start, end, mids = (cell.strip() for cell in row)
+            start_s, end_s = _seconds(path, line, start, "start_seconds"), _seconds(path, line, end, "end_seconds")
+            if not youtube_id:
+                raise _bad_row(path, line, "the YTID must not be empty")
+            if end_s <= start_s:
+                raise _bad_row(path, line, f"end_seconds {end} is not after start_seconds {start}")
+            labels = [mid.strip() for mid in mids.split(",") if mid.strip()]
+            if not labels:
+                raise _bad_row(path, line, "no label (positive_labels is empty)")
+            unknown = [mid for mid in labels if mid not in name_of]
+            if unknown:
+                raise _bad_row(path, line, f"label {unknown[0]} is not in class_labels_indices.csv")
+            segment = _Segment(youtube_id, int(start_s), int(end_s), split, [name_of[mid] for mid in labels],
+                               f"{path.name}, line {line}")
+            _add_segment(segments, segment, path, line)
+    if not segments:
+        raise FormatError(f"{', '.join(str(p) for p in files)} list no segment")
+    items = _segment_items(root, segments, classes, exclude)
+    return Listing(items, classes, _audio_only(items))

@@ -1,7 +1,8 @@
 """``xdc-fast prepare``: index a folder of media, extract each audio track once, record what is unusable.
 
 Output, under DATASET:
-  manifest.jsonl   one JSON object per usable item (fields in MANIFEST_FIELDS); ``path`` is absolute
+  manifest.jsonl   one JSON object per usable item (fields in MANIFEST_FIELDS); ``path`` is absolute;
+                   items of a multi-label format also carry ``labels`` (``label`` is the first of them)
   rejects.jsonl    one {"id", "path", "reason"} per file that could not be used
   audio/<name>.wav the item's audio (``audio_name(id)``): mono by channel mean, resampled, 16-bit PCM
   classes.json     class names in label order
@@ -243,6 +244,8 @@ def process_item(item: Item, out: str, sample_rate: int, min_seconds: float, aud
         with container:
             record = {"id": item.id, "path": str(path), "label": item.label, "label_name": item.label_name,
                       "split": item.split}
+            if item.labels is not None:
+                record["labels"] = item.labels
             if audio_only:
                 record.update(duration_s=None, fps=None, num_frames=None, width=None, height=None,
                               video_codec=None)

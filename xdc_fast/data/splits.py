@@ -38,6 +38,27 @@ def check_modality(items: list[dict], modality: str) -> None:
         raise DatasetError("--modality video, but this dataset holds audio-only items; use --modality audio")
 
 
+def is_multilabel(items: list[dict]) -> bool:
+    """Whether some item carries several labels (``labels`` of a vggsound/audioset manifest)."""
+    return any(len(r.get("labels") or ()) > 1 for r in items)
+
+
+def label_matrix(items: list[dict], num_classes: int) -> np.ndarray:
+    """``[items, num_classes]`` booleans: which classes each item carries (``labels``, else ``label``)."""
+    matrix = np.zeros((len(items), num_classes), dtype=bool)
+    for row, r in enumerate(items):
+        matrix[row, r.get("labels") or [r["label"]]] = True
+    return matrix
+
+
+def refuse_multilabel(items: list[dict], what: str) -> None:
+    """Commands that score one label per item stop here rather than score only each item's first label."""
+    if is_multilabel(items):
+        several = sum(len(r.get("labels") or ()) > 1 for r in items)
+        raise DatasetError(f"this dataset is multi-label ({several} item(s) carry several labels), and {what} scores "
+                           "one label per item; score it with `xdc-fast evaluate --protocol linear` (mAP)")
+
+
 def stratified_split(labels: np.ndarray, test_fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Boolean test mask with ``test_fraction`` of every class (at least one item)."""
     test = np.zeros(len(labels), dtype=bool)

@@ -1,0 +1,154 @@
+"""Is it learning? What a round's figures say about whether each encoder fit its pseudo-labels.
+
+A head that fits its targets no better than a constant guess teaches its encoder nothing, and a run
+whose rounds all end that way leaves the encoders worse than random ones. The baseline is the best
+constant guess *under the sampler*: batches are drawn uniformly over the non-empty clusters of one
+clustering (DeepCluster's sampler), so a head learning that clustering has chance 1/k, but a head
+learning another clustering (XDC's second encoder) sees a skewed target distribution whose majority
+share, and entropy, are the honest chance accuracy and loss.
+
+The verdict uses the training accuracy of the round's last epoch (augmented clips, the figure every
+epoch logs): the failure it watches for is a loss that never leaves its starting value, which no
+held-out set is needed to see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Share of the way from chance to perfect accuracy: at least FITS is a fit, under AT_CHANCE is nothing.
+FITS, AT_CHANCE = 0.2, 0.05
+# Below this many clips in the epoch, an accuracy is too noisy to judge (one clip moves it by 5 points).
+MIN_CLIPS = 20
+
+
+@dataclass(frozen=True)
+class Chance:
+    accuracy: float  # the majority share of the sampled targets
+    loss: float  # their entropy (nats): the cross-entropy of predicting the target distribution itself
+
+
+def chance_under_sampler(sampled_by: np.ndarray | None, target: np.ndarray) -> Chance:
+    """Chance accuracy and loss of a head learning ``target`` when items are drawn uniformly over the
+    non-empty clusters of ``sampled_by``, then uniformly within one (labels -1 are never drawn);
+    ``sampled_by`` None: every item once (a held-out set)."""
+    if sampled_by is None:
+        sampled_by = np.where(target >= 0, 0, -1)
+    drawn = (sampled_by >= 0) & (target >= 0)
+    sampled_by, target = sampled_by[drawn], target[drawn]
+    clusters = np.unique(sampled_by)
+    if not len(clusters):
+        return Chance(1.0, 0.0)
+    probability = np.zeros(int(target.max()) + 1)
+    for c in clusters:
+        members = target[sampled_by == c]
+        probability += np.bincount(members, minlength=len(probability)) / len(members) / len(clusters)
+    nonzero = probability[probability > 0]
+    return Chance(float(probability.max()), float(-(nonzero * np.log(nonzero)).sum()))
+
+
+def lift(accuracy: float, chance: float) -> float:
+    """How far accuracy went from chance towards 1 (0: chance, 1: perfect, negative: worse)."""
+    return (accuracy - chance) / (1 - chance) if chance < 1 else 0.0
+
+
+def verdict(accuracy: float, chance: float, clips: int) -> str:
+    if clips < MIN_CLIPS:
+        return "too few clips to tell"
+    gained = lift(accuracy, chance)
+    return "fits" if gained >= FITS else "at chance" if gained < AT_CHANCE else "weak"
+
+
+def round_signal(record: dict) -> dict:
+    """Per head: accuracy, loss, their chance levels, the lift and the verdict, from an epoch's record.
+
+    On the held-out videos when the record has them (``heldout``, pretrain's default), which tells
+    fitting from memorising; else on the training clips (``chance``), which a head that memorises its
+    videos also passes."""
+    signal = {}
+    if record.get("heldout"):
+        for head, held in record["heldout"].items():
+            if "chance_accuracy" not in held:
+                continue
+            signal[head] = {"on": "held-out", "accuracy": held["accuracy"], "chance_accuracy": held["chance_accuracy"],
+                            "loss": held["loss"], "chance_loss": held["chance_loss"],
+                            "lift": lift(held["accuracy"], held["chance_accuracy"]),
+                            "verdict": verdict(held["accuracy"], held["chance_accuracy"], held["clips"])}
+        return signal
+    for head, chance in (record.get("chance") or {}).items():
+        accuracy, loss = record["pseudo_label_acc"].get(head), record["loss"].get(head)
+        if accuracy is None or loss is None:
+            continue
+        signal[head] = {"on": "training", "accuracy": accuracy, "chance_accuracy": chance["accuracy"], "loss": loss,
+                        "chance_loss": chance["loss"], "lift": lift(accuracy, chance["accuracy"]),
+                        "verdict": verdict(accuracy, chance["accuracy"], record.get("clips", 0))}
+    return signal
+
+
+def describe_round(record: dict, steps_per_round: int, lr: float) -> list[str]:
+    """The lines a run logs at the end of a round: a one-line verdict, then a warning per head at
+    chance naming the likely causes and the settings to change."""
+    signal = round_signal(record)
+    if not signal:
+        return []
+    parts = [f"{head} {s['verdict']} ({s['accuracy']:.0%} vs chance {s['chance_accuracy']:.0%}, loss "
+             f"{s['loss']:.2f} vs {s['chance_loss']:.2f})" for head, s in signal.items()]
+    moved = record.get("nmi_to_previous") or {}
+    if moved:
+        parts.append("clusters vs the previous round: NMI " + ", ".join(f"{m} {v:.2f}" for m, v in moved.items()))
+    if "nmi_video_audio" in record:
+        parts.append(f"video vs audio clusters: NMI {record['nmi_video_audio']:.2f}")
+    where = next(iter(signal.values()))["on"]
+    lines = [f"is it learning? round {record['round']}, on the {where} clips: " + "; ".join(parts)]
+    for head, s in signal.items():
+        if s["verdict"] == "at chance":
+            lines.append(
+                f"warning: the {head.rsplit('_', 1)[0]} encoder did not fit its targets in round {record['round']} "
+                f"({s['accuracy']:.0%}, chance {s['chance_accuracy']:.0%}), so this round teaches it nothing. Likely "
+                f"causes: rounds too short ({steps_per_round} steps; raise epochs_per_round, or leave it at auto), "
+                f"a learning rate too low or too high for this data (lr {lr:g}; try 2x either way), or more "
+                "clusters than the data can tell apart (lower clusters)")
+    empty = {m: c["empty"] for m, c in (record.get("clusters") or {}).items()
+             if c.get("empty", 0) > len(c.get("sizes", [])) / 2}
+    for m, count in empty.items():
+        lines.append(f"warning: {count} of the {len(record['clusters'][m]['sizes'])} {m} clusters are empty: the "
+                     "features collapsed; lower lr or clusters")
+    return lines
+
+
+def run_summary(history: list[dict]) -> str:
+    """One line for the end of a run: each head's verdict in each round's last epoch."""
+    last_of_round = {}
+    for record in history:
+        last_of_round[record["round"]] = record
+    heads: dict[str, list[str]] = {}
+    for round_index in sorted(last_of_round):
+        for head, s in round_signal(last_of_round[round_index]).items():
+            heads.setdefault(head, []).append(f"{s['verdict']} ({s['accuracy']:.0%}/{s['chance_accuracy']:.0%})")
+    if not heads:
+        return "is it learning? no round has finished"
+    at_chance = [head for head, verdicts in heads.items() if verdicts[-1].startswith("at chance")]
+    text = "; ".join(f"{head}: " + ", ".join(v) for head, v in heads.items())
+    ending = (f" -- {', '.join(at_chance)} ended at chance: these encoders learned nothing, see the warnings above"
+              if at_chance else " -- every head ended above chance")
+    return f"is it learning? per round, accuracy/chance of each head: {text}{ending}"
+
+
+def chance_of_heads(learns: dict[str, tuple[str, ...]], labels: dict[str, np.ndarray],
+                    sampled_by: np.ndarray) -> dict[str, dict]:
+    """``chance`` for every head key (``video_0``...) of a variant, given per-video labels of each
+    clustering on the training videos."""
+    out = {}
+    for modality, sources in learns.items():
+        for h, source in enumerate(sources):
+            if source not in labels:  # a cluster transfer from a variant without this clustering
+                continue
+            chance = chance_under_sampler(sampled_by, labels[source])
+            out[f"{modality}_{h}"] = {"accuracy": chance.accuracy, "loss": chance.loss}
+    return out
+
+
+__all__ = ["Chance", "chance_under_sampler", "lift", "verdict", "round_signal", "describe_round", "run_summary",
+           "chance_of_heads"]
