@@ -482,7 +482,7 @@ def _heldout_scores(encoders, heads, targets, heldout_set, config, device) -> tu
                                              workers=config.workers, loader=config.loader, gather=False)
     video = position // heldout_set.config.eval_clips
     keys = [f"{m}_{h}" for m in heads for h in range(len(heads[m]))]
-    sums = torch.zeros(len(keys), 3, dtype=torch.float64)  # loss, correct, clips per head
+    sums = torch.zeros(len(keys), 4, dtype=torch.float64)  # loss, correct, clips, videos per head
     with torch.no_grad():
         for m in heads:
             feature = torch.from_numpy(features[m]).to(device)
@@ -494,10 +494,11 @@ def _heldout_scores(encoders, heads, targets, heldout_set, config, device) -> tu
                 sums[row, 0] = float(nn.functional.cross_entropy(logits, target, reduction="sum", ignore_index=-1))
                 sums[row, 1] = float((logits.argmax(1)[kept] == target[kept]).sum())
                 sums[row, 2] = float(kept.sum())
+                sums[row, 3] = float(len(np.unique(video[kept.cpu().numpy()])))
     sums = xdist.all_reduce_sum(sums)
     per_head = {k: {"accuracy": float(sums[i, 1] / max(float(sums[i, 2]), 1.0)),
-                    "loss": float(sums[i, 0] / max(float(sums[i, 2]), 1.0)), "clips": int(sums[i, 2])}
-                for i, k in enumerate(keys)}
+                    "loss": float(sums[i, 0] / max(float(sums[i, 2]), 1.0)), "clips": int(sums[i, 2]),
+                    "videos": int(sums[i, 3])} for i, k in enumerate(keys)}
     return float(sums[:, 0].sum() / max(float(sums[0, 2]), 1.0)), per_head
 
 
