@@ -214,3 +214,17 @@ def test_cli_config_presets_and_unknown_names(dataset, tmp_path):
     bad = CliRunner().invoke(main, ["pretrain", "--data", str(dataset), "--out", str(tmp_path / "x"),
                                     "--config", "huge"])
     assert bad.exit_code == 2 and "neither a preset" in bad.output
+
+
+def test_resume_keeps_the_values_the_run_resolved_or_was_given(dataset, tmp_path):
+    """An `auto` field on --resume takes the run's value (config.yaml), not a fresh resolution: a run
+    begun with clusters 3 (or under older rules) resumes with `clusters: auto` instead of being refused."""
+    config = PretrainConfig(**{**FAST, "epochs": 2})
+    pretrain(dataset, tmp_path / "run", config, log=lambda *_: None, max_rounds=1)
+    lines = []
+    resumed = pretrain(dataset, tmp_path / "run", PretrainConfig(**{**FAST, "epochs": 2, "clusters": "auto"}),
+                       resume=True, log=lines.append)
+    assert len(resumed) == 2 and not any(line.startswith("auto: clusters") for line in lines)
+    fresh = []
+    pretrain(dataset, tmp_path / "other", PretrainConfig(**{**FAST, "epochs": 1, "clusters": "auto"}), log=fresh.append)
+    assert "auto: clusters = 8 (the square root of 6 videos, kept between 8 and 1024)" in fresh

@@ -285,7 +285,7 @@ def resolve_auto(config: PretrainConfig, videos: int, steps_per_epoch: int) -> t
     clips = videos * config.clips_per_video
     if config.clusters == AUTO:
         k = min(max(8, round(math.sqrt(videos))), 1024, clips)
-        values["clusters"], why["clusters"] = k, f"about the square root of {videos} videos (between 8 and 1024)"
+        values["clusters"], why["clusters"] = k, f"the square root of {videos} videos, kept between 8 and 1024"
     k = values.get("clusters", config.clusters)
     if config.pca_dim == AUTO:
         fits = [d for d in (256, 128, 64, 32) if d <= FEATURE_DIM[config.arch] and clips >= 100 * d]

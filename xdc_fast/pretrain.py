@@ -16,7 +16,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from . import distributed as xdist
 from . import engine, learning, metrics
 from .checkpoint import CheckpointError, load_encoders_from, read_checkpoint, save_atomic
 from .files import RunLock, write_text_atomic
-from .config import ConfigError, PretrainConfig, resolve_auto
+from .config import AUTO, ConfigError, PretrainConfig, resolve_auto
 from .errors import XdcError
 from .data.clips import geometry
 from .pseudo_labels import (ClusteringSpec, Variant, balanced_indices, cluster_sizes, gather_by_video,
@@ -87,7 +87,7 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
     out = Path(out)
     device = xdist.setup_device(config.device, config.dist_timeout_s)
     writer = xdist.is_main_process()
-    config, why = resolve_auto(config, len(items), steps_per_epoch(config, len(items)))
+    config, why = _resolve_auto(config, items, out, resume)
     for name, reason in why.items():
         (log if writer else lambda *_: None)(f"auto: {name} = {getattr(config, name)} ({reason})")
     check_config(config, variant, items)
@@ -98,6 +98,19 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
         saved = _read_resumable(last, config) if resume and last.exists() else None
         return _run(dataset, out, config, variant, items, device, saved, log if writer else lambda *_: None,
                     max_rounds, stop_after_steps, why)
+
+
+def _resolve_auto(config: PretrainConfig, items: list[dict], out: Path, resume: bool):
+    """``auto`` fields resolved from the data, except on ``--resume``: there they take the values the run
+    used (its config.yaml), so a run started under other rules, or on data that changed size, goes on as
+    it began."""
+    if resume and (out / "config.yaml").exists():
+        import yaml
+
+        used = yaml.safe_load((out / "config.yaml").read_text()) or {}
+        kept = {f.name: used[f.name] for f in fields(config) if getattr(config, f.name) == AUTO and f.name in used}
+        config = replace(config, **kept)
+    return resolve_auto(config, len(items), steps_per_epoch(config, len(items)))
 
 
 def steps_per_epoch(config: PretrainConfig, videos: int) -> int:
@@ -228,8 +241,6 @@ def _write_config(out: Path, dataset, config: PretrainConfig, auto_reasons: dict
 
 
 def _prepare_data(dataset, config: PretrainConfig, variant: Variant) -> RunData:
-    from dataclasses import replace
-
     from .data.dataset import ClipDataset
 
     rank, world = xdist.rank(), xdist.world_size()
