@@ -68,27 +68,22 @@ def verdict(accuracy: float, chance: float, clips: int) -> str:
 def round_signal(record: dict) -> dict:
     """Per head: accuracy, loss, their chance levels, the lift and the verdict, from an epoch's record.
 
-    On the held-out videos when the record has them (``heldout``, pretrain's default), which tells
+    On the held-out videos when the record has at least MIN_HELDOUT_VIDEOS of them, which tells
     fitting from memorising; else on the training clips (``chance``), which a head that memorises its
     videos also passes."""
-    signal = {}
-    if record.get("heldout") and all(h.get("videos", 0) >= MIN_HELDOUT_VIDEOS for h in record["heldout"].values()):
-        for head, held in record["heldout"].items():
-            if "chance_accuracy" not in held:
-                continue
-            signal[head] = {"on": "held-out", "accuracy": held["accuracy"], "chance_accuracy": held["chance_accuracy"],
-                            "loss": held["loss"], "chance_loss": held["chance_loss"],
-                            "lift": lift(held["accuracy"], held["chance_accuracy"]),
-                            "verdict": verdict(held["accuracy"], held["chance_accuracy"], held["clips"])}
-        return signal
-    for head, chance in (record.get("chance") or {}).items():
-        accuracy, loss = record["pseudo_label_acc"].get(head), record["loss"].get(head)
-        if accuracy is None or loss is None:
-            continue
-        signal[head] = {"on": "training", "accuracy": accuracy, "chance_accuracy": chance["accuracy"], "loss": loss,
-                        "chance_loss": chance["loss"], "lift": lift(accuracy, chance["accuracy"]),
-                        "verdict": verdict(accuracy, chance["accuracy"], record.get("clips", 0))}
-    return signal
+    def judged(on: str, accuracy: float, loss: float, chance_accuracy: float, chance_loss: float, clips: int):
+        return {"on": on, "accuracy": accuracy, "chance_accuracy": chance_accuracy, "loss": loss,
+                "chance_loss": chance_loss, "lift": lift(accuracy, chance_accuracy),
+                "verdict": verdict(accuracy, chance_accuracy, clips)}
+
+    held = record.get("heldout")
+    if held and all(h.get("videos", 0) >= MIN_HELDOUT_VIDEOS for h in held.values()):
+        return {head: judged("held-out", h["accuracy"], h["loss"], h["chance_accuracy"], h["chance_loss"], h["clips"])
+                for head, h in held.items() if "chance_accuracy" in h}
+    return {head: judged("training", record["pseudo_label_acc"][head], record["loss"][head], chance["accuracy"],
+                         chance["loss"], record.get("clips", 0))
+            for head, chance in (record.get("chance") or {}).items()
+            if record["pseudo_label_acc"].get(head) is not None and record["loss"].get(head) is not None}
 
 
 def describe_round(record: dict, steps_per_round: int, lr: float) -> list[str]:

@@ -110,13 +110,18 @@ def _resolve_auto(config: PretrainConfig, items: list[dict], out: Path, resume: 
         used = yaml.safe_load((out / "config.yaml").read_text()) or {}
         kept = {f.name: used[f.name] for f in fields(config) if getattr(config, f.name) == AUTO and f.name in used}
         config = replace(config, **kept)
-    return resolve_auto(config, len(items), steps_per_epoch(config, len(items)))
+    return resolve_auto(config, len(items), epoch_steps(config, len(items)))
 
 
-def steps_per_epoch(config: PretrainConfig, videos: int) -> int:
-    """Optimisation steps per epoch on each rank: the training videos (plateau mode holds some out)
-    shared over the ranks, in batches."""
-    return math.ceil(math.ceil((videos - heldout_count(config, videos)) / xdist.world_size()) / config.batch_size)
+def samples_per_rank(config: PretrainConfig, videos: int) -> int:
+    """Clips each rank draws per epoch: the training videos (the held-out ones excluded) shared over the
+    ranks, the same number on every rank."""
+    return math.ceil((videos - heldout_count(config, videos)) / xdist.world_size())
+
+
+def epoch_steps(config: PretrainConfig, videos: int) -> int:
+    """Optimisation steps per epoch on each rank."""
+    return math.ceil(samples_per_rank(config, videos) / config.batch_size)
 
 
 def heldout_count(config: PretrainConfig, videos: int) -> int:
@@ -152,7 +157,7 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
                      "clip": geometry(config.clip_config())}, out / "checkpoints" / "init.pt")
     optimizer = torch.optim.SGD(encoders.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(data.samples_per_rank / config.batch_size)
+    steps_per_epoch = epoch_steps(config, len(data.items))
     rates = engine.lr_schedule(config.lr, config.epochs, steps_per_epoch, config.warmup_epochs, config.schedule)
     transferred = load_saved_labels(config.labels_from, [r["id"] for r in data.items]) if config.labels_from else None
 
@@ -263,7 +268,7 @@ def _prepare_data(dataset, config: PretrainConfig, variant: Variant) -> RunData:
     return RunData(items=items, true_labels=np.array([-1 if r["label"] is None else r["label"] for r in items]),
                    train_set=train_set, fixed_clips=fixed_clips, heldout_set=heldout_set, shard=shard,
                    train_shard=train_shard, heldout=np.flatnonzero(held),
-                   samples_per_rank=math.ceil(int((~held).sum()) / world))
+                   samples_per_rank=samples_per_rank(config, len(items)))
 
 
 def _build_encoders(variant: Variant, arch: str) -> nn.ModuleDict:
@@ -448,7 +453,7 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
     order = balanced_indices(targets[next(iter(targets))][0], data.samples_per_rank,
                              numpy_rng(config.seed, "sampler", epoch, xdist.rank()))
     data.train_set.set_epoch(epoch)
-    total_steps = math.ceil(data.samples_per_rank / config.batch_size)
+    total_steps = epoch_steps(config, len(data.items))
     loader = engine.make_loader(data.train_set, config.batch_size, loader=config.loader, workers=config.workers,
                                 device=device, indices=order[start_step * config.batch_size :].tolist())
     loader = engine.progress(loader, f"epoch {epoch}", total_steps, start_step, unit="step")
@@ -492,24 +497,21 @@ def _heldout_scores(encoders, heads, targets, heldout_set, config, device) -> tu
     features, position = engine.encode_clips({m: encoders[m] for m in heads}, heldout_set, config.batch_size, device,
                                              workers=config.workers, loader=config.loader, gather=False)
     video = position // heldout_set.config.eval_clips
-    keys = [f"{m}_{h}" for m in heads for h in range(len(heads[m]))]
-    sums = torch.zeros(len(keys), 4, dtype=torch.float64)  # loss, correct, clips, videos per head
+    heads_in_order = [(m, h, head) for m in heads for h, head in enumerate(heads[m])]
+    sums = torch.zeros(len(heads_in_order), 4, dtype=torch.float64)  # loss, correct, clips, videos per head
     with torch.no_grad():
-        for m in heads:
-            feature = torch.from_numpy(features[m]).to(device)
-            for h, head in enumerate(heads[m]):
-                # -1: a video that sat the round out (its fixed clips did not decode).
-                target = torch.from_numpy(targets[m][h][video]).to(device)
-                logits, kept = head(feature), target >= 0
-                row = keys.index(f"{m}_{h}")
-                sums[row, 0] = float(nn.functional.cross_entropy(logits, target, reduction="sum", ignore_index=-1))
-                sums[row, 1] = float((logits.argmax(1)[kept] == target[kept]).sum())
-                sums[row, 2] = float(kept.sum())
-                sums[row, 3] = float(len(np.unique(video[kept.cpu().numpy()])))
+        for row, (m, h, head) in enumerate(heads_in_order):
+            # -1: a video that sat the round out (its fixed clips did not decode).
+            target = torch.from_numpy(targets[m][h][video]).to(device)
+            logits, kept = head(torch.from_numpy(features[m]).to(device)), target >= 0
+            sums[row, 0] = float(nn.functional.cross_entropy(logits, target, reduction="sum", ignore_index=-1))
+            sums[row, 1] = float((logits.argmax(1)[kept] == target[kept]).sum())
+            sums[row, 2] = float(kept.sum())
+            sums[row, 3] = float(len(np.unique(video[kept.cpu().numpy()])))
     sums = xdist.all_reduce_sum(sums)
     per_head = {k: {"accuracy": float(sums[i, 1] / max(float(sums[i, 2]), 1.0)),
                     "loss": float(sums[i, 0] / max(float(sums[i, 2]), 1.0)), "clips": int(sums[i, 2]),
-                    "videos": int(sums[i, 3])} for i, k in enumerate(keys)}
+                    "videos": int(sums[i, 3])} for i, (m, h, _) in enumerate(heads_in_order) for k in [f"{m}_{h}"]}
     return float(sums[:, 0].sum() / max(float(sums[0, 2]), 1.0)), per_head
 
 
