@@ -6,7 +6,9 @@
 # to $OUT/steps.log (the machine sends back 8 files at most).
 # Usage (from the repository root): OUT=/tmp/gpu bash benchmarks/gpu_train_check.sh
 # PyAV and DALI are not installed on the GPU machine: carry their cp312 wheels (av, nvidia-dali-cuda130
-# and what DALI needs) in a folder and set WHEELS=that/folder; whatever does not import is skipped, said so.
+# and what DALI needs) in a folder and set WHEELS=that/folder, or unpack them beforehand into a folder on
+# PYTHONPATH (REFERENCE §5's pieces); whatever does not import is skipped, said so. BUILT=1 skips the
+# build when an earlier call already built the package in the background (it saves a minute of the lease).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-results}
 WHEELS=${WHEELS:-wheels}
@@ -37,7 +39,11 @@ echo "=== machine" | tee -a "$LOG"
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   echo "NVDEC (libnvcuvid): $(ldconfig -p | grep -c nvcuvid) libraries"; } 2>&1 | tee "$OUT/machine.txt" >> "$LOG"
 
-step build 300 python3 -m pip install --no-deps --no-build-isolation -e . || { tail -40 "$LOG"; exit 1; }
+if [ "${BUILT:-0}" = 1 ]; then
+  step build-check 60 python3 -c "import xdc_fast.ops as o; assert o.HAS_CUDA_KERNELS, 'no CUDA kernels'" || exit 1
+else
+  step build 300 python3 -m pip install --no-deps --no-build-isolation -e . || { tail -40 "$LOG"; exit 1; }
+fi
 if [ -d "$WHEELS" ]; then
   step wheels 180 python3 -m pip install --no-index --find-links "$WHEELS" av nvidia-dali-cuda130
 fi
@@ -50,30 +56,32 @@ printf '\nPyAV: %s. DALI: %s. NVDEC library: %s.\n\n' \
   "$([ $HAVE_NVDEC = 1 ] && echo yes || echo 'no: DALI cannot decode on this GPU')" | tee -a "$SUMMARY" >> "$LOG"
 echo "| step | exit | seconds |" >> "$SUMMARY"; echo "|---|---:|---:|" >> "$SUMMARY"
 
-step cuda-tests 240 python3 -m pytest -q -p no:cacheprovider -m cuda -rs \
+step cuda-tests 150 python3 -m pytest -q -p no:cacheprovider -m cuda -rs \
   tests/test_loaders.py tests/data/test_dali_backend.py tests/test_engine.py
 
 LOADERS=()
 [ $HAVE_AV = 1 ] && LOADERS+=(--loader pyav)
 [ $HAVE_DALI = 1 ] && [ $HAVE_AV = 1 ] && [ $HAVE_NVDEC = 1 ] && LOADERS+=(--loader dali)
-step bench-train 300 xdc-fast bench train --device cuda --arch r2plus1d_18 --arch tiny --batch-size 32 \
+step bench-train 150 xdc-fast bench train --device cuda --arch r2plus1d_18 --arch tiny --batch-size 32 \
   --steps 10 --workers 16 --no-round "${LOADERS[@]}" --json "$OUT/train.json"
 
 if [ $HAVE_AV = 0 ]; then
   for s in data pretrain pretrain-torchrun finetune extract; do skip "$s" "PyAV is not installed"; done
 else
-  step data 180 python3 -c "
+  step data 60 python3 -c "
 from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from xdc_fast.data.prepare import prepare
 make_synthetic_dataset('$WORK/media', SyntheticSpec(classes=4, videos_per_class=8, seconds=4.0, width=160, height=128))
 prepare('$WORK/media', '$WORK/ds', workers=8, progress=False)"
   SMOKE=(--data "$WORK/ds" --config paper --device cuda --epochs 2 --clusters 8 --batch-size 8)
-  step pretrain 240 xdc-fast pretrain "${SMOKE[@]}" --out "$WORK/run"
-  step pretrain-torchrun 240 torchrun --nproc_per_node 1 -m xdc_fast.cli pretrain "${SMOKE[@]}" --out "$WORK/run-ddp"
-  step finetune 180 xdc-fast finetune --data "$WORK/ds" --out "$WORK/ft" --checkpoint "$WORK/run/checkpoints/last.pt" \
+  step pretrain 120 xdc-fast pretrain "${SMOKE[@]}" --out "$WORK/run"
+  step pretrain-torchrun 120 torchrun --nproc_per_node 1 -m xdc_fast.cli pretrain "${SMOKE[@]}" --out "$WORK/run-ddp"
+  step finetune 60 xdc-fast finetune --data "$WORK/ds" --out "$WORK/ft" --checkpoint "$WORK/run/checkpoints/last.pt" \
     --device cuda --epochs 1 --batch-size 8
-  step extract 120 xdc-fast extract --data "$WORK/ds" --out "$WORK/features.npz" \
+  step extract 45 xdc-fast extract --data "$WORK/ds" --out "$WORK/features.npz" \
     --checkpoint "$WORK/run/checkpoints/last.pt" --device cuda --batch-size 8
 fi
+# Last, as it may run long (torch.compile): which form of the step is fastest.
+step train-variants 120 python3 benchmarks/train_variants.py --json "$OUT/train_variants.json"
 echo "=== done ($(date +%T))" | tee -a "$LOG"
 cat "$SUMMARY"

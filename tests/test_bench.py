@@ -85,6 +85,26 @@ def test_bench_train_times_each_encoder_with_flops_and_a_loader(tmp_path):
     assert math.isclose(bf16["rows"][0]["mfu"], rows[0].flops_per_clip * rows[0].clips_per_second / 1e12)
 
 
+def test_a_loader_fed_row_is_seconds_per_full_batch(tmp_path, monkeypatch):
+    """With a clock that advances one second per training step, every loader-fed row reads 1 s per batch
+    whatever the number of timed steps (an earlier version divided by the steps twice and reported
+    loader-fed training 10x faster than the compute alone)."""
+    from xdc_fast.bench import train as bench_train_module
+
+    now = [0.0]
+    real_step = bench_train_module.engine.supervised_step
+
+    def step_taking_one_second(*args, **kwargs):
+        now[0] += 1.0
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(bench_train_module, "_clock", lambda: now[0])
+    monkeypatch.setattr(bench_train_module.engine, "supervised_step", step_taking_one_second)
+    rows, _ = bench_train("cpu", ("tiny",), batch_size=2, steps=3, loaders=("pyav",), workers=0)
+    fed = [r for r in rows if r.loader == "pyav"]
+    assert len(fed) == 2 and all(r.seconds_per_step == 1.0 and r.clips_per_second == 2.0 for r in fed)
+
+
 def test_gemm_rate_on_the_cpu_is_fp32():
     ceiling = gemm_rate("cpu", size=128, repeats=1)
     assert ceiling["dtype"] == "float32" and ceiling["size"] == 128 and ceiling["flops_per_s"] > 0

@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 
-from xdc_fast.config import PretrainConfig
 from xdc_fast.pseudo_labels import (VARIANTS, ClusteringSpec, balanced_indices, cluster_round, variant,
                                     video_labels)
 

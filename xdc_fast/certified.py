@@ -88,7 +88,7 @@ Spherical (maximum inner product) assignment is not covered: centring changes in
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -299,8 +299,47 @@ class CertifiedAssignment(NamedTuple):
     bound: torch.Tensor  # [B, N] or [N] float64: E(s1) + E(s2), what s2 - s1 had to exceed (E(s1) if K = 1)
 
 
+Top2 = Callable[[RoundedProblem], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+"""``top2(problem) -> (winner, best, second, all_finite)``, each [B, N]: per row, the index of the
+smallest score (lowest on ties), that score and the smallest of the others (float32; inf when K = 1),
+and whether every score was finite -- what a tensor-core kernel's epilogue keeps."""
+
+
+def emulated_top2(problem: RoundedProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``Top2`` of the emulated tensor core (``tensor_core_scores``), a block of rows at a time."""
+    batch, n, d = problem.x.shape
+    k = problem.c.shape[1]
+    parts = []
+    rows_per_block = max(1, _BLOCK_ELEMENTS // (batch * k * -(-d // TENSOR_CORE_K_STEP)))
+    for start in range(0, n, rows_per_block):
+        parts.append(top2_of_scores(tensor_core_scores(problem.x[:, start : start + rows_per_block], problem.c)))
+    return tuple(torch.cat(part, dim=1) for part in zip(*parts))
+
+
+def top2_of_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Top2`` of a score matrix [..., K]: winner (lowest index on ties), best, second (inf when K = 1)
+    and whether the row's scores are all finite."""
+    winner = scores.argmin(dim=-1, keepdim=True)  # the first minimum: lowest index on ties
+    best = scores.gather(-1, winner)
+    second = scores.scatter(-1, winner, math.inf).amin(dim=-1, keepdim=True)
+    return winner[..., 0], best[..., 0], second[..., 0], torch.isfinite(scores).all(dim=-1)
+
+
+def certify_rows(problem: RoundedProblem, best: torch.Tensor, second: torch.Tensor, all_finite: torch.Tensor,
+                 k: int, accumulation_unit: float = HARDWARE_ACCUMULATION_UNIT
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 4 for every row of ``problem``: (certified [B, N] bool, bound [B, N] float64), the bound being
+    E(s1) + E(s2) (E(s1) when k = 1), what s2 - s1 had to exceed."""
+    bound_best = score_error_bound(best[..., None], problem, slice(None), accumulation_unit)[..., 0]
+    if k == 1:
+        return all_finite.clone(), bound_best
+    bound = bound_best + score_error_bound(second[..., None], problem, slice(None), accumulation_unit)[..., 0]
+    return all_finite & ((second.double() - best.double()) > bound), bound
+
+
 def certified_assign(x: torch.Tensor, c: torch.Tensor, precision: str = "bf16", centre: bool = True, *,
-                     accumulation_unit: float = HARDWARE_ACCUMULATION_UNIT) -> CertifiedAssignment:
+                     accumulation_unit: float = HARDWARE_ACCUMULATION_UNIT,
+                     top2: Top2 | None = None) -> CertifiedAssignment:
     """Exact nearest-centroid labels through an emulated bf16/tf32 tensor-core pass plus exact re-checks.
 
     Args:
@@ -310,6 +349,8 @@ def certified_assign(x: torch.Tensor, c: torch.Tensor, precision: str = "bf16", 
         centre: subtract the mean centroid first (exact labels either way; fewer re-checks when the
             data sit far from the origin).
         accumulation_unit: u' of the accumulation error bound; the default holds for tensor cores.
+        top2: the pass that scores the rounded problem (default: the emulation; a kernel's, to check it
+            or to use it).
     """
     if x.dim() not in (2, 3) or c.dim() != x.dim():
         raise ValueError(f"x and c should both be [N, D] / [K, D] or [B, N, D] / [B, K, D], "
@@ -326,28 +367,9 @@ def certified_assign(x: torch.Tensor, c: torch.Tensor, precision: str = "bf16", 
     k = c3.shape[1]
 
     problem = round_problem(x3, c3, precision, centre)
-    labels = torch.empty(batch, n, dtype=torch.long)
-    rechecked = torch.zeros(batch, n, dtype=torch.bool)
-    bound = torch.empty(batch, n, dtype=torch.float64)
-    rows_per_block = max(1, _BLOCK_ELEMENTS // (batch * k * -(-problem.x.shape[-1] // TENSOR_CORE_K_STEP)))
-    for start in range(0, n, rows_per_block):
-        rows = slice(start, min(start + rows_per_block, n))
-        scores = tensor_core_scores(problem.x[:, rows], problem.c)
-        winner = scores.argmin(dim=-1, keepdim=True)  # the first minimum: lowest index on ties
-        best = scores.gather(-1, winner)
-        bound_best = score_error_bound(best, problem, rows, accumulation_unit)[..., 0]
-        all_finite = torch.isfinite(scores).all(dim=-1)
-        if k > 1:
-            second = scores.scatter(-1, winner, math.inf).amin(dim=-1, keepdim=True)
-            bound_second = score_error_bound(second, problem, rows, accumulation_unit)[..., 0]
-            margin = bound_best + bound_second
-            certified = all_finite & ((second.double() - best.double())[..., 0] > margin)
-        else:
-            margin = bound_best
-            certified = all_finite
-        labels[:, rows] = winner[..., 0]
-        rechecked[:, rows] = ~certified
-        bound[:, rows] = margin
+    winner, best, second, all_finite = (top2 or emulated_top2)(problem)
+    certified, bound = certify_rows(problem, best, second, all_finite, k, accumulation_unit)
+    labels, rechecked = winner.clone(), ~certified
 
     for b in range(batch):
         uncertain = torch.nonzero(rechecked[b]).flatten()

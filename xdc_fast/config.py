@@ -198,6 +198,12 @@ def loader_option():
     return option("auto", LOADER_HELP, choices=LOADERS)
 
 
+def compile_option():
+    return option(False, "Compile the encoders with torch.compile before training: on an H200, 1.4x the "
+                  "training clips/s of R(2+1)D-18 after about a minute of compiling "
+                  "(benchmarks/results/train_h200.md); worth it for runs of hours, not for a smoke test.")
+
+
 def device_option():
     return option("auto", "auto: CUDA when there is one.", choices=DEVICES)
 
@@ -256,12 +262,18 @@ class PretrainConfig(Checked):
                                      "memorised them); plateau mode watches their loss. 0: none.",
                                      min=0, max=1)
     patience: int = option(1, "plateau mode: epochs without improvement before re-clustering.", min=1)
+    audio_shift: int = option(4, "Training augmentation: each training clip's log-mel moves up or down by up "
+                              "to this many mel bins (of 40 by default; 4 is about 7 semitones near 1 kHz), "
+                              "so a pitch of its own no longer identifies a video and the audio encoder must "
+                              "learn what clips share rather than memorise its videos' targets. 0: off.",
+                              min=0)
     max_unreadable: float = option(0.05, "Share of videos whose fixed clips may all fail to decode in a round "
                                    "(they sit it out, listed in metrics.jsonl); more stops the run.", min=0, max=1)
     clip: dict = option(None, "Clip geometry overrides (frames, stride, resize_short, crop, audio_seconds, "
                         "n_mels, ...) on top of the arch's.", default_factory=dict)
     workers: int = workers_option()
     loader: str = loader_option()
+    compile: bool = compile_option()
     device: str = device_option()
     dist_timeout_s: float = option(600.0, "Under torchrun: seconds a rank waits for the others before every rank "
                                    "stops with a message naming the phase that stalled.", min=0, min_open=True)
@@ -341,6 +353,7 @@ class FinetuneConfig(Checked):
     bn_eps: float = bn_eps_option()
     workers: int = workers_option()
     loader: str = loader_option()
+    compile: bool = compile_option()
     device: str = device_option()
     dist_timeout_s: float = dist_timeout_option()
     seed: int = option(0, "Seed of the split, the head, the clip order (and of a random encoder).")

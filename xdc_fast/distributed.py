@@ -78,7 +78,7 @@ def launched_by_torchrun() -> bool:
 
 
 def _communicable(t: torch.Tensor) -> torch.Tensor:
-    # gloo reduces CPU tensors only; NCCL wants them on the GPU.
+    # gloo reduces CPU tensors only; under "cpu:gloo,cuda:nccl" each tensor finds its own backend.
     if dist.get_backend() == "gloo" and t.device.type != "cpu":
         return t.cpu()
     return t
@@ -105,7 +105,8 @@ def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 
 def init_from_torchrun(use_cuda: bool, timeout_s: float | None = None) -> bool:
-    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs), with collectives that give
+    """Join the process group torchrun describes (NCCL for CUDA tensors and gloo for CPU ones on GPUs, gloo
+    on CPUs), with collectives that give
     up after ``timeout_s``; False when not under torchrun."""
     if is_distributed():
         return True
@@ -116,7 +117,10 @@ def init_from_torchrun(use_cuda: bool, timeout_s: float | None = None) -> bool:
         # Without it NCCL reports a timeout only through its watchdog, after the process is gone.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
-    dist.init_process_group("nccl" if use_cuda else "gloo", **({"timeout": timeout} if timeout else {}))
+    # On GPUs, CUDA tensors go over NCCL and the small CPU ones (counts, checks, objects) over gloo: NCCL
+    # alone refuses a CPU tensor.
+    backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
     return True
 
 

@@ -90,8 +90,28 @@ def _dali_loader(dataset, batch_size, loader, workers, device: torch.device, ind
         return None, reason
 
 
+def device_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the memory layout its encoder runs fastest with: on CUDA, video clips ``[B,3,T,H,W]`` in
+    ``channels_last_3d``, which cuDNN's bf16 3-D convolutions take without a transpose (1.5x the training
+    step of R(2+1)D-18 on an H200, benchmarks/results/train_h200.md); the 2-D audio encoder was slower
+    so, and stays as it is."""
+    if x.is_cuda and x.dim() == 5:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+def shift_log_mel(log_mel: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Each clip of ``log_mel [B,1,M,F]`` moved ``shifts[b]`` mel bins up (positive) or down, the bins it
+    leaves filled with its edge bin (a pitch shift, approximately, on the mel axis)."""
+    bins = log_mel.shape[2]
+    source = (torch.arange(bins, device=log_mel.device)[None, :] - shifts.to(log_mel.device)[:, None])
+    source = source.clamp(0, bins - 1)
+    index = source[:, None, :, None].expand(-1, log_mel.shape[1], -1, log_mel.shape[3])
+    return torch.gather(log_mel, 2, index)
+
+
 def to_device(batch: dict, names: Iterable[str], device: torch.device) -> dict[str, torch.Tensor]:
-    return {m: batch[m].to(device, non_blocking=True) for m in names}
+    return {m: device_layout(batch[m].to(device, non_blocking=True)) for m in names}
 
 
 def progress(iterable, description: str | None, total: int | None = None, initial: int = 0, unit: str = "batch"):
@@ -185,8 +205,29 @@ class EncodersWithHeads(nn.Module):
         return out
 
 
+def compile_encoders(encoders: Mapping[str, nn.Module], enabled: bool) -> None:
+    """``torch.compile`` each encoder in place (``nn.Module.compile``), so checkpoints keep their keys and
+    a compiled run resumes an eager one and the other way round."""
+    if enabled:
+        for encoder in encoders.values():
+            encoder.compile()
+
+
+def video_weights_channels_last(model: nn.Module) -> nn.Module:
+    """``model`` with its 3-D convolution weights in ``channels_last_3d``, the layout their gradients take
+    when the clips come in it (``device_layout``): DDP's gradient buckets are laid out after the weights,
+    and a mismatch costs a copy per weight each step (and a warning)."""
+    for parameter in model.parameters():
+        if parameter.dim() == 5:
+            parameter.data = parameter.data.contiguous(memory_format=torch.channels_last_3d)
+    return model
+
+
 def distributed(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` wrapped in DDP under torchrun, as it is otherwise."""
+    """``model`` wrapped in DDP under torchrun, as it is otherwise; on CUDA with its video weights in the
+    clips' layout."""
+    if device.type == "cuda":
+        video_weights_channels_last(model)
     if not xdist.is_distributed():
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -150,6 +150,7 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
     if config.init_checkpoint and saved is None:
         loaded = load_encoders_from(encoders, config.init_checkpoint, config.arch)
         log(f"encoders from {config.init_checkpoint}: {', '.join(loaded)}")
+    engine.compile_encoders(encoders, config.compile)
     if writer and saved is None:
         # Round 0 clusters the features of these encoders; `xdc-fast assign` needs them to map new videos
         # to its clusters (later rounds use checkpoints/round_{N-1}.pt). Weights only, no optimizer.
@@ -461,6 +462,10 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
     keys = [f"{m}_{h}" for m in targets for h in range(len(targets[m]))]
     run = running or {"loss_sum": {k: 0.0 for k in keys}, "loss_count": {k: 0 for k in keys},
                       "correct": {k: 0 for k in keys}, "seen": 0, "skipped": 0}
+    # One shift per clip of the dataset and epoch, so a resumed epoch (or a batch short of a clip that
+    # failed to decode) gives every clip the shift it had.
+    shifts = torch.from_numpy(numpy_rng(config.seed, "audio_shift", epoch, xdist.rank()).integers(
+        -config.audio_shift, config.audio_shift + 1, size=len(data.train_set)))
     for step, batch in enumerate(loader, start=start_step):
         engine.set_lr(optimizers, float(rates[min(step, len(rates) - 1)]))
         run["skipped"] += batch["skipped"]
@@ -468,7 +473,10 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
             continue
         index = batch["index"].numpy()
         wanted = {m: [torch.from_numpy(t[index]).to(device) for t in ts] for m, ts in targets.items()}
-        figures = engine.supervised_step(model, optimizers, engine.to_device(batch, targets, device), wanted,
+        inputs = engine.to_device(batch, targets, device)
+        if "audio" in inputs and config.audio_shift:
+            inputs["audio"] = engine.shift_log_mel(inputs["audio"], shifts[index])
+        figures = engine.supervised_step(model, optimizers, inputs, wanted,
                                          max_grad_norm=10.0,
                                          where=f"at epoch {epoch}; the last good checkpoint is checkpoints/last.pt "
                                                "(lower --lr and --resume)")

@@ -19,6 +19,7 @@ STREAMS = {
     "kmeans": "k-means of round r: initial centroids of each restart and the splits of empty clusters",
     "heads": "fresh classifier heads of round r (cluster ids permute between rounds, so heads restart)",
     "sampler": "order of the balanced draws of epoch e on rank r",
+    "audio_shift": "pretraining: the mel shift of each training clip in epoch e on rank r",
     "split": "stratified train/test split of a dataset without official splits",
     "order": "finetuning: order of the training clips of epoch e",
     "probe": "linear probe: the logistic regression's solver",

@@ -206,6 +206,7 @@ def train_full(transfer: Transfer) -> tuple[nn.Linear, dict, list[dict]]:
     train_set.items = transfer.split.train * config.clips_per_video  # repeats draw different random clips
     train_labels = np.array([r["label"] for r in train_set.items])
 
+    engine.compile_encoders({config.modality: transfer.encoder}, config.compile)
     head = engine.new_head(transfer.encoder.feature_dim, len(transfer.classes),
                            torch_generator(config.seed, "heads", 0))
     head.to(transfer.device)

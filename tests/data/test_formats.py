@@ -187,7 +187,7 @@ def test_malformed_esc50_and_hmdb51_rows(tmp_path):
     (tmp_path / "meta").mkdir()
     (tmp_path / "meta" / "esc50.csv").write_text("filename,fold,target,category\n1-1-A-0.wav,1,0,dog\n"
                                                  "1-2-A-1.wav,1,dog,dog\n")
-    with pytest.raises(FormatError, match=rf"esc50.csv, line 3: target should be a class number, got 'dog'"):
+    with pytest.raises(FormatError, match=r"esc50.csv, line 3: target should be a class number, got 'dog'"):
         list_dataset(tmp_path, "esc50")
     (tmp_path / "splits").mkdir()
     (tmp_path / "splits" / "wave_test_split1.txt").write_text("a.avi 1\nb.avi 7\n")

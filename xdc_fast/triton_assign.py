@@ -1,0 +1,132 @@
+"""The certified assignment's tensor-core pass as a Triton kernel (issue 12, step 2).
+
+One program takes ``BLOCK_N`` rows of one problem, streams the centroids through in tiles of
+``BLOCK_K``, scores each tile with ``tl.dot`` over ``BLOCK_D``-wide slices of D (fp32 accumulation),
+``s = ||c~_k||^2 - 2 x~.c~_k``, and keeps per row only what the certification needs: the best score,
+its index (lowest on ties), the second-best score and whether every score was finite. The N x K score
+matrix is never stored. ``certified.certified_assign(..., top2=triton_top2)`` then certifies the rows
+and re-decides the rest exactly, so the labels are exact whatever the kernel's summation order.
+
+Inputs are rounded by ``certified.round_problem`` (round to nearest even, done once), so the kernel
+multiplies exactly the values the bound describes:
+
+- on a GPU, bf16 inputs are handed over as ``torch.bfloat16`` and tf32 inputs as float32 holding tf32
+  values, with ``input_precision="tf32"`` (the hardware drops low bits that are already zero);
+- under ``TRITON_INTERPRET=1`` (the development machine has no GPU) the interpreter would multiply
+  bf16 bit patterns as integers and ignores ``input_precision``, so both formats go in as float32
+  holding the rounded values, multiplied in float32 ("ieee"): the same products, exact in float32, and
+  an accumulation order the bound covers (its unit is the hardware's, twice float32's).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .certified import RoundedProblem
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
+
+BLOCK_N, BLOCK_K, BLOCK_D = 32, 32, 32
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _top2_kernel(x_ptr, c_ptr, c_sq_ptr, winner_ptr, best_ptr, second_ptr, finite_ptr,
+                     n, k, d,
+                     stride_xb, stride_xn, stride_cb, stride_ck, stride_sqb, stride_ob,
+                     INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_D: tl.constexpr, K_TILES: tl.constexpr, D_TILES: tl.constexpr):
+        # The loop counts are compile-time (one compilation per K and D, fixed within a fit): the
+        # interpreter cannot take a runtime bound under numpy 2.5 (it converts a 1-element array).
+        problem = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n
+        best = tl.full((BLOCK_N,), float("inf"), tl.float32)
+        second = tl.full((BLOCK_N,), float("inf"), tl.float32)
+        winner = tl.zeros((BLOCK_N,), tl.int32)
+        finite = tl.full((BLOCK_N,), 1, tl.int1)
+        x_base = x_ptr + problem * stride_xb
+        c_base = c_ptr + problem * stride_cb
+        for k_tile in range(0, K_TILES):
+            cols = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+            col_ok = cols < k
+            dots = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+            for d_tile in range(0, D_TILES):
+                dims = d_tile * BLOCK_D + tl.arange(0, BLOCK_D)
+                dim_ok = dims < d
+                x_tile = tl.load(x_base + rows[:, None] * stride_xn + dims[None, :],
+                                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+                c_tile = tl.load(c_base + cols[None, :] * stride_ck + dims[:, None],
+                                 mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
+                dots = tl.dot(x_tile, c_tile, dots, input_precision=INPUT_PRECISION)
+            c_sq = tl.load(c_sq_ptr + problem * stride_sqb + cols, mask=col_ok, other=0.0)
+            scores = c_sq[None, :] - 2.0 * dots
+            finite = finite & (tl.sum(((scores != scores) | (tl.abs(scores) == float("inf")))
+                                      & col_ok[None, :], axis=1) == 0)
+            scores = tl.where(col_ok[None, :], scores, float("inf"))
+            tile_best = tl.min(scores, axis=1)
+            # The lowest column holding the tile's minimum: the lowest index on ties.
+            tile_winner = tl.min(tl.where(scores == tile_best[:, None], cols[None, :], k), axis=1)
+            tile_second = tl.min(tl.where(cols[None, :] == tile_winner[:, None], float("inf"), scores), axis=1)
+            # Tiles arrive in ascending column order, so an equal score keeps the earlier winner.
+            takes = tile_best < best
+            second = tl.where(takes, tl.minimum(best, tile_second), tl.minimum(second, tile_best))
+            winner = tl.where(takes, tile_winner, winner)
+            best = tl.where(takes, tile_best, best)
+        out = problem * stride_ob + rows
+        tl.store(winner_ptr + out, winner, mask=row_ok)
+        tl.store(best_ptr + out, best, mask=row_ok)
+        tl.store(second_ptr + out, second, mask=row_ok)
+        tl.store(finite_ptr + out, finite.to(tl.int8), mask=row_ok)
+
+
+def _kernel_inputs(problem: RoundedProblem, precision: str, device: torch.device):
+    """What the kernel multiplies, and how (see the module docstring)."""
+    x, c = problem.x.to(device), problem.c.to(device)
+    if interpreted() or device.type != "cuda":
+        return x.contiguous(), c.contiguous(), "ieee"
+    if precision == "bf16":
+        return x.to(torch.bfloat16).contiguous(), c.to(torch.bfloat16).contiguous(), "ieee"
+    return x.contiguous(), c.contiguous(), "tf32"
+
+
+def triton_top2(precision: str, device: str | torch.device | None = None):
+    """A ``certified.Top2`` running the Triton kernel, for ``certified_assign(..., top2=...)``: on
+    ``device`` (default: CUDA when there is one, else the interpreter's CPU)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and not interpreted() else "cpu"
+    device = torch.device(device)
+    if device.type != "cuda" and not interpreted():
+        raise RuntimeError("the Triton kernel runs on CUDA, or on the CPU under TRITON_INTERPRET=1")
+
+    def top2(problem: RoundedProblem):
+        batch, n, d = problem.x.shape
+        k = problem.c.shape[1]
+        x, c, input_precision = _kernel_inputs(problem, precision, device)
+        # ||c~_k||^2 summed in float32 (any order): the bound's accumulation term covers it.
+        c_sq = problem.c.to(device).float().square().sum(-1).contiguous()
+        winner = torch.empty(batch, n, dtype=torch.int32, device=device)
+        best = torch.empty(batch, n, dtype=torch.float32, device=device)
+        second = torch.empty(batch, n, dtype=torch.float32, device=device)
+        finite = torch.empty(batch, n, dtype=torch.int8, device=device)
+        grid = (triton.cdiv(n, BLOCK_N), batch)
+        _top2_kernel[grid](x, c, c_sq, winner, best, second, finite, n, k, d,
+                           x.stride(0), x.stride(1), c.stride(0), c.stride(1), c_sq.stride(0), winner.stride(0),
+                           INPUT_PRECISION=input_precision, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
+                           K_TILES=triton.cdiv(k, BLOCK_K), D_TILES=triton.cdiv(d, BLOCK_D))
+        return winner.long().cpu(), best.cpu(), second.cpu(), finite.bool().cpu()
+
+    return top2
