@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one script for the lent GPU machine: build there, run the CUDA tests, memcheck a small case,
-# measure the card's ceilings, then the k-means benchmarks. Results go under $OUT (8 files at most
+# The one script for the lent GPU machine: build there, run the CUDA tests (the Triton kernel and the
+# certified epilogue on the GPU included), memcheck a small case, measure the card's ceilings, time the
+# tensor-core pass (benchmarks/tensor_core_assign.py), then the k-means benchmarks. Results go under $OUT (8 files at most
 # come back). Usage (from the repository root): OUT=/tmp/gpu bash benchmarks/gpu_check.sh [SIZES...]
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-results}
@@ -23,7 +24,8 @@ fi
 python3 -c "import xdc_fast.ops as o; print('extension', o.HAS_EXTENSION, 'cuda kernels', o.HAS_CUDA_KERNELS)" | tee -a "$OUT/machine.txt"
 
 step tests
-python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_cluster.py 2>&1 | tee "$OUT/tests.log" | tail -25
+python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_cluster.py tests/test_triton_assign.py \
+  tests/test_certified_epilogue.py 2>&1 | tee "$OUT/tests.log" | tail -25
 
 step memcheck
 timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize_case.py > "$OUT/memcheck.log" 2>&1
@@ -32,6 +34,9 @@ grep -E "ERROR SUMMARY|sanitize case done" "$OUT/memcheck.log"
 
 step ceilings
 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" 2>&1 | tee -a "$OUT/machine.txt"
+
+step tensor-cores  # the Triton pass of the certified assignment (issue 12) against the same-run ceilings
+timeout 300 python3 benchmarks/tensor_core_assign.py --json "$OUT/tensor_cores.json" 2>&1 | tail -30
 
 step bench
 python3 benchmarks/kmeans_sweep.py --device cuda --repeats 3 --sizes "${SIZES[@]}" --out "$OUT/kmeans_gpu.md" 2>&1 | tail -60

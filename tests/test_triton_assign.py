@@ -4,7 +4,12 @@ Without a GPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, wh
 sets before anything imports triton); with one, on CUDA."""
 
 import importlib
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +94,18 @@ def test_normalised_mixtures_are_mostly_certified(kernel):
     result = check_against_the_emulation(kernel, x, c, "bf16")
     assert float(result.rechecked.double().mean()) < 0.2
     assert not math.isnan(float(result.bound.max()))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+def test_the_kernel_compiles_for_hopper_with_wgmma_and_no_spills(precision):
+    """Compiled here for sm_90 without a GPU, in a process without the interpreter: the SASS must hold
+    HGMMA (tensor cores, not FMA), and ptxas must keep every value in registers."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(root / "benchmarks/triton_compile_gate.py"), "--precision", precision],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["ptxas_ok"] and report["cuobjdump_ok"], report
+    assert report["ptx_wgmma"] > 0 and report["sass_hgmma"] > 0, report
+    assert report["spill_bytes"] == 0, report

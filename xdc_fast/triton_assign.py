@@ -32,9 +32,6 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
-BLOCK_N, BLOCK_K, BLOCK_D = 32, 32, 32
-
-
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -97,8 +94,39 @@ def _kernel_inputs(problem: RoundedProblem, precision: str, device: torch.device
     if interpreted() or device.type != "cuda":
         return x.contiguous(), c.contiguous(), "ieee"
     if precision == "bf16":
-        return x.to(torch.bfloat16).contiguous(), c.to(torch.bfloat16).contiguous(), "ieee"
+        # input_precision matters only for float32 operands; "tf32" is the default, ignored for bf16.
+        return x.to(torch.bfloat16).contiguous(), c.to(torch.bfloat16).contiguous(), "tf32"
     return x.contiguous(), c.contiguous(), "tf32"
+
+
+# Tiles (rows, centroids, D) and warps: small under the interpreter (numpy per tile); on Hopper the
+# largest that ptxas compiles without spilling (benchmarks/triton_compile_gate.py, compiled here for
+# sm_90: 128 x 128 spilled 360 bytes with bf16; tf32 operands, twice the bytes, take half the D slice).
+# Not yet timed on a GPU (issue 12).
+INTERPRETER_TILES = dict(BLOCK_N=32, BLOCK_K=32, BLOCK_D=32, num_warps=4, num_stages=1)
+GPU_TILES = {"bf16": dict(BLOCK_N=128, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=3),
+             "tf32": dict(BLOCK_N=128, BLOCK_K=64, BLOCK_D=32, num_warps=8, num_stages=3)}
+
+
+def launch_top2(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor, input_precision: str,
+                tiles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel on tensors already where it runs: x [B, N, D], c [B, K, D] (bf16, or float32 holding
+    rounded values), c_sq [B, K] float32. Returns (winner int32, best, second float32, finite int8),
+    each [B, N], on the same device."""
+    if tiles is None:
+        tiles = INTERPRETER_TILES if interpreted() else GPU_TILES["bf16" if x.dtype == torch.bfloat16 else "tf32"]
+    batch, n, d = x.shape
+    k = c.shape[1]
+    winner = torch.empty(batch, n, dtype=torch.int32, device=x.device)
+    best = torch.empty(batch, n, dtype=torch.float32, device=x.device)
+    second = torch.empty(batch, n, dtype=torch.float32, device=x.device)
+    finite = torch.empty(batch, n, dtype=torch.int8, device=x.device)
+    grid = (triton.cdiv(n, tiles["BLOCK_N"]), batch)
+    _top2_kernel[grid](x, c, c_sq, winner, best, second, finite, n, k, d,
+                       x.stride(0), x.stride(1), c.stride(0), c.stride(1), c_sq.stride(0), winner.stride(0),
+                       INPUT_PRECISION=input_precision, K_TILES=triton.cdiv(k, tiles["BLOCK_K"]),
+                       D_TILES=triton.cdiv(d, tiles["BLOCK_D"]), **tiles)
+    return winner, best, second, finite
 
 
 def triton_top2(precision: str, device: str | torch.device | None = None):
@@ -113,20 +141,10 @@ def triton_top2(precision: str, device: str | torch.device | None = None):
         raise RuntimeError("the Triton kernel runs on CUDA, or on the CPU under TRITON_INTERPRET=1")
 
     def top2(problem: RoundedProblem):
-        batch, n, d = problem.x.shape
-        k = problem.c.shape[1]
         x, c, input_precision = _kernel_inputs(problem, precision, device)
         # ||c~_k||^2 summed in float32 (any order): the bound's accumulation term covers it.
         c_sq = problem.c.to(device).float().square().sum(-1).contiguous()
-        winner = torch.empty(batch, n, dtype=torch.int32, device=device)
-        best = torch.empty(batch, n, dtype=torch.float32, device=device)
-        second = torch.empty(batch, n, dtype=torch.float32, device=device)
-        finite = torch.empty(batch, n, dtype=torch.int8, device=device)
-        grid = (triton.cdiv(n, BLOCK_N), batch)
-        _top2_kernel[grid](x, c, c_sq, winner, best, second, finite, n, k, d,
-                           x.stride(0), x.stride(1), c.stride(0), c.stride(1), c_sq.stride(0), winner.stride(0),
-                           INPUT_PRECISION=input_precision, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
-                           K_TILES=triton.cdiv(k, BLOCK_K), D_TILES=triton.cdiv(d, BLOCK_D))
+        winner, best, second, finite = launch_top2(x, c, c_sq, input_precision)
         return winner.long().cpu(), best.cpu(), second.cpu(), finite.bool().cpu()
 
     return top2
