@@ -81,6 +81,8 @@ prepare('$WORK/media', '$WORK/ds', workers=8, progress=False)"
   step extract 45 xdc-fast extract --data "$WORK/ds" --out "$WORK/features.npz" \
     --checkpoint "$WORK/run/checkpoints/last.pt" --device cuda --batch-size 8
 fi
+# Where a step's GPU time goes (MFU is short of the 35% aimed at).
+step train-profile 90 python3 benchmarks/train_profile.py --json "$OUT/train_profile.json"
 # Last, as it may run long (torch.compile): which form of the step is fastest.
 step train-variants 120 python3 benchmarks/train_variants.py --json "$OUT/train_variants.json"
 echo "=== done ($(date +%T))" | tee -a "$LOG"
