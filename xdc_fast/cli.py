@@ -16,7 +16,7 @@ from dataclasses import MISSING, fields
 import click
 
 from .config import EvaluateConfig, ExtractConfig, FinetuneConfig, PretrainConfig, from_dict, read_yaml
-from .errors import XdcError
+from .errors import StalledError, XdcError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -35,6 +35,11 @@ class XdcGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except StalledError as error:
+            click.echo(f"Error: {error}", err=True)
+            from . import distributed as xdist  # already imported: it raised the error
+
+            xdist.abandon(2)
         except XdcError as error:
             click.echo(f"Error: {error}", err=True)
             ctx.exit(2)

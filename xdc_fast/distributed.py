@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
-from .errors import XdcError
+from .errors import StalledError, XdcError
 
 _phase = "starting"
 
@@ -30,8 +31,13 @@ def phase(name: str):
         _phase = previous
 
 
-class StalledError(XdcError):
-    """Another rank did not answer a collective within the timeout."""
+def abandon(code: int) -> None:
+    """Exit at once with ``code``, after a ``StalledError`` has been reported. A process group whose peer
+    stalled cannot be torn down: the normal interpreter exit would wait on it or, when gloo's threads
+    are destroyed mid-operation, abort with "terminate called" (a core dump instead of the exit code)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def stalled(error: BaseException) -> StalledError:

@@ -14,3 +14,7 @@ class XdcError(ValueError):
 class LoaderError(XdcError):
     """The loader asked for cannot serve here: DALI not installed, a codec its CPU graph cannot decode,
     a pipeline that does not build."""
+
+
+class StalledError(XdcError):
+    """Another rank did not answer a collective within the timeout (raised by ``distributed``)."""
