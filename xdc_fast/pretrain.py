@@ -464,8 +464,10 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
                       "correct": {k: 0 for k in keys}, "seen": 0, "skipped": 0}
     # One shift per clip of the dataset and epoch, so a resumed epoch (or a batch short of a clip that
     # failed to decode) gives every clip the shift it had.
-    shifts = torch.from_numpy(numpy_rng(config.seed, "audio_shift", epoch, xdist.rank()).integers(
-        -config.audio_shift, config.audio_shift + 1, size=len(data.train_set)))
+    shifts = None
+    if config.audio_shift and "audio" in targets:
+        shifts = torch.from_numpy(numpy_rng(config.seed, "audio_shift", epoch, xdist.rank()).integers(
+            -config.audio_shift, config.audio_shift + 1, size=len(data.train_set)))
     for step, batch in enumerate(loader, start=start_step):
         engine.set_lr(optimizers, float(rates[min(step, len(rates) - 1)]))
         run["skipped"] += batch["skipped"]
@@ -474,7 +476,7 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
         index = batch["index"].numpy()
         wanted = {m: [torch.from_numpy(t[index]).to(device) for t in ts] for m, ts in targets.items()}
         inputs = engine.to_device(batch, targets, device)
-        if "audio" in inputs and config.audio_shift:
+        if shifts is not None:
             inputs["audio"] = engine.shift_log_mel(inputs["audio"], shifts[index])
         figures = engine.supervised_step(model, optimizers, inputs, wanted,
                                          max_grad_norm=10.0,
