@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=CPU_SIZES, help="NxDxK triples")
     parser.add_argument("--b", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engines", nargs="*", default=["avx512", "avx2", "portable"],
+                        help="our CPU engines also timed forced, beside the default call (absent ones are noted)")
     parser.add_argument("--out", required=True, help="markdown file; the JSON goes beside it")
     args = parser.parse_args()
 
@@ -36,7 +38,8 @@ def main() -> None:
     for size in args.sizes:
         n, d, k = parse_size(size)
         print(f"... N={n} D={d} K={k}", file=sys.stderr, flush=True)
-        result = bench_kmeans(device=args.device, b=args.b, n=n, d=d, k=k, repeats=args.repeats)
+        engines = args.engines if args.device == "cpu" else []
+        result = bench_kmeans(device=args.device, b=args.b, n=n, d=d, k=k, repeats=args.repeats, engines=engines)
         table = format_kmeans_table(result)
         print(table, flush=True)
         sections.append(table)

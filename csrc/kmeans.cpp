@@ -28,6 +28,9 @@ TORCH_LIBRARY(xdc_fast, m) {
         "(Tensor labels, Tensor dist)");
   m.def("kmeans_update(Tensor x, Tensor labels, int k) -> (Tensor sums, Tensor counts)");
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
+  m.def("cpu_assign_isa() -> str", &cpu_assign_isa);
+  m.def("cpu_assign_isas() -> str[]", &cpu_assign_isas);
+  m.def("cpu_fma_rate(str isa) -> float", &cpu_fma_rate);
 }
 
 // Neither op is differentiable (labels and counts are integers; nothing asks for the gradient of a

@@ -9,8 +9,16 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace xdc_fast {
+
+// The CPU assignment's engines (cpu/kmeans_kernel.cpp): the one the next call takes (the best this
+// CPU has, or the one XDC_FAST_CPU_ISA forces), those available, best first, and the multiply-adds
+// per second that all threads sustain in registers with an engine's vectors (0 when it is absent).
+std::string cpu_assign_isa();
+std::vector<std::string> cpu_assign_isas();
+double cpu_fma_rate(const std::string& isa);
 
 inline const char* rank_name(const at::Tensor& t) {
   switch (t.dim()) {

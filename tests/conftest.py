@@ -21,6 +21,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_isa(request, monkeypatch):
+    """A test marked ``cpu_isa(name)`` runs with the CPU assignment forced to that engine, or is skipped
+    where this CPU lacks it (the build compiles every engine; only the CPU decides what can run)."""
+    mark = request.node.get_closest_marker("cpu_isa")
+    if mark is None:
+        return
+    from xdc_fast import ops
+
+    isa = mark.args[0]
+    if isa not in ops.cpu_isas():
+        pytest.skip(f"this CPU has no {isa} engine (it has: {', '.join(ops.cpu_isas())})")
+    monkeypatch.setenv(ops.CPU_ISA_VARIABLE, isa)
+
+
 def prepared_synthetic(root, **spec):
     """The built-in synthetic dataset written under ``root/media`` and prepared into ``root/ds`` (returned)."""
     from xdc_fast.data.prepare import prepare

@@ -1,6 +1,7 @@
 import ast
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,25 @@ def test_bench_imports_no_command_module():
     assert COMMAND_MODULES & _imported_names("import xdc_fast.extract\n")
     for path in (Path(__file__).parents[1] / "xdc_fast" / "bench").glob("*.py"):
         assert not COMMAND_MODULES & _imported_names(path.read_text()), path.name
+
+
+def test_bench_kmeans_names_the_cpu_engine_and_times_each_forced_one():
+    from xdc_fast import ops
+    from xdc_fast.bench.kmeans import bench_kmeans, format_kmeans_table
+
+    before = os.environ.get(ops.CPU_ISA_VARIABLE)
+    result = bench_kmeans(n=2000, d=24, k=40, repeats=1, engines=["portable", "avx2", "avx512"])
+    rows = {row.name: row for row in result.rows}
+    assert result.cpu_isa == ops.cpu_isas()[0]
+    for isa in ("portable", "avx2", "avx512"):
+        row = rows[f"xdc-fast {isa}"]
+        assert (row.assign_s is not None) == (isa in ops.cpu_isas()), row
+    table = format_kmeans_table(result)
+    assert f"CPU engine of the default call: {result.cpu_isa}" in table
+    if result.cpu_isa == "portable":
+        assert result.fma_peak_gflops is None and "the BLAS library's" in table
+    else:
+        # The ceiling is a rate the engine itself cannot beat by much: the default call stays under it.
+        assert result.fma_peak_gflops > 0 and "FMA peak of that engine" in table
+        assert result.flops / rows["xdc-fast"].assign_s / 1e9 < 1.2 * result.fma_peak_gflops
+    assert os.environ.get(ops.CPU_ISA_VARIABLE) == before  # the forced engine does not outlive its row

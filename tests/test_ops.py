@@ -5,7 +5,10 @@ from xdc_fast import ops, reference
 
 from .oracle import check_labels, squared_distances64, update64
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+# Every CPU engine the build has, each forced in turn (tests/conftest.py skips those the CPU lacks).
+CPU_ISAS = ["avx512", "avx2", "portable"]
+DEVICES = [*(pytest.param("cpu", id=f"cpu-{isa}", marks=pytest.mark.cpu_isa(isa)) for isa in CPU_ISAS),
+           pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def test_extension_is_built():
@@ -306,8 +309,7 @@ def test_assign_norm_limit_keeps_distances_finite(device):
 
 
 def engine_contract_checks():
-    """What both CPU assignment engines must do alike; run here on the default engine and by
-    test_blas_tile_path_matches_float64 on the BLAS-tile one."""
+    """What every CPU assignment engine must do alike; run on each by test_each_cpu_engine_matches_float64."""
     torch.manual_seed(0)
     x = torch.randn(2, 300, 64, requires_grad=True)
     c = torch.randn(2, 40, 64, requires_grad=True)
@@ -336,10 +338,6 @@ def engine_contract_checks():
         else:
             raise AssertionError(f"no error for {message}")
         ops.kmeans_assign(xb, cb, check_finite_input=False)
-
-
-def test_engine_contract():
-    engine_contract_checks()
 
 
 def test_device_mismatch_is_reported():
@@ -423,31 +421,72 @@ def test_bench_kmeans_times_the_default_call(monkeypatch):
     assert calls and all(kwargs.get("check_finite_input", True) for kwargs in calls)
 
 
-def test_blas_tile_path_matches_float64():
-    # The BLAS-tile assignment (CPUs without AVX2, or XDC_FAST_CPU_ASSIGN=blas) is chosen once per
-    # process, so it is checked in a process of its own, with the contract the default engine meets.
-    import os
-    import subprocess
-    import sys
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_each_cpu_engine_matches_float64(isa, monkeypatch):
+    """The shapes that stress an engine's tiles (one point and one centroid, K not a multiple of a panel,
+    K above a BLAS block, D odd and above a cache line), both metrics, and exact ties across 1500
+    identical centroids."""
+    if isa not in ops.cpu_isas():
+        pytest.skip(f"this CPU has no {isa} engine (it has: {', '.join(ops.cpu_isas())})")
+    monkeypatch.setenv(ops.CPU_ISA_VARIABLE, isa)
+    assert ops.cpu_isa() == isa
+    for b, n, d, k in [(1, 5, 1, 1), (3, 300, 7, 17), (2, 1000, 64, 1024), (1, 37, 513, 2), (2, 391, 33, 45)]:
+        x, c = torch.randn(b, n, d), torch.randn(b, k, d)
+        for spherical in (False, True):
+            labels, dist = ops.kmeans_assign(x, c, spherical)
+            check_labels(x, c, labels, dist, spherical=spherical)
+    labels, _ = ops.kmeans_assign(torch.randn(50, 4), torch.ones(1500, 4))
+    assert int(labels.max()) == 0
+    engine_contract_checks()
 
-    script = (
-        "import torch\n"
-        "from xdc_fast import ops\n"
-        "from tests.oracle import check_labels\n"
-        "torch.manual_seed(0)\n"
-        "for b, n, d, k in [(1, 5, 1, 1), (3, 300, 7, 17), (2, 1000, 64, 1024), (1, 37, 513, 2)]:\n"
-        "    x, c = torch.randn(b, n, d), torch.randn(b, k, d)\n"
-        "    for spherical in (False, True):\n"
-        "        labels, dist = ops.kmeans_assign(x, c, spherical)\n"
-        "        check_labels(x, c, labels, dist, spherical=spherical)\n"
-        "labels, _ = ops.kmeans_assign(torch.randn(50, 4), torch.ones(1500, 4))\n"
-        "assert int(labels.max()) == 0\n"
-        "from tests.test_ops import engine_contract_checks\n"
-        "engine_contract_checks()\n"
-        "print('blas path ok')\n"
-    )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XDC_FAST_CPU_ASSIGN="blas")
-    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "blas path ok" in result.stdout
+
+def test_fused_engines_agree_bit_for_bit(monkeypatch):
+    # Both fused engines sum every dot product in the same order with the same fused multiply-adds, so
+    # a run's labels and distances do not depend on which of them the CPU offered.
+    fused = [isa for isa in ("avx512", "avx2") if isa in ops.cpu_isas()]
+    if len(fused) < 2:
+        pytest.skip(f"needs both fused engines; this CPU has {', '.join(ops.cpu_isas())}")
+    x, c = torch.randn(2, 2000, 97), torch.randn(2, 301, 97)
+    results = []
+    for isa in fused:
+        monkeypatch.setenv(ops.CPU_ISA_VARIABLE, isa)
+        results.append([ops.kmeans_assign(x, c, spherical) for spherical in (False, True)])
+    for (l0, d0), (l1, d1) in zip(*results):
+        assert torch.equal(l0, l1) and torch.equal(d0, d1)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def test_engines_offered_are_those_the_cpu_has(monkeypatch):
+    import platform
+
+    monkeypatch.delenv(ops.CPU_ISA_VARIABLE, raising=False)
+    isas = ops.cpu_isas()
+    assert isas[-1] == "portable" and ops.cpu_isa() == isas[0]  # the best one by default
+    flags = _cpu_flags()
+    if platform.machine() in ("x86_64", "AMD64") and flags:
+        assert ("avx512" in isas) == ("avx512f" in flags)
+        assert ("avx2" in isas) == ({"avx2", "fma"} <= flags)
+    elif platform.machine() not in ("x86_64", "AMD64"):
+        assert isas == ["portable"]
+    for isa in isas:
+        assert ops.cpu_fma_flops(isa) > 0 or isa == "portable"
+
+
+def test_a_forced_engine_that_is_absent_or_misspelt_is_refused(monkeypatch):
+    x, c = torch.randn(10, 4), torch.randn(3, 4)
+    monkeypatch.setenv(ops.CPU_ISA_VARIABLE, "avx1024")
+    with pytest.raises(ValueError, match="XDC_FAST_CPU_ISA should be avx512, avx2 or portable .*got 'avx1024'"):
+        ops.kmeans_assign(x, c)
+    absent = [isa for isa in CPU_ISAS if isa not in ops.cpu_isas()]
+    if absent:
+        monkeypatch.setenv(ops.CPU_ISA_VARIABLE, absent[0])
+        with pytest.raises(ValueError, match=f"XDC_FAST_CPU_ISA={absent[0]}: this CPU or this build has no"):
+            ops.kmeans_assign(x, c)
+        assert ops.cpu_fma_flops(absent[0]) == 0

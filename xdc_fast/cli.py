@@ -492,9 +492,12 @@ def _fail(message: str) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None, show_default="torch's default",
               help="CPU threads for every contender.")
 @click.option("--seed", type=int, default=0, help="Seed of the random data.")
+@click.option("--engine", "engines", type=click.Choice(["avx512", "avx2", "portable"]), multiple=True,
+              help="Also time our CPU assignment forced to this engine (repeatable); the default call takes "
+                   "the best the CPU has.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the figures as JSON here.")
-def bench_kmeans_command(device, b, n, d, k, repeats, threads, seed, json_path):
+def bench_kmeans_command(device, b, n, d, k, repeats, threads, seed, engines, json_path):
     """One assignment and one full Lloyd iteration: xdc-fast, plain torch, faiss and scikit-learn.
 
     The default size (N=400,000, D=256, K=1,024) is a DeepCluster-scale round on one machine and
@@ -509,7 +512,8 @@ def bench_kmeans_command(device, b, n, d, k, repeats, threads, seed, json_path):
     if b * n * d * 4 > memory_budget(device):
         _fail(f"B*N*D = {b * n * d:,} floats ({b * n * d * 4 / 2**30:.1f} GiB) does not fit comfortably in memory here")
     result = bench_module.bench_kmeans(device=device, b=b, n=n, d=d, k=k, repeats=repeats, seed=seed,
-                                       threads=threads, progress=lambda msg: click.echo(f"... {msg}", err=True))
+                                       threads=threads, progress=lambda msg: click.echo(f"... {msg}", err=True),
+                                       engines=engines)
     click.echo(bench_module.format_kmeans_table(result))
     if json_path:
         write_json(result.to_json(), json_path)

@@ -53,6 +53,33 @@ def _use_kernels(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
+CPU_ISA_VARIABLE = "XDC_FAST_CPU_ISA"
+
+
+def cpu_isas() -> list[str]:
+    """The CPU assignment engines this build can run on this CPU, best first: ``avx512``, ``avx2``
+    (x86 CPUs that have them) and ``portable`` (BLAS tiles, everywhere). Without the extension, none."""
+    return list(torch.ops.xdc_fast.cpu_assign_isas()) if HAS_EXTENSION else []
+
+
+def cpu_isa() -> str:
+    """The engine the next CPU ``kmeans_assign`` takes: the best this CPU has, or the one the
+    environment variable ``XDC_FAST_CPU_ISA`` (``avx512``, ``avx2`` or ``portable``) forces. A forced
+    engine the CPU lacks raises ``ValueError``, as the op itself would."""
+    return str(torch.ops.xdc_fast.cpu_assign_isa()) if HAS_EXTENSION else "plain torch (no extension)"
+
+
+def cpu_fma_flops(isa: str) -> float:
+    """Floating-point operations per second (two per multiply-add) that all of torch's threads sustain
+    in registers with ``isa``'s vectors, measured in a few milliseconds: the ceiling of that engine's
+    micro-kernel on this machine at the clock it keeps under load. 0 for an engine the CPU lacks, and
+    for ``portable``, whose speed is its BLAS library's. The best of five runs, so that a core still
+    raising its clock or a moment of other work on the machine does not pull the ceiling down."""
+    if not HAS_EXTENSION:
+        return 0.0
+    return 2.0 * max(float(torch.ops.xdc_fast.cpu_fma_rate(isa)) for _ in range(5))
+
+
 def _rank(t: torch.Tensor) -> str:
     return f"{t.dim()}-D"
 

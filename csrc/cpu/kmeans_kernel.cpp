@@ -1,15 +1,17 @@
 // CPU kernels of the k-means ops.
 //
-// Assignment has two engines. Where the CPU has AVX2 and FMA, the fused micro-kernel of
-// kmeans_assign_avx2.cpp. Everywhere else (ARM servers such as Grace or Graviton, builds with
-// XDC_FAST_PORTABLE_CPU, XDC_FAST_CPU_ASSIGN=blas, K >= 2^24) the portable path here, which needs
-// nothing but BLAS: one pass over tiles of rows. Each thread multiplies its tile against a block of
-// centroids with a single-threaded BLAS GEMM into a scratch buffer that stays in cache, takes the
-// argmin while it is there and folds it into a running (min, index) per row before the next block,
-// so the N x K distance matrix never exists in full. The distance
-// of the winner is then recomputed directly as sum((x - c)^2): the GEMM expansion
-// |x|^2 - 2 x.c + |c|^2 loses digits when a point sits close to its centroid, and the objective
-// reported to users should not.
+// Assignment has three engines, chosen per call by what the CPU has, best first: the fused AVX-512
+// micro-kernel (kmeans_assign_avx512.cpp), the fused AVX2 + FMA one (kmeans_assign_avx2.cpp), and
+// the portable path here, which needs nothing but BLAS and is what ARM servers (Grace, Graviton),
+// builds with XDC_FAST_PORTABLE_CPU and K >= 2^24 get. XDC_FAST_CPU_ISA=avx512|avx2|portable forces
+// one, so that each is tested and timed on a machine that has it.
+//
+// The portable path makes one pass over tiles of rows. Each thread multiplies its tile against a
+// block of centroids with a single-threaded BLAS GEMM into a scratch buffer that stays in cache,
+// takes the argmin while it is there and folds it into a running (min, index) per row before the
+// next block, so the N x K distance matrix never exists in full. The distance of the winner is then
+// recomputed directly as sum((x - c)^2): the GEMM expansion |x|^2 - 2 x.c + |c|^2 loses digits when
+// a point sits close to its centroid, and the objective reported to users should not.
 //
 // Update: thread-local partial sums over chunks of rows, reduced in a fixed order: no atomics, and
 // the result does not depend on scheduling.
@@ -28,7 +30,7 @@
 #include <vector>
 
 #include "../kmeans.h"
-#include "kmeans_assign_avx2.h"
+#include "kmeans_assign_x86.h"
 
 namespace xdc_fast {
 namespace {
@@ -81,27 +83,72 @@ float squared_distance_scalar(const float* a, const float* b, int64_t D) {
   return float(sum);
 }
 
-// The AVX2 versions where this build and this CPU have them: they keep the BLAS path as fast as it
-// was for the comparison XDC_FAST_CPU_ASSIGN=blas makes.
+// The AVX2 versions where the CPU has them; the portable engine forced on an x86 CPU (a comparison
+// of engines, not a build for ARM) keeps the scalar ones, so it runs exactly what ARM runs.
 int64_t argmin_row(float* scores, const float* cnorm, int64_t K, bool spherical, [[maybe_unused]] bool avx2) {
-#if XDC_FAST_AVX2_ASSIGN
+#if XDC_FAST_X86_ASSIGN
   if (avx2) return cpu::argmin_row_avx2(scores, cnorm, K, spherical);
 #endif
   return argmin_row_scalar(scores, cnorm, K, spherical);
 }
 
 float squared_distance(const float* a, const float* b, int64_t D, [[maybe_unused]] bool avx2) {
-#if XDC_FAST_AVX2_ASSIGN
+#if XDC_FAST_X86_ASSIGN
   if (avx2) return cpu::squared_distance_avx2(a, b, D);
 #endif
   return squared_distance_scalar(a, b, D);
 }
 
 bool squared_norm_fits(const float* a, int64_t D, [[maybe_unused]] bool avx2) {
-#if XDC_FAST_AVX2_ASSIGN
+#if XDC_FAST_X86_ASSIGN
   if (avx2) return cpu::squared_norm_fits_avx2(a, D);
 #endif
   return squared_norm_fits_scalar(a, D);
+}
+
+// --- engine choice ---------------------------------------------------------------------------------
+enum class CpuIsa { kAvx512, kAvx2, kPortable };
+
+const char* isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx512: return "avx512";
+    case CpuIsa::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+// What this build can run on this CPU, best first (the CPU's features are read once, by the engines).
+std::vector<CpuIsa> available_isas() {
+  std::vector<CpuIsa> out;
+  if (cpu::avx512_assign_available()) out.push_back(CpuIsa::kAvx512);
+  if (cpu::avx2_assign_available()) out.push_back(CpuIsa::kAvx2);
+  out.push_back(CpuIsa::kPortable);
+  return out;
+}
+
+std::string joined(const std::vector<CpuIsa>& isas) {
+  std::string out;
+  for (CpuIsa isa : isas) out += (out.empty() ? "" : ", ") + std::string(isa_name(isa));
+  return out;
+}
+
+// The best engine, or the one XDC_FAST_CPU_ISA names. The variable is read at every call (a getenv
+// costs nothing next to an assignment), so a test or a benchmark can switch engines in one process.
+CpuIsa chosen_cpu_isa() {
+  static const std::vector<CpuIsa> available = available_isas();
+  const char* forced = std::getenv("XDC_FAST_CPU_ISA");
+  if (forced == nullptr || *forced == '\0') return available.front();
+  const std::string name(forced);
+  for (CpuIsa isa : {CpuIsa::kAvx512, CpuIsa::kAvx2, CpuIsa::kPortable}) {
+    if (name != isa_name(isa)) continue;
+    TORCH_CHECK_VALUE(std::find(available.begin(), available.end(), isa) != available.end(),
+                      "XDC_FAST_CPU_ISA=", name, ": this CPU or this build has no ", name,
+                      " engine; the engines here are ", joined(available));
+    return isa;
+  }
+  TORCH_CHECK_VALUE(false, "XDC_FAST_CPU_ISA should be avx512, avx2 or portable (or unset: the best this CPU has), "
+                    "got '", name, "'");
+  return available.front();
 }
 
 std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x_in, const at::Tensor& centroids_in,
@@ -119,21 +166,17 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x_in, con
     throw_not_finite("kmeans_assign", x_in, centroids_in);
   at::Tensor cnorm = cnorm64.to(at::kFloat).contiguous();
   std::atomic<int64_t> bad_rows{0};
-  const bool avx2 = cpu::avx2_assign_available();
-#if XDC_FAST_AVX2_ASSIGN
-  // Our fused micro-kernel where the CPU has AVX2 and FMA (float lane indices are exact below 2^24);
-  // XDC_FAST_CPU_ASSIGN=blas keeps the BLAS-tile path below, for comparison.
-  static const bool use_blas = [] {
-    const char* choice = std::getenv("XDC_FAST_CPU_ASSIGN");
-    return choice != nullptr && std::string(choice) == "blas";
-  }();
-  if (avx2 && !use_blas && K < (int64_t(1) << 24)) {
-    cpu::assign_fused_avx2(x, c, cnorm, spherical, labels.data_ptr<int64_t>(), dist.data_ptr<float>(),
-                           check_finite ? &bad_rows : nullptr);
+  const CpuIsa isa = chosen_cpu_isa();
+#if XDC_FAST_X86_ASSIGN
+  // Float lane indices are exact below 2^24 centroids; past that only the portable engine is exact.
+  if (isa != CpuIsa::kPortable && K < (int64_t(1) << 24)) {
+    (isa == CpuIsa::kAvx512 ? cpu::assign_fused_avx512 : cpu::assign_fused_avx2)(
+        x, c, cnorm, spherical, labels.data_ptr<int64_t>(), dist.data_ptr<float>(), check_finite ? &bad_rows : nullptr);
     if (bad_rows.load() > 0) throw_not_finite("kmeans_assign", x_in, centroids_in);
     return squeeze_if_2d(x_in, labels, dist);
   }
 #endif
+  const bool avx2 = isa != CpuIsa::kPortable;
   // Smaller tiles only when large ones would leave threads without work.
   const int64_t threads = at::get_num_threads();
   const int64_t rows = std::clamp((B * N + 4 * threads - 1) / (4 * threads), kMinRowsPerTile, kRowsPerTile);
@@ -245,6 +288,34 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update_cpu(const at::Tensor& x_in, con
 }
 
 }  // namespace
+
+std::string cpu_assign_isa() { return isa_name(chosen_cpu_isa()); }
+
+std::vector<std::string> cpu_assign_isas() {
+  std::vector<std::string> out;
+  for (CpuIsa isa : available_isas()) out.push_back(isa_name(isa));
+  return out;
+}
+
+double cpu_fma_rate(const std::string& isa) {
+#if XDC_FAST_X86_ASSIGN
+  double (*rate)() = nullptr;
+  if (isa == "avx512" && cpu::avx512_assign_available()) rate = cpu::fma_rate_avx512;
+  if (isa == "avx2" && cpu::avx2_assign_available()) rate = cpu::fma_rate_avx2;
+  if (rate == nullptr) return 0.0;
+  // Every thread at once, as the engines run: the cores' rate together, at the clock they keep under
+  // an all-core load.
+  std::vector<double> rates(at::get_num_threads(), 0.0);
+  at::parallel_for(0, int64_t(rates.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) rates[t] = rate();
+  });
+  double total = 0.0;
+  for (double r : rates) total += r;
+  return total;
+#else
+  return 0.0;
+#endif
+}
 
 TORCH_LIBRARY_IMPL(xdc_fast, CPU, m) {
   m.impl("kmeans_assign", &kmeans_assign_cpu);

@@ -3,8 +3,10 @@ torch, faiss and scikit-learn on the same data, with torch.mm's GEMM rate as the
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -33,6 +35,8 @@ class KMeansBenchResult:
     torch_version: str
     sgemm_gflops: float
     shape_gemm_gflops: float = 0.0
+    cpu_isa: str | None = None  # the CPU engine the default call took
+    fma_peak_gflops: float | None = None  # that engine's register-only multiply-add rate, all threads
     rows: list[Row] = field(default_factory=list)
 
     @property
@@ -85,6 +89,39 @@ def _shape_gemm_job(x: torch.Tensor, centroids: torch.Tensor) -> tuple[Callable[
 
 
 Contender = tuple[str, str, Callable[[], object] | None, Callable[[], object] | None]  # name, note, assign, lloyd
+
+
+@contextlib.contextmanager
+def _forced_cpu_isa(isa: str) -> Iterator[None]:
+    before = os.environ.get(ops.CPU_ISA_VARIABLE)
+    os.environ[ops.CPU_ISA_VARIABLE] = isa
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ops.CPU_ISA_VARIABLE]
+        else:
+            os.environ[ops.CPU_ISA_VARIABLE] = before
+
+
+def _engine_contender(isa: str, x: torch.Tensor, centroids: torch.Tensor, k: int) -> Contender:
+    """Our default call with the CPU engine forced to ``isa``, for a comparison of engines in one run."""
+    name = f"xdc-fast {isa}"
+    if x.device.type != "cpu":
+        return (name, "CPU engines only", None, None)
+    if isa not in ops.cpu_isas():
+        return (name, f"this CPU or build has no {isa} engine (here: {', '.join(ops.cpu_isas()) or 'none'})",
+                None, None)
+
+    def assign():
+        with _forced_cpu_isa(isa):
+            ops.kmeans_assign(x, centroids)
+
+    def lloyd():
+        with _forced_cpu_isa(isa):
+            _lloyd_step(ops.kmeans_assign, ops.kmeans_update, x, centroids, k)
+
+    return (name, f"{ops.CPU_ISA_VARIABLE}={isa}", assign, lloyd)
 
 
 def _faiss_contender(x: torch.Tensor, centroids: torch.Tensor, threads: int) -> Contender:
@@ -144,8 +181,9 @@ def _sklearn_contender(x: torch.Tensor, centroids: torch.Tensor, threads: int) -
 
 def bench_kmeans(device: str = "cpu", b: int = 1, n: int = 400_000, d: int = 256, k: int = 1024,
                  repeats: int = 3, seed: int = 0, threads: int | None = None,
-                 progress: Callable[[str], None] | None = None) -> KMeansBenchResult:
-    """Time one assignment and one full Lloyd iteration for every contender on the same data."""
+                 progress: Callable[[str], None] | None = None, engines: Sequence[str] = ()) -> KMeansBenchResult:
+    """Time one assignment and one full Lloyd iteration for every contender on the same data; ``engines``
+    adds rows of our CPU assignment forced to those engines (``avx512``, ``avx2``, ``portable``)."""
     dev = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -169,6 +207,7 @@ def bench_kmeans(device: str = "cpu", b: int = 1, n: int = 400_000, d: int = 256
         ("torch mm+argmin", f"{reference.default_chunk_rows(dev, k)}-row chunks, index_add_ update",
          lambda: reference.kmeans_assign_reference(x, centroids),
          lambda: _lloyd_step(reference.kmeans_assign_reference, reference.kmeans_update_reference, x, centroids, k)),
+        *(_engine_contender(isa, x, centroids, k) for isa in engines),
         _faiss_contender(x, centroids, threads),
         _sklearn_contender(x, centroids, threads),
     ]
@@ -185,6 +224,9 @@ def bench_kmeans(device: str = "cpu", b: int = 1, n: int = 400_000, d: int = 256
                                machine=machine(dev), torch_version=torch.__version__,
                                sgemm_gflops=peak_flops / best["gemm peak"] / 1e9,
                                shape_gemm_gflops=shape_flops / best["gemm shape"] / 1e9)
+    if dev.type == "cpu" and ops.HAS_EXTENSION:
+        result.cpu_isa = ops.cpu_isa()
+        result.fma_peak_gflops = ops.cpu_fma_flops(result.cpu_isa) / 1e9 or None
     for name, note, assign, _ in contenders:
         if assign is None:
             result.rows.append(Row(name, None, None, note))
@@ -200,6 +242,7 @@ def format_kmeans_table(result: KMeansBenchResult) -> str:
         f"{result.threads} threads, best of {result.repeats}",
         f"fp32 GEMM rate (torch.mm): {result.sgemm_gflops:.1f} GFLOP/s on a large square product "
         f"(the % column's base); {result.shape_gemm_gflops:.1f} GFLOP/s on this problem's shape",
+        *_engine_lines(result),
         "",
         "| implementation | assign (s) | assign GFLOP/s | % of GEMM rate | Lloyd iter (s) | assign vs ours | Lloyd vs ours | note |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
@@ -217,3 +260,17 @@ def format_kmeans_table(result: KMeansBenchResult) -> str:
     lines.append("")
     lines.append("'vs ours' is the contender's time over ours: above 1 means xdc-fast is faster.")
     return "\n".join(lines)
+
+
+def _engine_lines(result: KMeansBenchResult) -> list[str]:
+    if result.cpu_isa is None:
+        return []
+    line = (f"CPU engine of the default call: {result.cpu_isa} (best this CPU has; "
+            f"{ops.CPU_ISA_VARIABLE}=avx512|avx2|portable forces one)")
+    if result.fma_peak_gflops is None:
+        return [line + "; its speed is the BLAS library's"]
+    ours = result.rows[0]
+    share = f"; xdc-fast's assignment runs at {100 * result.flops / ours.assign_s / 1e9 / result.fma_peak_gflops:.0f}% of it" \
+        if ours.assign_s else ""
+    return [line, f"FMA peak of that engine: {result.fma_peak_gflops:.1f} GFLOP/s, an estimate of cores x FMA width x 2 "
+                  f"x clock measured by a register-only multiply-add loop on all {result.threads} threads{share}"]
