@@ -1,6 +1,6 @@
 """The portable CPU build, what ARM servers (Grace, Graviton) compile, tried here with XDC_FAST_PORTABLE_CPU.
 
-Nothing else runs that engine here (the dispatcher picks the AVX2 one), so besides compiling it we link
+The x86 engines' files must compile to nothing there, so besides compiling the portable engine we link
 it with the op schemas into a library of its own and check its labels in a fresh interpreter.
 """
 
@@ -65,14 +65,19 @@ def x86_lines_of_ours(source: str) -> list[str]:
     return found
 
 
-def test_portable_cpu_build_has_no_avx2_and_assigns(tmp_path):
-    avx2_obj = tmp_path / "kmeans_assign_avx2.o"
-    compile_object("csrc/cpu/kmeans_assign_avx2.cpp", avx2_obj)
-    symbols = subprocess.run(["nm", "--defined-only", str(avx2_obj)], capture_output=True, text=True,
-                             check=True)
-    assert symbols.stdout.strip() == "", f"the AVX2 file should compile to nothing:\n{symbols.stdout}"
+X86_ENGINES = ("csrc/cpu/kmeans_assign_avx2.cpp", "csrc/cpu/kmeans_assign_avx512.cpp")
 
-    for source in ("csrc/cpu/kmeans_kernel.cpp", "csrc/cpu/kmeans_assign_avx2.cpp"):
+
+def test_portable_cpu_build_has_no_x86_code_and_assigns(tmp_path):
+    engine_objs = []
+    for source in X86_ENGINES:
+        engine_objs.append(tmp_path / Path(source).with_suffix(".o").name)
+        compile_object(source, engine_objs[-1])
+        symbols = subprocess.run(["nm", "--defined-only", str(engine_objs[-1])], capture_output=True, text=True,
+                                 check=True)
+        assert symbols.stdout.strip() == "", f"{source} should compile to nothing:\n{symbols.stdout}"
+
+    for source in ("csrc/cpu/kmeans_kernel.cpp", *X86_ENGINES):
         assert x86_lines_of_ours(source) == []
     kernel_obj = tmp_path / "kmeans_kernel.o"
     compile_object("csrc/cpu/kmeans_kernel.cpp", kernel_obj)
@@ -82,7 +87,7 @@ def test_portable_cpu_build_has_no_avx2_and_assigns(tmp_path):
     schema_obj = tmp_path / "kmeans.o"
     compile_object("csrc/kmeans.cpp", schema_obj)
     lib = tmp_path / "portable_ops.so"
-    link = [CXX, "-shared", "-fopenmp", str(kernel_obj), str(avx2_obj), str(schema_obj),
+    link = [CXX, "-shared", "-fopenmp", str(kernel_obj), *map(str, engine_objs), str(schema_obj),
             *[f"-L{p}" for p in cpp_extension.library_paths()], "-lc10", "-ltorch_cpu", "-o", str(lib)]
     subprocess.run(link, check=True, capture_output=True, text=True)
 
@@ -91,6 +96,8 @@ def test_portable_cpu_build_has_no_avx2_and_assigns(tmp_path):
     check = textwrap.dedent(f"""
         import torch
         torch.ops.load_library({str(lib)!r})
+        assert torch.ops.xdc_fast.cpu_assign_isas() == ["portable"], torch.ops.xdc_fast.cpu_assign_isas()
+        assert torch.ops.xdc_fast.cpu_assign_isa() == "portable"
 
         def scores(x, c, spherical):  # [B, N, K] in float64, the value each label minimises
             x, c = x.double(), c.double()

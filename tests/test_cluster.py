@@ -9,6 +9,10 @@ from xdc_fast.cluster import SPLIT_EPS, imbalance_factor, split_empty_clusters
 
 from .oracle import squared_distances64
 
+# Outcomes of training, clustering or probing, which the CPU's float path can move: CI runs these again
+# on other paths (docs/testing.md).
+pytestmark = pytest.mark.training_outcome
+
 
 def blobs(n=4000, d=16, centers=20, spread=0.3, seed=0, batch=None):
     gen = torch.Generator().manual_seed(seed)

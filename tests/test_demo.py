@@ -10,6 +10,10 @@ from xdc_fast.demo import DemoConfig, cluster_nmi, demo_config, format_table, ru
 from xdc_fast.errors import XdcError
 from xdc_fast.evaluate import compare, evaluate
 
+# Outcomes of training, clustering or probing, which the CPU's float path can move: CI runs these again
+# on other paths (docs/testing.md).
+pytestmark = pytest.mark.training_outcome
+
 SMALL_PRETRAIN = {**demo_config().pretrain, "epochs": 2, "epochs_per_round": 1, "clusters": 2, "batch_size": 4,
                   "clip": {"frames": 4, "resize_short": 32, "crop": 28, "audio_seconds": 0.5, "n_mels": 20}}
 

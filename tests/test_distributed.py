@@ -2,11 +2,16 @@
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from xdc_fast import KMeans, pca_whiten
+
+# Outcomes of training, clustering or probing, which the CPU's float path can move: CI runs these again
+# on other paths (docs/testing.md).
+pytestmark = pytest.mark.training_outcome
 
 
 def _data():

@@ -10,6 +10,10 @@ from xdc_fast.cli import main
 from xdc_fast.config import EvaluateConfig
 from xdc_fast.evaluate import compare, evaluate
 
+# Outcomes of training, clustering or probing, which the CPU's float path can move: CI runs these again
+# on other paths (docs/testing.md).
+pytestmark = pytest.mark.training_outcome
+
 CLIP = {"frames": 4, "resize_short": 32, "crop": 28, "audio_seconds": 0.5, "n_mels": 20}
 
 

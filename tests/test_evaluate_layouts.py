@@ -22,6 +22,10 @@ from xdc_fast.config import EvaluateConfig
 from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from xdc_fast.evaluate import evaluate
 
+# Outcomes of training, clustering or probing, which the CPU's float path can move: CI runs these again
+# on other paths (docs/testing.md).
+pytestmark = pytest.mark.training_outcome
+
 CLIP = {"frames": 4, "resize_short": 32, "crop": 28, "audio_seconds": 0.5, "n_mels": 20}
 SPEC = SyntheticSpec(classes=3, videos_per_class=4, seconds=1.5, fps=8, width=32, height=32, seed=3)
 UCF_CLASSES = ("ApplyEyeMakeup", "Archery", "BabyCrawling")

@@ -11,6 +11,10 @@ from xdc_fast.config import ExtractConfig
 from xdc_fast.errors import XdcError
 from xdc_fast.extract import extract
 
+# Outcomes of training, clustering or probing, which the CPU's float path can move: CI runs these again
+# on other paths (docs/testing.md).
+pytestmark = pytest.mark.training_outcome
+
 GEOMETRY = dict(frames=4, resize_short=32, crop=28, audio_seconds=0.5, n_mels=20)
 
 

@@ -19,6 +19,10 @@ from xdc_fast.metrics import score, softmax as softmax_numpy, video_accuracy
 from xdc_fast.probe import probe
 from xdc_fast.transfer import linear_classifier
 
+# Outcomes of training, clustering or probing, which the CPU's float path can move: CI runs these again
+# on other paths (docs/testing.md).
+pytestmark = pytest.mark.training_outcome
+
 FAST = dict(clip=dict(frames=4, resize_short=32, crop=28, audio_seconds=0.5, n_mels=20), test_clips=2, train_clips=2,
             batch_size=4, test_fraction=0.34)
 

@@ -10,6 +10,10 @@ from xdc_fast.cli import main
 from xdc_fast.config import ConfigError, PretrainConfig
 from xdc_fast.pretrain import pretrain
 
+# Outcomes of training, clustering or probing, which the CPU's float path can move: CI runs these again
+# on other paths (docs/testing.md).
+pytestmark = pytest.mark.training_outcome
+
 FAST = dict(clusters=3, epochs=1, epochs_per_round=1, kmeans_nredo=1, batch_size=4, pca_dim=8,
             clip=dict(frames=4, resize_short=40, crop=32, audio_seconds=0.5, n_mels=20))
 

@@ -6,6 +6,10 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, t
 
 from xdc_fast import protocols
 
+# Outcomes of training, clustering or probing, which the CPU's float path can move: CI runs these again
+# on other paths (docs/testing.md).
+pytestmark = pytest.mark.training_outcome
+
 
 def unit(*angles_deg):
     a = np.radians(angles_deg)

@@ -15,6 +15,10 @@ from xdc_fast.pretrain import pretrain
 from xdc_fast.report import (ReportError, largest_clusters, latest_clusters, montage_tiles, read_curves,
                              round_boundaries, sorted_sizes, write_report)
 
+# Outcomes of training, clustering or probing, which the CPU's float path can move: CI runs these again
+# on other paths (docs/testing.md).
+pytestmark = pytest.mark.training_outcome
+
 FAST = dict(clusters=3, epochs=2, epochs_per_round=1, batch_size=4, frames=4, resize_short=40, crop=32, pca_dim=8, audio_seconds=0.5,
             n_mels=20)
 

@@ -20,6 +20,11 @@ import numpy as np
 
 # Share of the way from chance to perfect accuracy: at least FITS is a fit, under AT_CHANCE is nothing.
 FITS, AT_CHANCE = 0.2, 0.05
+# An accuracy measured on n independent samples scatters around its true value by sqrt(p(1-p)/n): on 30
+# held-out videos of noise targets that is 9 points either way, enough to read "weak" or worse "fits"
+# by luck. A lift counts only beyond NOISE_Z such standard errors; several heads and rounds are judged
+# per run, hence three rather than two.
+NOISE_Z = 3.0
 # Below this many clips in the epoch, an accuracy is too noisy to judge (one clip moves it by 5 points).
 MIN_CLIPS = 20
 # Held-out clips of one video are not independent samples, and on a handful of videos the majority
@@ -58,11 +63,22 @@ def lift(accuracy: float, chance: float) -> float:
     return (accuracy - chance) / (1 - chance) if chance < 1 else 0.0
 
 
-def verdict(accuracy: float, chance: float, clips: int) -> str:
+def noise_lift(chance: float, samples: int) -> float:
+    """The lift that sampling noise alone reaches on ``samples`` independent draws (NOISE_Z standard errors
+    of an accuracy whose true value is chance)."""
+    if chance >= 1 or samples <= 0:
+        return 0.0
+    return NOISE_Z * float(np.sqrt(chance * (1 - chance) / samples)) / (1 - chance)
+
+
+def verdict(accuracy: float, chance: float, clips: int, independent: int | None = None) -> str:
+    """``independent``: how many independent samples the accuracy stands on (held-out videos, whose clips
+    are not independent of one another); the clips themselves when None."""
     if clips < MIN_CLIPS:
         return "too few clips to tell"
     gained = lift(accuracy, chance)
-    return "fits" if gained >= FITS else "at chance" if gained < AT_CHANCE else "weak"
+    floor = max(AT_CHANCE, noise_lift(chance, clips if independent is None else independent))
+    return "at chance" if gained < floor else "fits" if gained >= max(FITS, floor) else "weak"
 
 
 def round_signal(record: dict) -> dict:
@@ -71,14 +87,16 @@ def round_signal(record: dict) -> dict:
     On the held-out videos when the record has at least MIN_HELDOUT_VIDEOS of them, which tells
     fitting from memorising; else on the training clips (``chance``), which a head that memorises its
     videos also passes."""
-    def judged(on: str, accuracy: float, loss: float, chance_accuracy: float, chance_loss: float, clips: int):
+    def judged(on: str, accuracy: float, loss: float, chance_accuracy: float, chance_loss: float, clips: int,
+               videos: int | None = None):
         return {"on": on, "accuracy": accuracy, "chance_accuracy": chance_accuracy, "loss": loss,
                 "chance_loss": chance_loss, "lift": lift(accuracy, chance_accuracy),
-                "verdict": verdict(accuracy, chance_accuracy, clips)}
+                "verdict": verdict(accuracy, chance_accuracy, clips, videos)}
 
     held = record.get("heldout")
     if held and all(h.get("videos", 0) >= MIN_HELDOUT_VIDEOS for h in held.values()):
-        return {head: judged("held-out", h["accuracy"], h["loss"], h["chance_accuracy"], h["chance_loss"], h["clips"])
+        return {head: judged("held-out", h["accuracy"], h["loss"], h["chance_accuracy"], h["chance_loss"], h["clips"],
+                             h["videos"])
                 for head, h in held.items() if "chance_accuracy" in h}
     return {head: judged("training", record["pseudo_label_acc"][head], record["loss"][head], chance["accuracy"],
                          chance["loss"], record.get("clips", 0))

@@ -7,6 +7,10 @@ import pytest
 
 from xdc_fast.data.synthetic import CLASS_PITCH, SyntheticSpec, class_names, make_synthetic_dataset
 
+# Outcomes of training, clustering or probing, which the CPU's float path can move: CI runs these again
+# on other paths (docs/testing.md).
+pytestmark = pytest.mark.training_outcome
+
 
 
 def test_same_seed_same_media(tmp_path):
