@@ -13,7 +13,7 @@ import datetime
 import json
 import sys
 
-from xdc_fast.bench import bench_kmeans, format_kmeans_table
+from xdc_fast.bench.kmeans import bench_kmeans, format_kmeans_table
 
 CPU_SIZES = ["100000x64x256", "400000x256x1024", "50000x256x8192"]
 
