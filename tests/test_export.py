@@ -87,6 +87,7 @@ def test_bad_requests_are_one_line_errors(run, tmp_path):
         result = invoke("export", run_dir, *args, "--out", tmp_path / "x")
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
     (tmp_path / "named").mkdir()
+    (tmp_path / "named" / "export.json").write_text("{}")  # a folder export wrote, whose names were edited
     (tmp_path / "named" / "classes.json").write_text('["only one"]')
     result = invoke("export", run_dir, "--modality", "video", "--out", tmp_path / "named")
     assert result.exit_code == 2 and "a list of 3 non-empty names" in result.output

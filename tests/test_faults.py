@@ -262,9 +262,326 @@ def test_a_stalled_rank_stops_the_others_with_the_phase_named(tmp_path):
 # ---- 14: non-finite features ----------------------------------------------------------------------------------
 
 def test_diverged_weights_stop_with_the_modality_and_round_named(dataset, stopped_run, tmp_path):
+    # Finite weights so large that the features overflow: NaN weights would be refused when loaded.
     state = torch.load(stopped_run / "checkpoints" / "last.pt", weights_only=True)
-    state["encoders"] = {k: v.float().fill_(float("nan")) if k.startswith("audio.") and v.is_floating_point() else v
+    state["encoders"] = {k: v.float().fill_(1e30) if k.startswith("audio.") and k.endswith("weight") else v
                          for k, v in state["encoders"].items()}
     torch.save(state, tmp_path / "nan.pt")
     with pytest.raises(XdcError, match="the audio encoder gives non-finite features in round 0"):
         pretrain(dataset, tmp_path / "run", PretrainConfig(**FAST, init_checkpoint=str(tmp_path / "nan.pt")), **QUIET)
+
+
+# ==== through the command line: one `Error:` line, exit status 2, nothing on disk changed ==================
+
+def cli(*args, file_limit: int | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """``xdc-fast ARGS`` in a child process; ``file_limit`` caps the bytes of any file it writes (as
+    ``ulimit -f`` does: a full disk for that process)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    return subprocess.run([sys.executable, "-m", "xdc_fast.cli", *map(str, args)], capture_output=True, text=True,
+                          errors="backslashreplace", timeout=600, cwd=cwd, preexec_fn=limit if file_limit else None,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def refused(result: subprocess.CompletedProcess, *named: str) -> str:
+    """The one `Error:` line of a refused command, checked to name each of ``named``."""
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert result.returncode == 2 and "Traceback" not in output and len(errors) == 1, output
+    for name in named:
+        assert name in errors[0], (name, errors[0])
+    return errors[0]
+
+
+def snapshot(folder) -> dict:
+    """Every file under ``folder`` with its content: what must not change."""
+    from pathlib import Path
+
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()
+            and p.name != ".xdc-fast.lock"}
+
+
+def unwritable(tmp_path):
+    """A folder this process cannot create anything in: a read-only folder, or, for root (whom permissions
+    do not stop), one under /sys, which refuses every new entry."""
+    if os.geteuid() == 0:
+        return "/sys/xdc-fast-unwritable"
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder / "out"
+
+
+def fast_yaml(tmp_path, **extra):
+    import yaml
+
+    path = tmp_path / "fast.yaml"
+    path.write_text(yaml.safe_dump({**FAST, **extra}))
+    return path
+
+
+FINETUNE_YAML = dict(clip=FAST["clip"], train_clips=2, test_clips=2)
+EVALUATE_ARGS = ("--clips-per-video", "2", "--modality", "audio", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def diverged(stopped_run, tmp_path_factory):
+    """Checkpoints of the stopped run: one whose weights are NaN, one whose finite weights overflow to
+    non-finite features."""
+    folder = tmp_path_factory.mktemp("diverged")
+    state = torch.load(stopped_run / "checkpoints" / "last.pt", weights_only=True)
+    for name, change in (("nan.pt", lambda k, v: v.clone().fill_(float("nan"))),
+                         ("huge.pt", lambda k, v: v.clone().fill_(1e30) if k.endswith("weight") else v)):
+        torch.save({**state, "encoders": {k: change(k, v) if v.is_floating_point() else v
+                                          for k, v in state["encoders"].items()}}, folder / name)
+    return folder
+
+
+# ---- resume without a checkpoint ------------------------------------------------------------------------
+
+def test_a_resume_without_a_checkpoint_says_so_and_rewrites_the_log(dataset, stopped_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    # What a kill before the first last.pt leaves: the settings and three logged epochs, no checkpoint.
+    record = json.loads((stopped_run / "metrics.jsonl").read_text().splitlines()[0])
+    (run / "metrics.jsonl").write_text("".join(json.dumps({**record, "epoch": e}) + "\n" for e in range(3)))
+    shutil.copy(stopped_run / "config.yaml", run / "config.yaml")
+    result = cli("pretrain", "--data", dataset, "--out", run, "--resume", "--config", fast_yaml(tmp_path),
+                 "--epochs", "1", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "does not exist (the run stopped before its first checkpoint)" in result.stdout + result.stderr
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0]
+
+
+def test_a_resume_that_finds_a_round_but_no_last_checkpoint_points_at_it(dataset, stopped_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    (run / "checkpoints" / "last.pt").unlink()  # the disk filled between round_000.pt and last.pt
+    before = snapshot(run)
+    refused(cli("pretrain", "--data", dataset, "--out", run, "--resume", "--config", fast_yaml(tmp_path, epochs=2)),
+            "round_000.pt", "last.pt")
+    assert snapshot(run) == before
+
+
+# ---- export only into its own folders -------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["dataset", "run", "foreign"])
+def test_export_refuses_a_folder_it_did_not_write(dataset, stopped_run, tmp_path, target):
+    out = {"dataset": dataset, "run": stopped_run, "foreign": tmp_path / "mine"}[target]
+    if target == "foreign":
+        out.mkdir()
+        (out / "classes.json").write_text('["cat", "dog", "bird"]')
+    before = snapshot(out)
+    refused(cli("export", stopped_run, "--modality", "audio", "--out", out), str(out))
+    assert snapshot(out) == before
+
+
+# ---- non-finite numbers, huge numbers, bad config files -------------------------------------------------
+
+@pytest.mark.parametrize("command,flags,yaml_text,field", [
+    ("finetune", ["--lr", "nan"], "", "lr"),
+    ("finetune", ["--lr", "1e400"], "", "lr"),
+    ("pretrain", ["--lr", "inf"], "", "lr"),
+    ("evaluate", ["--knn-temperature", "nan"], "", "knn_temperature"),
+    ("finetune", [], "test_fraction: .nan\n", "test_fraction"),
+    ("finetune", [], "linear_c: .nan\n", "linear_c"),
+    ("pretrain", [], "warmup_epochs: .inf\n", "warmup_epochs"),
+    ("pretrain", [], "lr: 1.0e+400\n", "lr"),
+    ("evaluate", [], "linear_c: -.inf\n", "linear_c"),
+    ("pretrain", [], "heldout_fraction: 1.0\n", "heldout_fraction"),
+    ("pretrain", ["--epochs", "99999999999999999999"], "", "--epochs"),
+    ("pretrain", [], "epochs: 99999999999999999999\n", "epochs"),
+    ("finetune", [], "seed: 99999999999999999999\n", "seed"),
+    ("pretrain", [], "lr: 0.1\nlr: 0.01\n", "lr"),  # a key given twice: one of them would be ignored
+    ("pretrain", [], "frames: 4\nclip: {frames: 8}\n", "frames"),
+    ("pretrain", [], "clip: {crop: 64, resize_short: 40}\n", "clip.crop"),
+])
+def test_a_value_that_cannot_run_is_refused_before_anything_is_written(dataset, tmp_path, command, flags, yaml_text,
+                                                                       field):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text or "{}\n")
+    refused(cli(command, "--data", dataset, "--out", tmp_path / "out", "--config", config, *flags), field)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,flag", [(["prepare", "MEDIA", "--out", "OUT", "--min-seconds", "nan"], "--min-seconds"),
+                                       (["export", "RUN", "--modality", "audio", "--out", "OUT", "--min-margin", "inf"],
+                                        "--min-margin")])
+def test_number_flags_outside_the_configurations_refuse_non_finite_values(dataset, stopped_run, tmp_path, args, flag):
+    places = {"MEDIA": dataset.parent / "media", "RUN": stopped_run, "OUT": tmp_path / "out"}
+    refused(cli(*[places.get(a, a) for a in args]), flag)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_file_that_is_not_utf8_is_named(dataset, tmp_path):
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("# réglages\nlr: 0.01\n".encode("latin-1"))
+    refused(cli("pretrain", "--data", dataset, "--out", tmp_path / "out", "--config", config), "latin1.yaml", "UTF-8")
+    assert not (tmp_path / "out").exists()
+
+
+def test_heldout_fraction_just_below_one_that_holds_out_every_video_is_refused(dataset, tmp_path):
+    refused(cli("pretrain", "--data", dataset, "--out", tmp_path / "out",
+                "--config", fast_yaml(tmp_path, heldout_fraction=1 - 1e-12)), "heldout_fraction")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- checkpoints: non-finite weights, features, unknown arch, a key diff ---------------------------------
+
+@pytest.mark.parametrize("command", ["extract", "evaluate-knn", "evaluate-default", "probe", "pretrain"])
+def test_a_checkpoint_with_non_finite_weights_is_refused_when_loaded(dataset, diverged, tmp_path, command):
+    nan = diverged / "nan.pt"
+    out = tmp_path / "out"
+    args = {"extract": ["extract", "--data", dataset, "--out", tmp_path / "f.pt", "--checkpoint", nan],
+            "evaluate-knn": ["evaluate", "--data", dataset, "--out", out, "--checkpoint", nan, "--protocol", "knn",
+                             "--protocol", "retrieval", *EVALUATE_ARGS],
+            "evaluate-default": ["evaluate", "--data", dataset, "--out", out, "--checkpoint", nan, *EVALUATE_ARGS],
+            "probe": ["finetune", "--mode", "linear", "--data", dataset, "--out", out, "--checkpoint", nan,
+                      "--modality", "audio"],
+            "pretrain": ["pretrain", "--data", dataset, "--out", out, "--config", fast_yaml(tmp_path),
+                         "--init-checkpoint", nan]}[command]
+    refused(cli(*args), "nan.pt", "non-finite weights")
+    assert not (tmp_path / "f.pt").exists() and not (out / "results.json").exists()
+    assert not (out / "metrics.json").exists() and not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["extract", "evaluate"])
+def test_non_finite_features_are_refused_after_encoding(dataset, diverged, tmp_path, command):
+    huge = diverged / "huge.pt"
+    if command == "extract":
+        result = cli("extract", "--data", dataset, "--out", tmp_path / "f.pt", "--checkpoint", huge, "--modality", "audio",
+                     "--clips-per-video", "1")
+    else:
+        result = cli("evaluate", "--data", dataset, "--out", tmp_path / "out", "--checkpoint", huge, "--protocol", "knn",
+                     *EVALUATE_ARGS)
+    refused(result, "audio encoder", "non-finite features")
+    assert not (tmp_path / "f.pt").exists() and not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_checkpoint_of_an_unknown_arch_or_missing_weights_is_one_line(dataset, stopped_run, tmp_path):
+    state = torch.load(stopped_run / "checkpoints" / "last.pt", weights_only=True)
+    torch.save({**state, "config": {**state["config"], "arch": "resnet50"}}, tmp_path / "arch.pt")
+    refused(cli("extract", "--data", dataset, "--out", tmp_path / "a.pt", "--checkpoint", tmp_path / "arch.pt"),
+            "arch.pt", "'resnet50'")
+    torch.save({**state, "encoders": dict(list(state["encoders"].items())[1:])}, tmp_path / "keys.pt")
+    line = refused(cli("extract", "--data", dataset, "--out", tmp_path / "k.pt", "--checkpoint", tmp_path / "keys.pt"),
+                   "keys.pt", "1 weight(s) missing")
+    assert "Missing key(s)" not in line  # torch's page-long key diff is not repeated
+    assert not (tmp_path / "a.pt").exists() and not (tmp_path / "k.pt").exists()
+
+
+# ---- outputs that cannot be written: no permission, a full disk -------------------------------------------
+
+def _command(name: str, dataset, run, out, config) -> list:
+    return {"pretrain": ["pretrain", "--data", dataset, "--out", out, "--config", config],
+            "finetune": ["finetune", "--mode", "linear", "--modality", "audio", "--data", dataset, "--out", out],
+            "evaluate": ["evaluate", "--data", dataset, "--out", out, "--protocol", "knn", *EVALUATE_ARGS],
+            "extract": ["extract", "--data", dataset, "--out", out / "f.pt", "--modality", "audio",
+                        "--clips-per-video", "1"],
+            "assign": ["assign", run, "--data", dataset, "--out", out / "a.json"],
+            "browse": ["browse", run, "--out", out],
+            "export": ["export", run, "--modality", "audio", "--out", out],
+            "report": ["report", run, "--out", out],
+            "prepare": ["prepare", dataset.parent / "media", "--out", out, "--workers", "1"]}[name]
+
+
+@pytest.mark.parametrize("name", ["pretrain", "finetune", "evaluate", "extract", "assign", "browse", "export", "report",
+                                  "prepare"])
+def test_an_unwritable_out_is_one_error_line(dataset, stopped_run, tmp_path, name):
+    from pathlib import Path
+
+    out = Path(unwritable(tmp_path))
+    before = snapshot(stopped_run)
+    refused(cli(*_command(name, dataset, stopped_run, out, fast_yaml(tmp_path))), str(out))
+    assert snapshot(stopped_run) == before
+
+
+@pytest.mark.parametrize("name,limit", [("pretrain", 20_000), ("finetune", 20_000), ("evaluate", 2_000),
+                                        ("extract", 2_000), ("assign", 2_000), ("browse", 2_000), ("export", 2_000)])
+def test_a_full_disk_is_one_error_line_and_leaves_no_temporary(dataset, stopped_run, tmp_path, name, limit):
+    out = tmp_path / "out"
+    out.mkdir()
+    line = refused(cli(*_command(name, dataset, stopped_run, out, fast_yaml(tmp_path)), file_limit=limit), str(out),
+                   "File too large")
+    if name == "pretrain":
+        assert "--resume" in line
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+# ---- names that are not UTF-8 ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def odd_named(dataset, tmp_path_factory):
+    """A dataset one of whose files is named in Latin-1 (not UTF-8), and a one-round run on it."""
+    root = tmp_path_factory.mktemp("odd")
+    media = root / "media"
+    shutil.copytree(dataset.parent / "media", media)
+    folder = os.fsencode(next(p for p in sorted(media.iterdir()) if p.is_dir()))
+    first = sorted(os.listdir(folder))[0]
+    os.rename(folder + b"/" + first, folder + b"/caf\xe9-" + first)
+    from xdc_fast.data.prepare import prepare
+
+    prepare(media, root / "ds", workers=1, progress=False)
+    pretrain(root / "ds", root / "run", PretrainConfig(**FAST), **QUIET)
+    return root / "ds", root / "run"
+
+
+def test_a_name_that_is_not_utf8_reaches_every_writer(odd_named, tmp_path):
+    dataset, run = odd_named
+    result = cli("assign", run, "--data", dataset, "--out", tmp_path / "a.csv", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert b"caf\xe9-" in (tmp_path / "a.csv").read_bytes()  # the id is the file's own bytes
+    result = cli("browse", run, "--out", tmp_path / "site", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    pages = b"".join(p.read_bytes() for p in (tmp_path / "site").glob("*.html"))
+    assert b"caf\xe9-" in pages and any("_caf_-" in p.name for p in (tmp_path / "site" / "media").iterdir())
+
+
+# ---- settings checked against the dataset up front --------------------------------------------------------
+
+def test_pretrain_refuses_clips_at_another_sample_rate_than_the_datasets(dataset, tmp_path):
+    config = fast_yaml(tmp_path, clip={**FAST["clip"], "sample_rate": 8000})
+    refused(cli("pretrain", "--data", dataset, "--out", tmp_path / "out", "--config", config), "8000", "16000",
+            "--sample-rate")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["finetune", "evaluate"])
+def test_a_split_on_a_dataset_without_splits_is_refused(dataset, tmp_path, command):
+    extra = ["--mode", "linear"] if command == "finetune" else ["--protocol", "knn", *EVALUATE_ARGS]
+    refused(cli(command, "--data", dataset, "--out", tmp_path / "out", "--split", "3", *extra), "--split 3",
+            "no splits")
+    assert not (tmp_path / "out" / "metrics.json").exists() and not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("command", ["extract", "assign"])
+def test_an_existing_output_file_is_not_replaced(dataset, stopped_run, tmp_path, command):
+    out = tmp_path / ("f.pt" if command == "extract" else "a.json")
+    out.write_bytes(b"earlier results")
+    args = ["extract", "--data", dataset, "--out", out] if command == "extract" else \
+        ["assign", stopped_run, "--data", dataset, "--out", out]
+    refused(cli(*args), str(out), "already exists")
+    assert out.read_bytes() == b"earlier results"
+
+
+# ---- prepare: what it lists ------------------------------------------------------------------------------
+
+def test_prepare_lists_every_media_file_and_rejects_what_does_not_decode(dataset, tmp_path):
+    from xdc_fast.data.prepare import prepare, read_jsonl
+
+    root = tmp_path / "root" / "cls"
+    root.mkdir(parents=True)
+    good = next((dataset.parent / "media").rglob("*.mp4"))
+    shutil.copy(good, root / "good.m4v")  # an extension FFmpeg reads
+    shutil.copy(good, root / ".hidden.mp4")  # macOS's ._ files, editors' backups: not the dataset's
+    (root / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    (root / "cut.mp4").write_bytes(good.read_bytes()[:300])
+    prepare(tmp_path / "root", tmp_path / "out", workers=1, progress=False)
+    kept = [json.loads(line)["id"] for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    reasons = {r["id"]: r["reason"] for r in read_jsonl(tmp_path / "out" / "rejects.jsonl")}
+    assert kept == ["cls/good"]
+    assert reasons["cls/gone"].startswith("unreadable") and not reasons["cls/cut"].startswith("not media")
+    assert not any("hidden" in i for i in [*kept, *reasons])

@@ -42,6 +42,8 @@ def assign(run: str | Path, dataset: str | Path, out: str | Path, round_index: i
     out = Path(out)
     if out.suffix not in FORMATS:
         raise ConfigError(f"--out should end in .json or .csv, got {out.name}")
+    if out.exists():  # as finetune and evaluate refuse to replace their results
+        raise ConfigError(f"{out} already exists; choose another --out (or delete it)")
     # Everything that can be wrong with the run or the dataset is said before any work.
     saved = load_round(round_path(run, round_index))
     encoders, run_config = round_encoders(run, saved)

@@ -26,7 +26,7 @@ import numpy as np
 from . import distributed as xdist
 from . import engine, metrics
 from .data.prepare import load_manifest
-from .files import RunLock, write_text_atomic
+from .files import OutputError, make_folder, output_lock, write_text_atomic
 from .pseudo_labels import (SavedRound, check_dataset_fits_round, load_round, measure_dataset, round_encoders,
                             round_path, run_dataset)
 
@@ -57,6 +57,13 @@ def browse(run: str | Path, out: str | Path, round_index: int | None = None, dat
     """Write the site under ``out``; returns the path of its index.html."""
     out = Path(out)
     saved = load_round(round_path(run, round_index))
+    # The output is taken (and found writable) before the videos are encoded, not after.
+    with output_lock(out):
+        return _browse(run, out, saved, dataset, members, device, loader, workers, log)
+
+
+def _browse(run, out: Path, saved: SavedRound, dataset, members: int, device: str, loader: str, workers: int,
+            log) -> Path:
     if dataset is None:
         dataset = run_dataset(run)
         items, measured = _saved_measures(saved, dataset)
@@ -72,19 +79,18 @@ def browse(run: str | Path, out: str | Path, round_index: int | None = None, dat
     # Audio paths in a manifest are relative to its dataset; the snippets are cut from those files.
     items = [{**r, "audio": str(Path(dataset) / r["audio"])} if r.get("audio") else r for r in items]
     clusters = describe_clusters(items, measured, saved.k)
-    with RunLock(out):
-        (out / "media").mkdir(parents=True, exist_ok=True)
-        shown = {c.page: _shown(c, measured[c.clustering], members) for c in clusters}
-        wanted = sorted({int(i) for central, uncertain in shown.values() for i in (*central, *uncertain)}
-                        | {int(c.members[0]) for c in clusters})
-        media = {}
-        for i in engine.progress(wanted, "media", len(wanted), unit="video"):
-            media[i] = write_media(items[i], out / "media")
-        for c in clusters:
-            central, uncertain = shown[c.page]
-            write_text_atomic(out / c.page, cluster_page(c, items, measured[c.clustering], central, uncertain, media,
-                                                         saved))
-        write_text_atomic(out / "index.html", index_page(clusters, items, measured, media, saved, run, source))
+    make_folder(out / "media")
+    shown = {c.page: _shown(c, measured[c.clustering], members) for c in clusters}
+    wanted = sorted({int(i) for central, uncertain in shown.values() for i in (*central, *uncertain)}
+                    | {int(c.members[0]) for c in clusters})
+    media = {}
+    for i in engine.progress(wanted, "media", len(wanted), unit="video"):
+        media[i] = write_media(items[i], out / "media")
+    for c in clusters:
+        central, uncertain = shown[c.page]
+        write_text_atomic(out / c.page, cluster_page(c, items, measured[c.clustering], central, uncertain, media,
+                                                     saved))
+    write_text_atomic(out / "index.html", index_page(clusters, items, measured, media, saved, run, source))
     log(f"wrote {out / 'index.html'}: {len(clusters)} clusters, media of {len(wanted)} videos")
     return out / "index.html"
 
@@ -146,7 +152,8 @@ def media_name(item_id: str) -> str:
     import zlib
 
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in item_id)
-    return f"{safe}-{zlib.crc32(item_id.encode()):08x}"
+    # surrogateescape: an id from a file name that was not UTF-8 is checksummed as the bytes it stands for.
+    return f"{safe}-{zlib.crc32(item_id.encode('utf-8', 'surrogateescape')):08x}"
 
 
 def write_media(item: dict, folder: Path) -> dict[str, str]:
@@ -163,6 +170,8 @@ def write_media(item: dict, folder: Path) -> dict[str, str]:
             _write_pictures(item, wanted["still"], wanted["clip"])
         if "audio" in wanted and not wanted["audio"].exists():
             _write_snippet(item, wanted["audio"])
+    except OutputError:  # a full disk or an unwritable folder: every later file would fail the same way
+        raise
     except Exception as error:  # noqa: BLE001 - one broken file must not stop the site
         log_.warning("media of %s incomplete: %s: %s", item["id"], type(error).__name__, error)
     return {kind: f"{folder.name}/{path.name}" for kind, path in wanted.items() if path.exists()}

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data.clips import ARCH_GEOMETRY
 from .errors import XdcError
 from .files import save_atomic  # noqa: F401 - where callers have always found it
 
@@ -33,21 +34,58 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
+                              f"{first_line(error)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict or an xdc-fast checkpoint")
     return state
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error from torch: its explanations run to a page (a key diff, advice on
+    weights_only) where one line says what is wrong."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def is_ours(state: dict) -> bool:
     return "encoders" in state
 
 
-def checkpoint_arch(state: dict) -> str:
+def checkpoint_arch(state: dict, path=None) -> str:
     """The arch a checkpoint's encoders were built with (torchvision-layout files are r2plus1d_18)."""
-    if is_ours(state):
-        return state.get("config", {}).get("arch", "tiny")
-    return "r2plus1d_18"
+    if not is_ours(state):
+        return "r2plus1d_18"
+    config = state.get("config")
+    arch = config.get("arch", "tiny") if isinstance(config, dict) else "tiny"
+    if arch not in ARCH_GEOMETRY:
+        raise CheckpointError(f"{path or 'the checkpoint'} names an encoder arch {arch!r} that this version does not "
+                              f"build (it builds {', '.join(ARCH_GEOMETRY)})")
+    return arch
+
+
+def refuse_non_finite(module: nn.Module, path) -> None:
+    """A checkpoint whose weights hold NaN or infinity (a run that diverged) gives features that every
+    protocol would score as if they meant something; it is refused when loaded."""
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path} holds non-finite weights ({name}: {bad} of {tensor.numel()} values are NaN "
+                                  "or infinite), the mark of a run that diverged; use an earlier checkpoint "
+                                  "(RUN/checkpoints/round_NNN.pt)")
+
+
+def load_state(module: nn.Module, state: dict, path) -> None:
+    """``module`` filled from ``state`` (every key, every shape), then checked to be finite."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        missing = set(module.state_dict()) - set(state)
+        unexpected = set(state) - set(module.state_dict())
+        detail = (f"{len(missing)} weight(s) missing (e.g. {sorted(missing)[0]}), {len(unexpected)} unexpected"
+                  if missing or unexpected else first_line(error))
+        raise CheckpointError(f"{path} does not fit the encoder it names: {detail}") from None
+    refuse_non_finite(module, path)
 
 
 def own_encoder_state(state: dict, modality: str, path) -> dict:
@@ -103,12 +141,12 @@ def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None,
         torch.manual_seed(seed)
         return build_encoder(modality, arch, bn_eps), {"source": "random", "arch": arch, "seed": seed}
     state = read_checkpoint(checkpoint)
-    found = checkpoint_arch(state)
+    found = checkpoint_arch(state, checkpoint)
     if arch is not None and arch != found:
         raise CheckpointError(f"{checkpoint} holds a {found} encoder, but --arch {arch} was asked for")
     encoder = build_encoder(modality, found, bn_eps)
     if is_ours(state):
-        encoder.load_state_dict(own_encoder_state(state, modality, checkpoint), strict=True)
+        load_state(encoder, own_encoder_state(state, modality, checkpoint), checkpoint)
         return encoder, {"source": "xdc-fast", "arch": found, "config": state.get("config", {}),
                          "clip": checkpoint_clip(state)}
     if modality != "video":
@@ -117,7 +155,8 @@ def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None,
         load_video_weights(encoder, torchvision_video_state(state))
     except RuntimeError as error:
         raise CheckpointError(f"{checkpoint} does not match torchvision's r2plus1d_18 layout: "
-                              f"{str(error).splitlines()[0]}") from None
+                              f"{first_line(error)}") from None
+    refuse_non_finite(encoder, checkpoint)
     return encoder, {"source": "torchvision", "arch": found}
 
 
@@ -128,19 +167,23 @@ def load_encoders_from(encoders: nn.ModuleDict, path: str | Path, arch: str) -> 
     from .models import load_video_weights
 
     state = read_checkpoint(path)
-    found = checkpoint_arch(state)
+    found = checkpoint_arch(state, path)
     if is_ours(state) and found != arch:  # a torchvision-layout file names no arch: its shapes decide below
         raise CheckpointError(f"{path} holds {found} encoders, but this run builds {arch} ones; pass --arch {found} "
                               "or a checkpoint of the same arch")
     try:
         if is_ours(state):
+            loaded = list(encoders)
             for m in encoders:
                 encoders[m].load_state_dict(own_encoder_state(state, m, path), strict=True)
-            return list(encoders)
-        if "video" not in encoders:
+        elif "video" not in encoders:
             raise CheckpointError(f"{path} holds video weights only, and this variant trains no video encoder")
-        load_video_weights(encoders["video"], torchvision_video_state(state))
+        else:
+            loaded = ["video"]
+            load_video_weights(encoders["video"], torchvision_video_state(state))
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not fit the {arch} encoders (neither one of our checkpoints nor "
-                              f"torchvision's r2plus1d_18 layout): {str(error).splitlines()[0]}") from None
-    return ["video"]
+                              f"torchvision's r2plus1d_18 layout): {first_line(error)}") from None
+    for m in loaded:
+        refuse_non_finite(encoders[m], path)
+    return loaded

@@ -10,6 +10,7 @@ and the file beats the default; keys of the file that have no flag still reach t
 from __future__ import annotations
 
 import logging
+import math
 import typing
 from dataclasses import MISSING, fields
 
@@ -17,6 +18,7 @@ import click
 
 from .config import EvaluateConfig, ExtractConfig, FinetuneConfig, PretrainConfig, from_dict, read_yaml
 from .errors import StalledError, XdcError
+from .files import AGAIN, DISK_FULL, output_error
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -41,7 +43,13 @@ class XdcGroup(click.Group):
 
             xdist.abandon(2)
         except XdcError as error:
-            click.echo(f"Error: {error}", err=True)
+            click.echo(f"Error: {_after(error, ctx)}", err=True)
+            ctx.exit(2)
+        except OSError as error:  # an output no writer translated: the same message as theirs
+            translated = output_error(error)
+            if translated is None:
+                raise
+            click.echo(f"Error: {_after(translated, ctx)}", err=True)
             ctx.exit(2)
         except FloatingPointError as error:  # a diverged run: the user's settings, but not a usage error
             click.echo(f"Error: {error}", err=True)
@@ -50,6 +58,36 @@ class XdcGroup(click.Group):
             command = ctx.invoked_subcommand
             click.echo(f"interrupted: {INTERRUPTED.get(command, 'nothing was written half-way')}", err=True)
             ctx.exit(130)
+
+
+# What a full disk leaves behind where running the same command again is not the whole way out.
+AFTER_FULL_DISK = {"pretrain": "then continue with the same command and --resume (the last checkpoint is kept)"}
+
+
+def _after(error: XdcError, ctx) -> str:
+    cause = error.__cause__ or error.__context__
+    command = ctx.invoked_subcommand
+    if command in AFTER_FULL_DISK and isinstance(cause, OSError) and cause.errno in DISK_FULL:
+        return str(error).replace(AGAIN, AFTER_FULL_DISK[command])
+    return str(error)
+
+
+class FiniteFloat(click.ParamType):
+    """A number flag that refuses nan and infinities (and numbers too large to hold, like 1e400), which
+    pass every comparison of a range check and then make the results silently wrong."""
+
+    name = "float"
+
+    def __init__(self, min: float | None = None):
+        self.min = min
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.min is not None and number < self.min:
+            self.fail(f"{value!r} is out of range; it must be at least {self.min}", param, ctx)
+        return number
 
 
 # ---- options generated from the configuration dataclasses -----------------------------------------------
@@ -75,12 +113,12 @@ def _click_type(config_cls, name: str, meta: dict):
 
 
 def _number_type(kind, meta: dict):
-    low, high, open_low = meta.get("min"), meta.get("max"), meta.get("min_open", False)
+    low, high = meta.get("min"), meta.get("max")
+    opens = {"min_open": meta.get("min_open", False), "max_open": meta.get("max_open", False)}
     if kind is int:
-        return click.IntRange(min=low, max=high, min_open=open_low) if low is not None or high is not None \
-            else click.INT
+        return click.IntRange(min=low, max=high, **opens) if low is not None or high is not None else click.INT
     if kind is float:
-        return click.FloatRange(min=low, max=high, min_open=open_low) if low is not None or high is not None \
+        return click.FloatRange(min=low, max=high, **opens) if low is not None or high is not None \
             else click.FLOAT
     return click.STRING
 
@@ -150,7 +188,7 @@ def main():
               help="Rate of the extracted mono audio (Hz).")
 @click.option("--workers", type=click.IntRange(min=0), default=None, show_default="the number of CPUs",
               help="Processes probing files; 0 or 1 works in this process.")
-@click.option("--min-seconds", type=click.FloatRange(min=0), default=1.0,
+@click.option("--min-seconds", type=FiniteFloat(min=0), default=1.0,
               help="Files shorter than this are rejected: they cannot hold one clip.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="kinetics-csv: the annotation CSV (label,youtube_id,time_start,time_end,split); vggsound: its CSV "
@@ -384,7 +422,7 @@ def assign(run_argument, run_dir, round_index, dataset, out, batch_size, device,
               help="Whose clusters become the labels: video, audio, or concat (cdc runs).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="The dataset folder to write (manifest.jsonl, classes.json, rejects.jsonl, export.json).")
-@click.option("--min-margin", type=float, default=None, show_default="keep every assigned item",
+@click.option("--min-margin", type=FiniteFloat(), default=None, show_default="keep every assigned item",
               help="Keep only videos whose margin to the second-nearest centroid is at least this (confident "
                    "members); see the margins with `xdc-fast assign`.")
 @click.option("--data", "dataset", type=click.Path(file_okay=False), default=None,

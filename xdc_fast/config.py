@@ -22,6 +22,7 @@ from pathlib import Path
 from .data.clips import CLIP_FIELDS, ClipConfig
 from .engine import LOADERS
 from .errors import XdcError
+from .files import shown_path
 from .pseudo_labels import VARIANTS
 
 ARCHS = ("tiny", "r2plus1d_18")
@@ -45,12 +46,14 @@ AUTO = "auto"
 
 
 def option(default, help: str = "", *, choices: tuple | None = None, min: float | None = None,
-           max: float | None = None, min_open: bool = False, default_factory=None, auto: bool = False):
+           max: float | None = None, min_open: bool = False, max_open: bool = False, default_factory=None,
+           auto: bool = False):
     """A dataclass field with its help text and allowed values (checked by :func:`check_value`).
 
     ``auto``: the field also takes the word ``auto``, a value the command resolves from the data at
     start-up (and records as resolved)."""
-    metadata = {"help": help, "choices": choices, "min": min, "max": max, "min_open": min_open, "auto": auto}
+    metadata = {"help": help, "choices": choices, "min": min, "max": max, "min_open": min_open, "max_open": max_open,
+                "auto": auto}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -93,6 +96,12 @@ def check_value(cls, name: str, value):
     # bool is an int in Python, but `batch_size: true` in a YAML file is a mistake, not 1.
     if not any(isinstance(value, k) and not (k is not bool and isinstance(value, bool)) for k in kinds):
         raise ConfigError(f"{name}: expected {_type_name(kinds)}, got {value!r} ({type(value).__name__})")
+    # nan fails every comparison, so it would pass any range below; inf (or 1e400, read as inf) passes a
+    # range without a maximum. Either would run and give a wrong result, so no field takes them.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name}: {value!r} is not a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        raise ConfigError(f"{name}: {value!r} is out of range; it must fit in 64 bits")
     meta = spec.metadata
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
@@ -100,8 +109,9 @@ def check_value(cls, name: str, value):
     if low is not None and (value < low or (meta.get("min_open") and value == low)):
         relation = "greater than" if meta.get("min_open") else "at least"
         raise ConfigError(f"{name}: {value!r} is out of range; it must be {relation} {low}")
-    if high is not None and value > high:
-        raise ConfigError(f"{name}: {value!r} is out of range; it must be at most {high}")
+    if high is not None and (value > high or (meta.get("max_open") and value == high)):
+        relation = "less than" if meta.get("max_open") else "at most"
+        raise ConfigError(f"{name}: {value!r} is out of range; it must be {relation} {high}")
     if name == "clip":
         value = check_clip_overrides(value)
     return value
@@ -128,8 +138,13 @@ def from_dict(cls, values: dict):
     names = {f.name for f in fields(cls)}
     if "clip" in names:
         flat = {k: values.pop(k) for k in FLAT_CLIP_KEYS if k in values}
+        nested = values.get("clip") or {}
+        twice = [k for k in flat if isinstance(nested, dict) and k in nested]
+        if twice:
+            raise ConfigError(f"{', '.join(twice)} given both at the top level and under clip: (e.g. {twice[0]}: "
+                              f"{flat[twice[0]]!r} and clip.{twice[0]}: {nested[twice[0]]!r}); keep one")
         if flat:
-            values["clip"] = {**flat, **(values.get("clip") or {})}
+            values["clip"] = {**flat, **nested}
     return cls(**{key: check_value(cls, key, value) for key, value in values.items()})
 
 
@@ -144,12 +159,38 @@ def read_yaml(path_or_preset: str, preset_prefix: str = "") -> dict:
         raise ConfigError(f"--config {path_or_preset}: neither a preset ({', '.join(presets) or 'none'}) "
                           "nor an existing file")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"--config {shown_path(path_or_preset)} is not UTF-8 text (byte {error.start}); save it as "
+                          "UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"--config {shown_path(path_or_preset)} cannot be read: {error.strerror or error}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"--config {path_or_preset} is not valid YAML: {error}") from None
+        where = " ".join(str(error).split())  # yaml's message spans lines; the Error: is one
+        raise ConfigError(f"--config {shown_path(path_or_preset)} is not valid YAML: {where}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path_or_preset} should hold a mapping of field: value")
     return values
+
+
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """YAML's safe loader, except that a key given twice in one mapping is an error: the plain loader
+        keeps the last one, so the first would be silently ignored."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 class Checked:
@@ -176,7 +217,18 @@ def clip_config(arch: str, *layers: dict | None, **fixed) -> ClipConfig:
     merged: dict = {}
     for layer in layers:
         merged.update({k: v for k, v in (layer or {}).items() if k in CLIP_FIELDS and v is not None})
-    return dataclasses.replace(clip_for_arch(arch), **merged, **fixed)
+    clip = dataclasses.replace(clip_for_arch(arch), **merged, **fixed)
+    if clip.crop > clip.resize_short:
+        raise ConfigError(f"clip.crop {clip.crop} is larger than clip.resize_short {clip.resize_short}: the crop is "
+                          "taken inside the resized frame; lower crop or raise resize_short")
+    return clip
+
+
+# More epochs than any run could finish: a larger number (a typo, an extra zero) would only surface as
+# an allocation failure in the learning-rate schedule, after the run's files are written.
+MAX_EPOCHS = 100_000
+# Beyond this a timedelta overflows; no collective should wait longer anyway.
+MAX_TIMEOUT_S = 30 * 24 * 3600.0
 
 
 # Fields several commands share, declared once (a fresh Field per dataclass).
@@ -209,7 +261,8 @@ def device_option():
 
 
 def dist_timeout_option():
-    return option(600.0, "Under torchrun: seconds a rank waits for the others.", min=0, min_open=True)
+    return option(600.0, "Under torchrun: seconds a rank waits for the others.", min=0, min_open=True,
+                  max=MAX_TIMEOUT_S)
 
 
 # A round shorter than this does not let the tiny encoders fit their targets: on the demo's data the
@@ -230,10 +283,10 @@ class PretrainConfig(Checked):
                                  "square root of the number of videos, between 8 and 1024 (the XDC lineage uses "
                                  "64-1024 on Kinetics-size data).", min=2, auto=True)
     epochs: int | str = option("auto", "Training epochs in all. auto: three rounds (at least 4 epochs).", min=1,
-                               auto=True)
+                               max=MAX_EPOCHS, auto=True)
     epochs_per_round: int | str = option("auto", "Re-cluster after this many epochs (DeepCluster: 1). auto: the "
                                          f"fewest epochs that give a round {MIN_ROUND_STEPS} optimisation steps "
-                                         "(1 on large data).", min=1, auto=True)
+                                         "(1 on large data).", min=1, max=MAX_EPOCHS, auto=True)
     clips_per_video: int = option(2, "Fixed clips per video whose features are clustered.", min=1)
     pca_dim: int | str = option("auto", "PCA-whitening dimension before k-means (0 = off, L2 only; DeepCluster: "
                                 "256). auto: the largest of 256, 128, 64, 32 (at most the feature size) with 100 "
@@ -247,7 +300,7 @@ class PretrainConfig(Checked):
                        "not decrease.", min=0, min_open=True)
     momentum: float = option(0.9, "SGD momentum.", min=0, max=1)
     weight_decay: float = option(1e-4, "SGD weight decay of the encoders.", min=0)
-    warmup_epochs: float = option(0.0, "Linear warm-up from 0, then the schedule.", min=0)
+    warmup_epochs: float = option(0.0, "Linear warm-up from 0, then the schedule.", min=0, max=MAX_EPOCHS)
     schedule: str = option("cosine", "cosine: decay to 0 at the last step; constant: no decay.", choices=SCHEDULES)
     init_checkpoint: str | None = option(None, "Start the encoders from this checkpoint (another run's, or "
                                          "torchvision / official XDC video weights).")
@@ -260,7 +313,7 @@ class PretrainConfig(Checked):
     heldout_fraction: float = option(0.1, "Share of videos (rounded down) clustered but kept out of training: "
                                      "each round says whether the encoders fit their targets on them (not just "
                                      "memorised them); plateau mode watches their loss. 0: none.",
-                                     min=0, max=1)
+                                     min=0, max=1, max_open=True)
     patience: int = option(1, "plateau mode: epochs without improvement before re-clustering.", min=1)
     audio_shift: int = option(4, "Training augmentation: each training clip's log-mel moves up or down by up "
                               "to this many mel bins (of 40 by default; 4 is about 7 semitones near 1 kHz), "
@@ -276,8 +329,13 @@ class PretrainConfig(Checked):
     compile: bool = compile_option()
     device: str = device_option()
     dist_timeout_s: float = option(600.0, "Under torchrun: seconds a rank waits for the others before every rank "
-                                   "stops with a message naming the phase that stalled.", min=0, min_open=True)
+                                   "stops with a message naming the phase that stalled.", min=0, min_open=True,
+                                   max=MAX_TIMEOUT_S)
     seed: int = option(0, "Seed of every random choice of the run (see xdc_fast.seeds).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.clip_config()  # the arch's geometry with the overrides: refused now if they do not fit together
 
     def clip_config(self) -> ClipConfig:
         return clip_config(self.arch, self.clip)
@@ -330,12 +388,12 @@ class FinetuneConfig(Checked):
     arch: str | None = option(None, "Default: the checkpoint's (tiny for random).", choices=ARCHS)
     split: int = option(1, "UCF101/HMDB51 split 1-3, ESC-50 test fold 1-5. Datasets without splits get a seeded "
                         "stratified one (test_fraction), recorded in metrics.json.", min=1)
-    epochs: int = option(8, "Full mode: training epochs.", min=1)
+    epochs: int = option(8, "Full mode: training epochs.", min=1, max=MAX_EPOCHS)
     batch_size: int = option(8, "Clips per step (per rank under torchrun).", min=1)
     lr: float = option(0.01, "Full mode: SGD learning rate, cosine-decayed after the warm-up.", min=0, min_open=True)
     momentum: float = option(0.9, "Full mode: SGD momentum.", min=0, max=1)
     weight_decay: float = option(1e-4, "Full mode: SGD weight decay.", min=0)
-    warmup_epochs: float = option(0.0, "Full mode: linear warm-up epochs.", min=0)
+    warmup_epochs: float = option(0.0, "Full mode: linear warm-up epochs.", min=0, max=MAX_EPOCHS)
     schedule: str = option("cosine", "Full mode: cosine or constant learning rate.", choices=SCHEDULES)
     clips_per_video: int = option(1, "Full mode: random clips per training video per epoch.", min=1)
     train_clips: int = option(10, "Linear mode: uniformly spaced clips per training video (features cached).",
@@ -405,11 +463,11 @@ class EvaluateConfig(Checked):
                                     min_open=True)
     linear_c: float = option(1.0, "linear: inverse L2 strength of the logistic regression.", min=0, min_open=True)
     svm_folds: int = option(3, "svm: group folds over the training videos for choosing C.", min=2)
-    epochs: int = option(8, "finetune: training epochs; the last one is scored.", min=1)
+    epochs: int = option(8, "finetune: training epochs; the last one is scored.", min=1, max=MAX_EPOCHS)
     lr: float = option(0.01, "finetune: SGD learning rate, decayed after the warm-up.", min=0, min_open=True)
     momentum: float = option(0.9, "finetune: SGD momentum.", min=0, max=1)
     weight_decay: float = option(1e-4, "finetune: SGD weight decay.", min=0)
-    warmup_epochs: float = option(0.0, "finetune: linear warm-up epochs.", min=0)
+    warmup_epochs: float = option(0.0, "finetune: linear warm-up epochs.", min=0, max=MAX_EPOCHS)
     schedule: str = option("cosine", "finetune: cosine or constant learning rate.", choices=SCHEDULES)
     finetune_clips: int = option(1, "finetune: random augmented clips per training video per epoch (its test "
                                  "clips are clips_per_video, as for every protocol).", min=1)

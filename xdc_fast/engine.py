@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import distributed as xdist
-from .errors import LoaderError
+from .errors import LoaderError, XdcError
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +162,24 @@ def encode_clips(encoders: Mapping[str, nn.Module], dataset, batch_size: int, de
             videos.append(positions[index // per_video] * per_video + index % per_video)
     features, clip_position = {m: np.concatenate(v) for m, v in chunks.items()}, np.concatenate(videos)
     if not gather:
-        return features, clip_position
+        return features, clip_position  # the caller checks them, with every rank (pretrain's clustering)
     parts = xdist.all_gather_objects((features, clip_position))
-    return ({m: np.concatenate([p[0][m] for p in parts]) for m in encoders},
-            np.concatenate([p[1] for p in parts]))
+    features = {m: np.concatenate([p[0][m] for p in parts]) for m in encoders}
+    clip_position = np.concatenate([p[1] for p in parts])
+    refuse_non_finite_features(features, clip_position, dataset)
+    return features, clip_position
+
+
+def refuse_non_finite_features(features: dict[str, np.ndarray], clip_position: np.ndarray, dataset) -> None:
+    """Features holding NaN or infinity (weights that overflow on this data) would be scored, clustered or
+    saved as if they meant something; every command that encodes stops here instead."""
+    for m, values in features.items():
+        bad = ~np.isfinite(values).all(axis=1) if values.ndim == 2 else np.zeros(0, bool)
+        if bad.any():
+            item = dataset.items[int(clip_position[np.flatnonzero(bad)[0]]) // dataset.config.eval_clips]
+            raise XdcError(f"the {m} encoder gives non-finite features for {int(bad.sum())} of {len(values)} clips "
+                           f"(e.g. {item['id']!r}): its weights overflow on this data, so nothing is scored or "
+                           "written; use a checkpoint from before the run diverged")
 
 
 # ---- models and steps ---------------------------------------------------------------------------------

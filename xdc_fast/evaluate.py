@@ -41,7 +41,7 @@ from .config import ConfigError, EvaluateConfig, FinetuneConfig, clip_config
 from .data.clips import geometry
 from .data.splits import DatasetError, Split, check_modality, choose_split, class_names, is_multilabel, label_matrix
 from .errors import XdcError
-from .files import atomic_path, output_lock, write_text_atomic
+from .files import atomic_path, make_folder, output_lock, write_text_atomic
 from .seeds import numpy_rng, seed_for
 from .transfer import open_transfer, train_full
 
@@ -256,7 +256,7 @@ def _evaluate(dataset: Path, out: Path, config: EvaluateConfig, log) -> dict:
                 "splits": [split_name(s) for s in splits], "seconds": time.perf_counter() - started,
                 "summary": summary, "results": results}
     if xdist.is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out)
         write_text_atomic(out / "results.md", table(summary))
         with atomic_path(out / "results.png") as tmp:
             chart(summary, tmp)

@@ -37,6 +37,7 @@ def export(run: str | Path, out: str | Path, modality: str, round_index: int | N
     dataset = Path(dataset) if dataset is not None else run_dataset(run)
     if out.resolve() == dataset.resolve():
         raise ConfigError(f"--out {out} is the run's dataset; export into a new folder")
+    refuse_foreign(out)
     items = {r["id"]: r for r in load_manifest(dataset)}
     missing = [i for i in saved.ids if i not in items]
     if missing:
@@ -76,6 +77,22 @@ def export(run: str | Path, out: str | Path, modality: str, round_index: int | N
         log(f"note: cluster(s) {', '.join(map(str, small))} hold a single item; finetune's stratified split needs "
             "at least 2 per class")
     return record
+
+
+def refuse_foreign(out: Path) -> None:
+    """Export writes manifest.jsonl, classes.json and rejects.jsonl over what the folder holds: only a
+    folder it wrote itself (export.json), or an empty or new one, may be written into. Anything else (a
+    prepared dataset, a run) would lose its files, and its class names would be taken for the clusters'."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; export writes a dataset folder")
+    if (out / "export.json").is_file():
+        return
+    held = sorted(p.name for p in out.iterdir() if p.name != ".xdc-fast.lock")
+    if held:
+        raise ConfigError(f"--out {out} already holds files that export did not write (e.g. {held[0]}), and they "
+                          "would be replaced; export into a new folder")
 
 
 def cluster_names(path: Path, k: int) -> list[str]:

@@ -38,6 +38,8 @@ def _extract(dataset, out, config: ExtractConfig, log) -> dict:
     out = Path(out)
     if out.suffix not in (".pt", ".npz"):
         raise ConfigError(f"--out should end in .pt or .npz, got {out.name}")
+    if out.exists():  # as finetune and evaluate refuse to replace their results
+        raise ConfigError(f"{out} already exists; choose another --out (or delete it)")
     items = load_manifest(dataset)
     check_modality(items, config.modality)
     device = xdist.setup_device(config.device, config.dist_timeout_s)
@@ -72,7 +74,6 @@ def _extract(dataset, out, config: ExtractConfig, log) -> dict:
              "checkpoint": str(config.checkpoint), "encoder": source["source"], "arch": source["arch"],
              "clip": geometry(clip)}
     if xdist.is_main_process():
-        out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".npz":
             with atomic_path(out) as tmp:
                 np.savez(tmp, **{k: np.asarray(v) if not isinstance(v, dict) else np.asarray(str(v))

@@ -9,10 +9,75 @@ keeps two commands from writing into the same output at once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
 from .errors import XdcError
+
+# What an output that cannot be written means, and the way out: these are the user's to fix (space,
+# permissions, a path that names a file where a folder is needed), never a reason for a traceback.
+WRITE_ADVICE = {
+    errno.ENOSPC: "the disk holding it is full: free some space",
+    errno.EDQUOT: "the disk quota is used up: free some space or ask for a larger quota",
+    errno.EFBIG: "a file-size limit was hit (`ulimit -f`, or the filesystem's largest file): raise the limit",
+    errno.EROFS: "it is on a read-only filesystem: choose a writable output",
+    errno.EACCES: "permission denied: choose an output you may write to",
+    errno.EPERM: "choose an output you may write to",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another output",
+    errno.EISDIR: "a folder stands where a file should go: choose another output",
+    errno.EEXIST: "a file stands where a folder should go: choose another output",
+}
+# The disk filled: what was written before stays, so the same command (pretrain: with --resume) goes on.
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+AGAIN = "then run the command again"
+
+
+class OutputError(XdcError):
+    """An output that cannot be written: no space, no permission, a read-only disk, a path in the way."""
+
+
+def shown_path(path) -> str:
+    """A path as it can be printed and written to any text file: bytes that are not UTF-8 (a file name
+    from another system) are shown escaped instead of failing the message."""
+    text = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def output_error(error: OSError, path=None) -> OutputError | None:
+    """The user's message for ``error`` raised while writing ``path``, or None when it is not an output
+    problem (then it is a bug, and its traceback is wanted)."""
+    if error.errno not in WRITE_ADVICE:
+        return None
+    # The output the command was writing, rather than its temporary name or a parent the system tried.
+    where = shown_path(path if path is not None else error.filename)
+    return OutputError(f"cannot write {where}: {error.strerror or error}; {WRITE_ADVICE[error.errno]}, {AGAIN}")
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Translates an output error raised inside into an :class:`OutputError` naming ``path`` (or the file
+    the system named)."""
+    try:
+        yield
+    except OSError as error:
+        translated = output_error(error, path)
+        if translated is None:
+            raise
+        raise translated from None
+
+
+def make_folder(path: str | Path) -> Path:
+    path = Path(path)
+    with writing(path):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """``text`` at the end of ``path`` (a log of lines), an OutputError when it cannot be written."""
+    with writing(path), open(path, "a", encoding="utf-8", errors="surrogateescape") as f:
+        f.write(text)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -32,14 +97,15 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     # The pid keeps two processes' temporaries apart; the leading dot keeps them out of listings.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -47,16 +113,25 @@ def atomic_path(path: str | Path):
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
+    """``text`` as UTF-8; a name that was not UTF-8 on disk (carried as surrogate escapes from the file
+    system) is written back as its own bytes, so an id in a result file matches the file it names."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_bytes(text.encode("utf-8", "surrogateescape"))
 
 
 def save_atomic(obj, path: str | Path) -> None:
     """``torch.save`` through :func:`atomic_path`: a killed process never leaves half a checkpoint."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as error:
+            # torch reports a failed write of its archive as a RuntimeError ("unexpected pos"); the
+            # OSError of the file underneath says why (a full disk, a size limit).
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from None
+            raise
 
 
 def output_lock(target: str | Path):
@@ -79,8 +154,9 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        make_folder(self.path.parent)
+        with writing(self.path.parent):
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -89,8 +165,9 @@ class RunLock:
             self.fd = None
             raise XdcError(f"{self.path.parent} is in use by another xdc-fast process (pid {holder}); wait for it "
                            "to finish, stop it, or choose another output") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # the pid only informs a second command; a full disk says so later
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
         return self
 
     def __exit__(self, *exc) -> None:

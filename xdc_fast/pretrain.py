@@ -26,10 +26,11 @@ from torch import nn
 from . import distributed as xdist
 from . import engine, learning, metrics
 from .checkpoint import CheckpointError, load_encoders_from, read_checkpoint, save_atomic
-from .files import RunLock, write_text_atomic
+from .files import RunLock, append_text, make_folder, write_text_atomic
 from .config import AUTO, ConfigError, PretrainConfig, resolve_auto
 from .errors import XdcError
 from .data.clips import geometry
+from .data.splits import check_sample_rate
 from .pseudo_labels import (ClusteringSpec, Variant, balanced_indices, cluster_sizes, gather_by_video,
                             load_saved_labels, save_round, variant as variant_named, video_labels)
 from .seeds import numpy_rng, seed_for, torch_generator
@@ -87,17 +88,38 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
     out = Path(out)
     device = xdist.setup_device(config.device, config.dist_timeout_s)
     writer = xdist.is_main_process()
+    if len(items) - heldout_count(config, len(items)) < 1:
+        raise ConfigError(f"heldout_fraction {config.heldout_fraction} holds out all {len(items)} videos, leaving none "
+                          "to train on; lower it")
     config, why = _resolve_auto(config, items, out, resume)
     for name, reason in why.items():
         (log if writer else lambda *_: None)(f"auto: {name} = {getattr(config, name)} ({reason})")
-    check_config(config, variant, items)
+    check_config(config, variant, items, dataset)
     with RunLock(out) if writer else contextlib.nullcontext():
         if not resume and (out / "metrics.jsonl").exists():
             raise ConfigError(f"{out} already holds a run; continue it with --resume or choose another --out")
         last = out / "checkpoints" / "last.pt"
         saved = _read_resumable(last, config) if resume and last.exists() else None
+        if resume and saved is None:
+            _start_over(out, last, log if writer else lambda *_: None, writer)
         return _run(dataset, out, config, variant, items, device, saved, log if writer else lambda *_: None,
                     max_rounds, stop_after_steps, why)
+
+
+def _start_over(out: Path, last: Path, log, writer: bool) -> None:
+    """--resume without a checkpoint: a run stopped before its first one keeps nothing, so it starts again,
+    saying so, and the epochs it had logged are dropped from metrics.jsonl (they will be logged again)."""
+    rounds = sorted(last.parent.glob("round_*.pt"))
+    if rounds:  # the disk filled between a round's file and last.pt: that round is not lost
+        raise CheckpointError(f"cannot resume: {last} does not exist, but {rounds[-1]} (the last finished round) does; "
+                              "copy it over last.pt and resume")
+    if not (out / "metrics.jsonl").exists():
+        log(f"--resume: {out} holds no run yet; starting one")
+        return
+    log(f"--resume: {last} does not exist (the run stopped before its first checkpoint); starting from the beginning, "
+        "with metrics.jsonl begun again")
+    if writer:
+        write_text_atomic(out / "metrics.jsonl", "")
 
 
 def _resolve_auto(config: PretrainConfig, items: list[dict], out: Path, resume: bool):
@@ -133,7 +155,7 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
          log, max_rounds: int | None, stop_after_steps: int | None, auto_reasons: dict[str, str]) -> list[dict]:
     writer = xdist.is_main_process()
     for sub in ("checkpoints", "clusters"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+        make_folder(out / sub)
     clustered = len(items) * config.clips_per_video
     if config.pca_dim and clustered < 10 * config.pca_dim:
         log(f"note: PCA-whitening {clustered} clips to {config.pca_dim} dimensions gives noise the weight of "
@@ -213,7 +235,7 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
     return state.history
 
 
-def check_config(config: PretrainConfig, variant: Variant, items: list[dict]) -> None:
+def check_config(config: PretrainConfig, variant: Variant, items: list[dict], dataset="the dataset") -> None:
     """What the fields cannot check alone: the configuration against this dataset."""
     clips = len(items) * config.clips_per_video
     if not 2 <= config.clusters <= clips:
@@ -224,6 +246,7 @@ def check_config(config: PretrainConfig, variant: Variant, items: list[dict]) ->
         if silent:
             raise ConfigError(f"variant {variant.name} learns from audio, but {len(silent)} item(s) have none "
                               f"(e.g. {silent[0]}); use sdc-video or drop them")
+        check_sample_rate(items, config.clip_config().sample_rate, dataset, "run's")
     if "video" in variant.modalities and any(r.get("fps") is None for r in items):
         raise ConfigError(f"variant {variant.name} learns from video, but this dataset holds audio-only items; "
                           "use sdc-audio")
@@ -430,8 +453,7 @@ def _train_round(state: RunState, labels: RoundLabels, encoders, heads, optimize
         record = _record(state, labels, stats, epoch, t_train, data, config)
         state.history.append(record)
         if xdist.is_main_process():
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_text(out / "metrics.jsonl", json.dumps(record) + "\n")
             _tensorboard(out, record)
         log(_summary(record))
         state.next_epoch, in_round = state.next_epoch + 1, in_round + 1

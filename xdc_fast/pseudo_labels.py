@@ -401,7 +401,7 @@ def load_saved_labels(path: str | Path, ids: list[str]) -> dict[str, np.ndarray]
 def round_encoders(run: str | Path, saved: SavedRound) -> tuple[torch.nn.ModuleDict, dict]:
     """The encoders whose features ``saved`` clustered (see :func:`encoders_file_of_round`), checked
     against the fingerprint the round recorded, and the run's configuration."""
-    from .checkpoint import build_encoder, own_encoder_state, read_checkpoint
+    from .checkpoint import build_encoder, checkpoint_arch, load_state, own_encoder_state, read_checkpoint
 
     path = Path(run) / saved.encoders
     if not path.is_file():
@@ -413,9 +413,9 @@ def round_encoders(run: str | Path, saved: SavedRound) -> tuple[torch.nn.ModuleD
                        f"fingerprint differs from the one in {saved.path}); was it overwritten?")
     config = state.get("config", {})
     modalities = [m for m in ("video", "audio") if any(m in c["inputs"] for c in saved.clusterings.values())]
-    encoders = torch.nn.ModuleDict({m: build_encoder(m, config.get("arch", "tiny")) for m in modalities})
+    encoders = torch.nn.ModuleDict({m: build_encoder(m, checkpoint_arch(state, path)) for m in modalities})
     for m in modalities:
-        encoders[m].load_state_dict(own_encoder_state(state, m, path), strict=True)
+        load_state(encoders[m], own_encoder_state(state, m, path), path)
     return encoders, config
 
 
@@ -423,19 +423,14 @@ def check_dataset_fits_round(items: list[dict], saved: SavedRound, modalities: t
     """A dataset whose clips would not be the clips the round's encoders saw is refused before encoding:
     missing modalities, or audio prepared at another sample rate than the run's clips (every window would
     fail to read)."""
-    from .data.splits import DatasetError
+    from .data.splits import DatasetError, check_sample_rate
 
     if "audio" in modalities:
         silent = [r["id"] for r in items if not r.get("has_audio")]
         if silent:
             raise DatasetError(f"round {saved.round} clusters audio, but {len(silent)} item(s) of {dataset} have no "
                                f"audio track (e.g. {silent[0]})")
-        rate = saved.clip.get("sample_rate")
-        other = sorted({r.get("sample_rate") for r in items if r.get("sample_rate") not in (None, rate)})
-        if other:
-            raise DatasetError(f"the clip geometry of {dataset} differs from the run's: its audio was prepared at "
-                               f"{', '.join(map(str, other))} Hz, the run's clips take {rate} Hz (clip.sample_rate); "
-                               f"prepare it again with --sample-rate {rate}")
+        check_sample_rate(items, saved.clip.get("sample_rate"), dataset)
     if "video" in modalities and any(r.get("fps") is None for r in items):
         raise DatasetError(f"round {saved.round} clusters video, but {dataset} holds audio-only items")
 

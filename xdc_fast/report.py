@@ -27,6 +27,7 @@ import yaml
 
 from .data.prepare import PrepareError, load_manifest, read_jsonl
 from .errors import XdcError
+from .files import make_folder, writing
 from .data.pyav_backend import decode_frame_indices
 
 logger = logging.getLogger(__name__)
@@ -76,8 +77,7 @@ def write_report(run: str | Path, dataset: str | Path | None = None, out: str | 
     if montage_clusters < 1 or montage_videos < 1:
         raise ReportError("a montage needs at least one cluster and one video per cluster")
     curves = read_curves(run)
-    out = Path(out) if out is not None else run / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(Path(out) if out is not None else run / "report")
     written = [draw_curves(curves, out / "curves.png")]
 
     clusters = latest_clusters(run)
@@ -239,7 +239,8 @@ def _pyplot():
 def _save(figure, path: Path) -> Path:
     plt = _pyplot()
     try:
-        figure.savefig(path, dpi=100)
+        with writing(path):
+            figure.savefig(path, dpi=100)
     finally:
         plt.close(figure)
     logger.info("wrote %s", path)

@@ -26,7 +26,7 @@ from . import engine, metrics
 from .checkpoint import load_encoder, save_atomic
 from .config import ConfigError, FinetuneConfig, clip_config
 from .errors import XdcError
-from .files import atomic_path, write_text_atomic
+from .files import atomic_path, make_folder, write_text_atomic
 from .data.clips import ClipConfig, geometry
 from .data.splits import Split, check_modality, choose_split, class_names, refuse_multilabel
 from .seeds import numpy_rng, seed_for, torch_generator
@@ -178,7 +178,7 @@ def write_results(transfer: Transfer, head: nn.Linear, final: dict, history: lis
         from .report import draw_confusion
 
         out = transfer.out
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        make_folder(out / "checkpoints")
         save_atomic({"encoders": {f"{config.modality}.{k}": v for k, v in transfer.encoder.state_dict().items()},
                      "head": head.state_dict(), "classes": transfer.classes, "clip": geometry(transfer.clip),
                      "config": {**asdict(config), "arch": transfer.source["arch"]}}, out / "checkpoints" / "last.pt")

@@ -26,8 +26,10 @@ from pathlib import Path
 
 from ..errors import XdcError
 
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
-AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3"}
+# Every container FFmpeg (PyAV) reads that datasets ship in; a file that does not decode is rejected
+# with the reason, never skipped unseen.
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp"}
+AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".opus"}
 FORMATS = ("folder", "ucf101", "hmdb51", "esc50", "kinetics-csv", "vggsound", "audioset")
 
 
@@ -60,11 +62,18 @@ def media_files(root: Path, extensions: set[str], exclude: Path | None = None) -
     input they would make a phantom class of the output folder's name."""
     found = []
     for folder, subfolders, files in os.walk(root):
-        if exclude is not None:
-            subfolders[:] = [d for d in subfolders if Path(folder, d) != exclude]
+        # Hidden files and folders (.DS_Store, ._clip.mp4 of macOS, .git) are not the dataset's.
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")
+                         and (exclude is None or Path(folder, d) != exclude)]
         found.extend(Path(folder, f) for f in files if os.path.splitext(f)[1].lower() in extensions
-                     and os.path.isfile(os.path.join(folder, f)))
+                     and not f.startswith(".") and _file_or_dangling(os.path.join(folder, f)))
     return sorted(found)
+
+
+def _file_or_dangling(path: str) -> bool:
+    """A file, or a symbolic link whose target is gone: listed, so prepare rejects it with the reason
+    instead of skipping it unseen."""
+    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
 
 
 def _item_id(root: Path, path: Path) -> str:

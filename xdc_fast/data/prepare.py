@@ -37,6 +37,7 @@ import numpy as np
 
 from .formats import Item, list_dataset
 from ..errors import XdcError
+from ..files import WRITE_ADVICE
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,7 @@ class PrepareSummary:
 
 # ---- writing into --out -------------------------------------------------------------------------------
 
-_WRITE_ADVICE = {
-    errno.ENOSPC: "the disk holding it is full: free some space",
-    errno.EDQUOT: "the disk quota is used up: free some space or ask for a larger quota",
-    errno.EFBIG: "a file-size limit was hit (`ulimit -f`, or the filesystem's largest file): raise the limit",
-    errno.EROFS: "it is on a read-only filesystem: choose a writable --out",
-    errno.EIO: "the disk reported an I/O error: check the disk, or choose another --out",
-    errno.EACCES: "permission denied: choose a --out you may write to",
-}
+_WRITE_ADVICE = {**WRITE_ADVICE, errno.EIO: "the disk reported an I/O error: check the disk, or choose another --out"}
 
 
 def output_error(error: OSError, path: Path | str, item: Path | str | None = None) -> PrepareError:
@@ -211,6 +205,20 @@ def audio_name(item_id: str) -> str:
     return item_id.replace("/", "__") + ".wav"
 
 
+# How the containers prepare reads begin: a file that starts like one but does not open was cut short
+# or damaged, which says more than "not media".
+_MEDIA_MAGIC = (b"RIFF", b"\x1aE\xdf\xa3", b"OggS", b"fLaC", b"ID3", b"FLV", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")
+
+
+def _looks_like_media(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide") or head.startswith(_MEDIA_MAGIC)
+
+
 def process_item(item: Item, out: str, sample_rate: int, min_seconds: float, audio_only: bool) -> dict:
     """Probe one file and extract its audio. Returns {"record": ...} or {"reject": ...}.
 
@@ -235,7 +243,7 @@ def process_item(item: Item, out: str, sample_rate: int, min_seconds: float, aud
     try:
         container = av.open(str(path))
     except (av.error.InvalidDataError, av.error.EOFError) as error:
-        return reject(f"not media: {error}")
+        return reject(f"{'truncated or corrupt' if _looks_like_media(path) else 'not media'}: {error}")
     except av.FFmpegError as error:
         return reject(f"unreadable or corrupt: {error}")
     except OSError as error:

@@ -38,6 +38,16 @@ def check_modality(items: list[dict], modality: str) -> None:
         raise DatasetError("--modality video, but this dataset holds audio-only items; use --modality audio")
 
 
+def check_sample_rate(items: list[dict], rate: int, dataset, whose: str = "run's") -> None:
+    """Audio prepared at another rate than the clips take would fail every window it is asked for, one
+    skipped clip at a time; it is refused before any work, with the way out."""
+    other = sorted({r.get("sample_rate") for r in items if r.get("has_audio")} - {None, rate})
+    if other:
+        raise DatasetError(f"the clip geometry of {dataset} differs from the {whose} clips': its audio was prepared at "
+                           f"{', '.join(map(str, other))} Hz, the clips take {rate} Hz (clip.sample_rate); prepare it "
+                           f"again with --sample-rate {rate}")
+
+
 def is_multilabel(items: list[dict]) -> bool:
     """Whether some item carries several labels (``labels`` of a vggsound/audioset manifest)."""
     return any(len(r.get("labels") or ()) > 1 for r in items)
@@ -89,6 +99,11 @@ def choose_split(items: list[dict], split: int, test_fraction: float, rng: np.ra
             raise DatasetError(f"split {split} needs both train and {test_part} items; found {len(train)} and "
                                f"{len(test)}")
         return Split(train, test, {"kind": "manifest", "split": split, "test_part": test_part})
+    if split != 1:
+        # Without splits in the manifest every --split N would be the same seeded split: three "splits"
+        # averaged would be one result counted three times.
+        raise DatasetError(f"--split {split}: this dataset has no splits (its manifest names none), so there is only "
+                           "the seeded stratified split (split 1; change it with --seed)")
     labels = np.array([r["label"] for r in items])
     if min(np.bincount(labels)[np.unique(labels)]) < 2:
         raise DatasetError("every class needs at least 2 videos for a stratified train/test split")
