@@ -193,20 +193,48 @@ def main():
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="kinetics-csv: the annotation CSV (label,youtube_id,time_start,time_end,split); vggsound: its CSV "
                    "(default: vggsound.csv under ROOT); audioset: one segments CSV (default: all under ROOT).")
-def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path):
+@click.option("--shards", "make_shards", is_flag=True,
+              help="Then transcode every video once to the clip geometry and pack it with its audio into "
+                   "WebDataset tar shards under OUT/shards/, which every command reads instead of the originals: "
+                   "random clips decode several times faster (docs/data.md).")
+@click.option("--short-side", type=click.IntRange(min=16), default=128,
+              help="--shards: short side of the transcoded video (never scaled up); at least the clip's resize.")
+@click.option("--gop", type=click.IntRange(min=1), default=16,
+              help="--shards: frames between keyframes; the clip span (frames x stride) bounds a seek to one clip.")
+@click.option("--shard-mb", type=FiniteFloat(min=1), default=512.0, help="--shards: about this many MB per shard.")
+@click.option("--rank", type=click.IntRange(min=0), default=0,
+              help="--shards: this process transcodes the shards s with s % WORLD == RANK (several machines or "
+                   "processes into one dataset, once it is indexed).")
+@click.option("--world", type=click.IntRange(min=1), default=1, help="--shards: how many processes share the work.")
+def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path, make_shards, short_side, gop, shard_mb,
+            rank, world):
     """Index the media under ROOT, extract each audio track once, and record every unusable file.
 
     Audio is averaged to mono and resampled once here, because DALI cannot read audio inside video
-    containers and every clip would otherwise decode it again.
+    containers and every clip would otherwise decode it again. With --shards, the videos are then
+    transcoded into clip shards; re-running resumes either step.
     """
     import os
 
     from .data.prepare import prepare as run_prepare
 
-    summary = run_prepare(root, out, fmt=fmt, sample_rate=sample_rate,
-                          workers=os.cpu_count() if workers is None else workers, min_seconds=min_seconds,
-                          csv_path=csv_path, progress=True)
-    click.echo(str(summary))
+    if rank >= world:
+        raise XdcError(f"--rank {rank} should be below --world {world}")
+    workers = os.cpu_count() if workers is None else workers
+    if world == 1:
+        summary = run_prepare(root, out, fmt=fmt, sample_rate=sample_rate, workers=workers, min_seconds=min_seconds,
+                              csv_path=csv_path, progress=True)
+        click.echo(str(summary))
+    else:  # the ranks share one finished index; indexing takes the folder's lock, which one rank would hold
+        click.echo(f"--world {world}: indexing is skipped; the dataset must be prepared (without --world) first")
+    if make_shards:
+        from .data.shards import write_shards
+
+        done = write_shards(out, short_side=short_side, gop=gop, shard_mb=shard_mb, rank=rank, world=world,
+                            workers=workers, progress=True)
+        click.echo(f"shards: {done['videos']} video(s) in {done['shards']} new shard(s) under {done['folder']} "
+                   f"({done['shards_done_before']} were already done, {done['failed']} failed: see "
+                   f"{done['folder']}/rejects.jsonl)")
 
 
 # ---- pretrain -----------------------------------------------------------------------------------------

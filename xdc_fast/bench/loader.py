@@ -12,6 +12,7 @@ import torch
 
 from ..data.clips import ClipConfig
 from ..data.dataset import ClipDataset
+from ..data.shards import ShardReader
 from ..engine import make_loader
 from .timing import _sync
 
@@ -63,13 +64,15 @@ def _time_loader(loader, device: str = "cpu") -> tuple[float, int]:
 
 
 def bench_loader(dataset: str | None = None, workers: tuple[int, ...] = (0, 2), clips: int = 48, seed: int = 0,
-                 codec: str = "h264", progress: Callable[[str], None] | None = None) -> list[LoaderRow]:
-    """Clips/s of each available backend and worker count, and of decoding from the file's start.
+                 codec: str = "h264", progress: Callable[[str], None] | None = None,
+                 config: ClipConfig | None = None) -> list[LoaderRow]:
+    """Clips/s of each available backend and worker count, and of decoding from the file's start; where
+    the dataset has clip shards (``prepare --shards``), PyAV from the shards too, on the same clips.
 
     Without ``dataset``, a synthetic one (320x240, 10 s videos in ``codec``) is written to a temporary
     folder and removed afterwards."""
     say = progress or (lambda _msg: None)
-    config = ClipConfig(frames=16, stride=1, resize_short=128, crop=112)
+    config = config or ClipConfig(frames=16, stride=1, resize_short=128, crop=112)
     workdir = None
     if dataset is None:
         from ..data.prepare import prepare
@@ -83,14 +86,19 @@ def bench_loader(dataset: str | None = None, workers: tuple[int, ...] = (0, 2), 
         prepare(f"{workdir.name}/media", f"{workdir.name}/dataset", workers=2, progress=False)
         dataset = f"{workdir.name}/dataset"
     try:
-        data = ClipDataset(dataset, config, seed=seed)
+        data = ClipDataset(dataset, config, seed=seed, media="files")
+        sharded = ClipDataset(dataset, config, seed=seed) if ShardReader.open(dataset) is not None else None
         order = [i % len(data) for i in range(clips)]
         rows = []
+        # Files and shards take turns per worker count, so a slow spell of a shared machine hits both.
         for count in workers:
-            say(f"pyav backend, {count} worker(s)")
-            seconds, skipped = _time_loader(make_loader(data, 8, loader="pyav", workers=count, device="cpu",
-                                                        indices=order))
-            rows.append(LoaderRow("pyav (seek + WAV window)", count, clips, seconds, skipped))
+            for name, view in (("pyav (seek + WAV window)", data), ("pyav from clip shards", sharded)):
+                if view is None:
+                    continue
+                say(f"{name}, {count} worker(s)")
+                seconds, skipped = _time_loader(make_loader(view, 8, loader="pyav", workers=count, device="cpu",
+                                                            indices=order))
+                rows.append(LoaderRow(name, count, clips, seconds, skipped))
         say("naive baseline: decode from the start")
         t0 = time.perf_counter()
         for i in order:

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from . import pyav_backend
 from .clips import ClipConfig, ClipPlan, LogMel, eval_starts, plan_clip, train_start, video_to_tensor
 from .prepare import load_manifest
+from .shards import ShardError, ShardReader
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,13 @@ class ClipDataset(Dataset):
         seed: with the epoch (``set_epoch``) and the index, fixes every random choice of a sample.
         modalities: ("video", "audio"), or one of them.
         split: ``(split_number, "train"|"test")`` to keep only that part, or None for every item.
+        media: "auto" reads the dataset's clip shards (``prepare --shards``) once all are written, else
+            the original files; "files" or "shards" insists on one.
     """
 
     def __init__(self, dataset: str | Path, config: ClipConfig = ClipConfig(), *, train: bool = True, seed: int = 0,
-                 modalities: tuple[str, ...] = ("video", "audio"), split: tuple[str, str] | None = None):
+                 modalities: tuple[str, ...] = ("video", "audio"), split: tuple[str, str] | None = None,
+                 media: str = "auto"):
         self.root = Path(dataset)
         self.config = config
         self.train = train
@@ -56,6 +60,16 @@ class ClipDataset(Dataset):
                                  "or leave them out")
         if "video" in self.modalities and any(r.get("fps") is None for r in items):
             raise ValueError(f"{self.root} holds audio-only items; use modalities=('audio',)")
+        self.shards = None if media == "files" else ShardReader.open(self.root)
+        if media == "shards" and self.shards is None:
+            raise ShardError(f"{self.root} has no complete clip shards: run `xdc-fast prepare ROOT --out {self.root} "
+                             "--shards` first")
+        if self.shards is not None:
+            missing = [r["id"] for r in items if r["id"] not in self.shards.ids]
+            if missing:  # videos that did not transcode (shards/rejects.jsonl says why)
+                log.warning("%d video(s) are in no shard (e.g. %s); see %s", len(missing), missing[0],
+                            self.shards.folder / "rejects.jsonl")
+                items = [r for r in items if r["id"] in self.shards.ids]
         self.items = items
         self.log_mel = LogMel(config) if "audio" in self.modalities else None
 
@@ -87,10 +101,12 @@ class ClipDataset(Dataset):
         try:
             sample = {"index": index, "label": -1 if record["label"] is None else record["label"], "start": plan.start}
             if "video" in self.modalities:
-                frames = pyav_backend.decode_frame_indices(record["path"], plan.frame_indices, plan.size)
+                video = record["path"] if self.shards is None else self.shards.member(record["id"], "mp4")
+                frames = pyav_backend.decode_frame_indices(video, plan.frame_indices, plan.size)
                 sample["video"] = video_to_tensor(frames, self.config.crop, plan.crop_top, plan.crop_left, plan.flip)
             if "audio" in self.modalities:
-                wave = pyav_backend.read_audio_window(self.root / record["audio"], plan.audio_start,
+                sound = self.root / record["audio"] if self.shards is None else self.shards.member(record["id"], "wav")
+                wave = pyav_backend.read_audio_window(sound, plan.audio_start,
                                                       self.config.audio_seconds, self.config.sample_rate)
                 sample["audio"] = self.log_mel(torch.from_numpy(wave * np.float32(plan.gain)))
             return sample

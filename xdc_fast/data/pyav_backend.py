@@ -7,13 +7,21 @@ the keyframe spacing. Resizing happens in swscale while converting to RGB.
 
 from __future__ import annotations
 
+import io
 import wave
 from pathlib import Path
 
 import numpy as np
 
+# A path, or the bytes of a file in memory (a shard's member).
+Media = str | Path | io.BufferedIOBase | io.BytesIO
 
-def decode_frames(path: str | Path, times: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+
+def _source(media: Media):
+    return str(media) if isinstance(media, (str, Path)) else media
+
+
+def decode_frames(path: Media, times: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
     """The frames shown at each of ``times`` (seconds on the file's timeline), as uint8 ``[T, H, W, 3]``.
 
     A time maps to the source frame shown then, ``floor(time * fps)``; times past the end repeat the
@@ -21,19 +29,19 @@ def decode_frames(path: str | Path, times: np.ndarray, size: tuple[int, int] | N
     """
     import av
 
-    with av.open(str(path)) as container:
+    with av.open(_source(path)) as container:
         stream, fps = _video_stream(container)
         # The frame shown at time t started at or before t (the epsilon absorbs float error).
         wanted = np.floor(np.asarray(times) * fps + 1e-6).astype(np.int64)
         return _decode(container, stream, fps, wanted, size, path)
 
 
-def decode_frame_indices(path: str | Path, wanted, size: tuple[int, int] | None = None) -> np.ndarray:
+def decode_frame_indices(path: Media, wanted, size: tuple[int, int] | None = None) -> np.ndarray:
     """Source frames ``wanted`` (indices at the stream's frame rate) as uint8 ``[T, H, W, 3]``; indices
     past the end repeat the last frame."""
     import av
 
-    with av.open(str(path)) as container:
+    with av.open(_source(path)) as container:
         stream, fps = _video_stream(container)
         return _decode(container, stream, fps, np.asarray(wanted, dtype=np.int64), size, path)
 
@@ -52,9 +60,13 @@ def _decode(container, stream, fps: float, wanted: np.ndarray, size, path) -> np
     images: dict[int, np.ndarray] = {}
     converted: dict[int, np.ndarray] = {}  # by source frame index: each frame converts once
 
+    from av.video.reformatter import VideoReformatter
+
+    reformatter = VideoReformatter()
+
     def rgb(frame, index: int) -> np.ndarray:
         if index not in converted:
-            converted[index] = _to_rgb(frame, size)
+            converted[index] = _to_rgb(frame, size, reformatter)
         return converted[index]
 
     next_target, previous, previous_index = 0, None, -1
@@ -81,13 +93,17 @@ def _decode(container, stream, fps: float, wanted: np.ndarray, size, path) -> np
     return np.stack([images[int(i)] for i in wanted])
 
 
-def _to_rgb(frame, size):
+def _to_rgb(frame, size, reformatter=None):
     if size is None:
         return frame.to_ndarray(format="rgb24")
-    return frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+    if reformatter is None:
+        return frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+    # One reformatter for every frame of a clip keeps swscale's context: a frame's own reformat builds a
+    # new one each time, 0.69 against 0.14 ms per 228x128 frame (PyAV 18), five times the decoding.
+    return reformatter.reformat(frame, format="rgb24", width=size[0], height=size[1]).to_ndarray()
 
 
-def read_audio_window(path: str | Path, start: float, seconds: float, sample_rate: int) -> np.ndarray:
+def read_audio_window(path: Media, start: float, seconds: float, sample_rate: int) -> np.ndarray:
     """``seconds`` of mono float32 audio from ``start`` (may be negative), zero-padded outside the file.
 
     Reads only the window (WAV allows random access), so long files cost no more than short ones.
@@ -95,7 +111,7 @@ def read_audio_window(path: str | Path, start: float, seconds: float, sample_rat
     count = int(round(seconds * sample_rate))
     first = int(round(start * sample_rate))
     out = np.zeros(count, dtype=np.float32)
-    with wave.open(str(path), "rb") as w:
+    with wave.open(_source(path), "rb") as w:
         if w.getframerate() != sample_rate or w.getnchannels() != 1 or w.getsampwidth() != 2:
             raise ValueError(f"{path}: expected mono 16-bit WAV at {sample_rate} Hz (as prepare writes), got "
                              f"{w.getnchannels()} channel(s), {8 * w.getsampwidth()} bit, {w.getframerate()} Hz")
