@@ -1,4 +1,4 @@
-"""How many rows would the certified tensor-core assignment re-check? A CPU simulation (issue 12).
+"""How many rows would the certified tensor-core assignment re-check? A CPU simulation.
 
     python benchmarks/certified_sim.py [--n 20000] [--noise 1 2 4] [--seed 0]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script for the lent GPU machine: build there, run the CUDA tests (the Triton kernel and the
+# The one script for a GPU machine: build there, run the CUDA tests (the Triton kernel and the
 # certified epilogue on the GPU included), memcheck a small case, measure the card's ceilings, time the
 # tensor-core pass (benchmarks/tensor_core_assign.py), then the k-means benchmarks. Results go under $OUT (8 files at most
 # come back). Usage (from the repository root): OUT=/tmp/gpu bash benchmarks/gpu_check.sh [SIZES...]
@@ -35,7 +35,7 @@ grep -E "ERROR SUMMARY|sanitize case done" "$OUT/memcheck.log"
 step ceilings
 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" 2>&1 | tee -a "$OUT/machine.txt"
 
-step tensor-cores  # the Triton pass of the certified assignment (issue 12) against the same-run ceilings
+step tensor-cores  # the Triton pass of the certified assignment against the same-run ceilings
 timeout 300 python3 benchmarks/tensor_core_assign.py --json "$OUT/tensor_cores.json" 2>&1 | tail -30
 
 step bench

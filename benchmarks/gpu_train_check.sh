@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The training check for the lent GPU machine (issue 13): build there, run the CUDA tests of the loaders,
+# The training check for a GPU machine: build there, run the CUDA tests of the loaders,
 # DALI and the engine, `bench train` (FLOPs, MFU against the same-run bf16 GEMM, both loaders), and smoke
 # runs of pretrain (alone and under torchrun, NCCL), finetune and extract on CUDA, on synthetic H.264 data
 # made there. Every step runs under `timeout`; its exit code and seconds go to $OUT/summary.md, its output
 # to $OUT/steps.log (the machine sends back 8 files at most).
 # Usage (from the repository root): OUT=/tmp/gpu bash benchmarks/gpu_train_check.sh
-# PyAV and DALI are not installed on the GPU machine: carry their cp312 wheels (av, nvidia-dali-cuda130
+# Where PyAV and DALI are not installed and the GPU machine has no network: bring their cp312 wheels (av, nvidia-dali-cuda130
 # and what DALI needs) in a folder and set WHEELS=that/folder, or unpack them beforehand into a folder on
-# PYTHONPATH (REFERENCE §5's pieces); whatever does not import is skipped, said so. BUILT=1 skips the
+# PYTHONPATH (benchmarks/pack_gpu_wheels.sh); whatever does not import is skipped, said so. BUILT=1 skips the
 # build when an earlier call already built the package in the background (it saves a minute of the lease).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-results}

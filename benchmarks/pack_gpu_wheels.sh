@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Packs what the GPU machine lacks for the training check (issue 13) into pieces small enough to carry:
+# Packs what an offline GPU machine lacks for the training check into pieces small enough to copy:
 # the cp312 wheels of DALI (nvidia-dali-cuda130 2.4.0, ~190 MiB), its few missing dependencies and PyAV,
 # unpacked, stripped of other Pythons' binaries and of headers, tarred and xz-compressed (~166 MB), then
-# split into .dpk1/ .dpk2/ .dpk3/ (55 MiB each, .git/info/exclude keeps them out of git). REFERENCE §5.
+# split into .dpk1/ .dpk2/ .dpk3/ (55 MiB each, .git/info/exclude keeps them out of git).
 # Then, back to back while the machine stays warm (30 s), three device runs:
 #   1. carry [".dpk1"]: mkdir -p /tmp/pk && cp .dpk1/* /tmp/pk/   (and start the build in the background:
 #      see docs/gpu.md, "The training check")

@@ -1,4 +1,4 @@
-"""The tensor-core assignment on a GPU (issue 12): the Triton kernel's pass (bf16 and tf32) against the
+"""The tensor-core assignment on a GPU: the Triton kernel's pass (bf16 and tf32) against the
 card's own ceilings and the contenders, all timed in one run, plus the certified labels checked against
 float64 on a sample of rows.
 

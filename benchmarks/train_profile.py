@@ -1,4 +1,4 @@
-"""Where the GPU time of one training step goes (issue 13: R(2+1)D-18 reaches 12% MFU, 17% compiled; the
+"""Where the GPU time of one training step goes (R(2+1)D-18 reached 12% MFU, 17% compiled; the
 target is 35%): the step as the commands run it, under ``torch.profiler``, with the CUDA kernel time
 grouped into convolution, normalisation, elementwise, layout copies, optimizer and the rest, and the
 top kernels by time. Writes JSON and prints a table.

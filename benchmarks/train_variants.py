@@ -1,4 +1,4 @@
-"""Which form of the training step is fastest on this GPU (issue 13), each on synthetic clips already on
+"""Which form of the training step is fastest on this GPU, each on synthetic clips already on
 the device, so only compute is timed: ``contiguous`` clips; ``engine``, the step as the commands run it
 (video clips in ``engine.device_layout``); ``cudnn_benchmark``, with cuDNN's autotuner; ``channels_last``,
 the weights in that layout too; ``compile``, the encoder under ``torch.compile``; and

@@ -5,7 +5,7 @@ ones on rows whose two best centroids are nearly equidistant. The certified assi
 and gives exact labels anyway: it scores every (row, centroid) pair from rounded inputs, proves for most
 rows that the rounding cannot have changed the winner, and re-decides only the other rows exactly. This
 module is that algorithm step by step, with the rounding done bit for bit, so that a CUDA or Triton
-kernel can be checked against it (issue 12). It favours clarity over speed.
+kernel can be checked against it. It favours clarity over speed.
 
 The contract: the labels equal the argmin over K of the exact squared distance ||x_n - c_k||^2 of the
 float32 inputs, the lowest index winning exact ties -- whatever the precision and whatever the data.

@@ -1,4 +1,4 @@
-"""The certified assignment's tensor-core pass as a Triton kernel (issue 12, step 2).
+"""The certified assignment's tensor-core pass as a Triton kernel.
 
 One program takes ``BLOCK_N`` rows of one problem, streams the centroids through in tiles of
 ``BLOCK_K``, scores each tile with ``tl.dot`` over ``BLOCK_D``-wide slices of D (fp32 accumulation),
@@ -102,7 +102,7 @@ def _kernel_inputs(problem: RoundedProblem, precision: str, device: torch.device
 # Tiles (rows, centroids, D) and warps: small under the interpreter (numpy per tile); on Hopper the
 # largest that ptxas compiles without spilling (benchmarks/triton_compile_gate.py, compiled here for
 # sm_90: 128 x 128 spilled 360 bytes with bf16; tf32 operands, twice the bytes, take half the D slice).
-# Not yet timed on a GPU (issue 12).
+# Not yet timed on a GPU.
 INTERPRETER_TILES = dict(BLOCK_N=32, BLOCK_K=32, BLOCK_D=32, num_warps=4, num_stages=1)
 GPU_TILES = {"bf16": dict(BLOCK_N=128, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=3),
              "tf32": dict(BLOCK_N=128, BLOCK_K=64, BLOCK_D=32, num_warps=8, num_stages=3)}
