@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xdc_fast.pseudo_labels import VARIANTS
+from xdc_fast.variants import VARIANTS
 
 FAMILIES = ("motion", "shapes")
 CLASSES, VIDEOS_PER_CLASS, SECONDS, PROBE_CLIPS = 6, 16, 3.0, 4

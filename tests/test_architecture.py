@@ -1,14 +1,19 @@
 """The package's three levels: commands import shared machinery and building blocks, never each other."""
 
 import ast
+import dataclasses
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import xdc_fast
 
 PACKAGE = Path(xdc_fast.__file__).parent
 COMMANDS = {"pretrain", "finetune", "probe", "extract", "evaluate", "assign", "browse", "export", "demo", "bench", "cli"}
-SHARED = {"config", "seeds", "engine", "pseudo_labels", "transfer", "protocols", "metrics", "report", "learning"}
+SHARED = {"config", "seeds", "engine", "pseudo_labels", "rounds", "transfer", "protocols", "metrics", "report", "learning"}
 # demo and cli run whole commands by design (the demo is pretrain + probes; the CLI dispatches).
 MAY_CALL_COMMANDS = {"demo", "cli"}
 
@@ -85,3 +90,55 @@ def test_no_dangling_references_to_documents_outside_the_repository():
     offences = [f"{p.relative_to(root)}: {m.group(0)}" for p in texts for m in OUTSIDE_REFERENCES.finditer(p.read_text())]
     assert not offences, offences
     assert OUTSIDE_REFERENCES.search("as issue 12 says") and not OUTSIDE_REFERENCES.search("tissue 3")
+
+
+# ---- the CLI reads its lists from the tables, and its help is cheap ---------------------------------------
+
+@pytest.mark.parametrize("args", [["--help"], ["prepare", "--help"], ["pretrain", "--help"], ["evaluate", "--help"]])
+def test_help_loads_neither_torch_nor_the_extension(args):
+    script = ("import sys\nfrom xdc_fast.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+              "heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.') or m == 'xdc_fast._C')\n"
+              "print('HEAVY', heavy)\n" % (args,))
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert shown.returncode == 0, shown.stderr
+    assert "HEAVY []" in shown.stdout, shown.stdout.splitlines()[-1]
+    assert "Usage:" in shown.stdout
+
+
+def test_no_choice_list_is_written_out_in_the_cli():
+    """Every click.Choice is built from a table (a name), never from a literal list of strings."""
+    offences = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "Choice" and node.args \
+                    and isinstance(node.args[0], (ast.List, ast.Tuple, ast.Set)):
+                offences.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not offences, offences
+
+
+def test_every_cli_choice_is_a_table():
+    import click
+
+    from xdc_fast import choices, config, protocols
+    from xdc_fast.cli import main
+    from xdc_fast.data.formats import READERS
+    from xdc_fast.data.synthetic import CODECS
+    from xdc_fast.models.archs import ARCHS
+    from xdc_fast.variants import CLUSTERINGS, VARIANTS
+
+    tables = [tuple(t) for t in (VARIANTS, ARCHS, ("auto", *ARCHS), READERS, CODECS, CLUSTERINGS, protocols.PROTOCOLS,
+                                 choices.LOADERS, choices.CONCRETE_LOADERS, choices.DEVICES, choices.CONCRETE_DEVICES,
+                                 choices.MODALITIES, choices.CPU_ISAS)]
+    # Choices of a configuration field are declared once, on the field.
+    for cls in (config.PretrainConfig, config.FinetuneConfig, config.ExtractConfig, config.EvaluateConfig):
+        tables += [tuple(f.metadata["choices"]) for f in dataclasses.fields(cls) if f.metadata.get("choices")]
+
+    def commands(group, prefix=""):
+        for name, command in group.commands.items():
+            yield f"{prefix}{name}", command
+            if isinstance(command, click.Group):
+                yield from commands(command, f"{prefix}{name} ")
+
+    loose = [f"{name} --{p.name}: {p.type.choices}" for name, command in commands(main) for p in command.params
+             if isinstance(p.type, click.Choice) and tuple(p.type.choices) not in tables]
+    assert not loose, loose

@@ -14,7 +14,7 @@ BAD_VALUES = [
     (PretrainConfig, "lr", -1, "lr: -1.0 is out of range; it must be greater than 0"),
     (PretrainConfig, "lr", 0, "lr: 0.0 is out of range; it must be greater than 0"),
     (PretrainConfig, "schedule", "linear", "schedule: 'linear' is not one of cosine, constant"),
-    (PretrainConfig, "arch", "resnet50", "arch: 'resnet50' is not one of tiny, r2plus1d_18"),
+    (PretrainConfig, "arch", "resnet50", "arch: 'resnet50' is not one of auto, tiny, r2plus1d_18"),
     (PretrainConfig, "variant", "sdc", "variant: 'sdc' is not one of xdc, mdc, cdc, sdc-video, sdc-audio"),
     (PretrainConfig, "momentum", 1.5, "momentum: 1.5 is out of range; it must be at most 1"),
     (PretrainConfig, "clip", {"crop": 0}, "clip.crop: 0 is out of range"),

@@ -228,3 +228,21 @@ def test_relative_links_resolve(page):
         elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
             broken.append(f"{target} (no such heading)")
     assert not broken, f"{page.relative_to(ROOT)}: broken links {broken}"
+
+
+# ---- the protocol table of docs/evaluation.md ----------------------------------------------------------------
+
+PROTOCOL_ROW = re.compile(r"^\| `([\w@-]+)`", re.MULTILINE)
+
+
+def undocumented_protocols(text: str | None = None) -> list[str]:
+    """Protocols of the table in xdc_fast.protocols that docs/evaluation.md's protocol table lacks."""
+    from xdc_fast.protocols import PROTOCOLS
+
+    text = (ROOT / "docs" / "evaluation.md").read_text() if text is None else text
+    documented = set(PROTOCOL_ROW.findall(text))
+    return [name for name in PROTOCOLS if name not in documented]
+
+
+def test_every_protocol_is_documented():
+    assert undocumented_protocols() == []

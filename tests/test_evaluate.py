@@ -109,7 +109,8 @@ def test_cli_runs_one_split_and_chosen_protocols(dataset, tmp_path, monkeypatch)
 
 
 def test_a_checkpoint_file_scores_like_the_encoder_it_holds(dataset, both, tmp_path):
-    from xdc_fast.checkpoint import load_encoder, save_atomic
+    from xdc_fast.checkpoint import load_encoder
+    from xdc_fast.files import save_atomic
 
     encoder, _ = load_encoder("random", "video", None, 1e-5, 1)
     path = tmp_path / "enc.pt"
@@ -138,7 +139,8 @@ def test_compare_a_results_file_with_itself_is_comparable(both):
 
 
 def test_compare_another_encoder_under_the_same_protocol_is_comparable(dataset, both, tmp_path):
-    from xdc_fast.checkpoint import load_encoder, save_atomic
+    from xdc_fast.checkpoint import load_encoder
+    from xdc_fast.files import save_atomic
 
     encoder, _ = load_encoder("random", "video", None, 1e-5, 7)
     path = tmp_path / "other.pt"
@@ -209,7 +211,8 @@ def test_finetune_protocol_gives_the_numbers_of_finetune_full(dataset, tmp_path)
     """The same encoder file, split and settings through `finetune --mode full` and through `evaluate
     --protocol finetune` (after knn has encoded every video with the same encoder): the same training
     losses epoch by epoch and the same final scores."""
-    from xdc_fast.checkpoint import load_encoder, save_atomic
+    from xdc_fast.checkpoint import load_encoder
+    from xdc_fast.files import save_atomic
     from xdc_fast.config import FinetuneConfig
     from xdc_fast.finetune import finetune
 

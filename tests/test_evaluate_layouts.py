@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from xdc_fast.checkpoint import load_encoder, save_atomic
+from xdc_fast.checkpoint import load_encoder
+from xdc_fast.files import save_atomic
 from xdc_fast.cli import main
 from xdc_fast.config import EvaluateConfig
 from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset

@@ -17,7 +17,7 @@ from xdc_fast.errors import XdcError as FinetuneError
 from xdc_fast.finetune import finetune as finetune_full
 from xdc_fast.metrics import score, softmax as softmax_numpy, video_accuracy
 from xdc_fast.probe import probe
-from xdc_fast.transfer import linear_classifier
+from xdc_fast.protocols import linear_classifier
 
 # Outcomes of training, clustering or probing, which the CPU's float path can move: CI runs these again
 # on other paths (docs/testing.md).

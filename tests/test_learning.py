@@ -39,7 +39,7 @@ def test_a_head_learning_the_sampled_clustering_has_chance_one_over_k():
 
 
 def test_chance_of_heads_names_each_head_of_a_variant():
-    from xdc_fast.pseudo_labels import VARIANTS
+    from xdc_fast.variants import VARIANTS
 
     labels = {"video": np.array([0, 0, 1, 1]), "audio": np.array([0, 1, 0, 1])}
     heads = chance_of_heads(VARIANTS["mdc"].learns, labels, labels["video"])

@@ -73,8 +73,8 @@ def _config_file(tmp_path, **values) -> str:
 @needs_dali
 def test_pretrain_with_dali_runs_two_rounds_on_the_features_pyav_gives(vp9, tmp_path):
     from xdc_fast.config import PretrainConfig
-    from xdc_fast.pretrain import _build_encoders, _prepare_data
-    from xdc_fast.pseudo_labels import variant
+    from xdc_fast.pretrain import build_encoders, prepare_run_data
+    from xdc_fast.variants import variant
     from xdc_fast.seeds import seed_for
 
     settings = dict(clusters=3, epochs=2, epochs_per_round=1, batch_size=4, pca_dim=0)
@@ -87,9 +87,9 @@ def test_pretrain_with_dali_runs_two_rounds_on_the_features_pyav_gives(vp9, tmp_
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["loader"] == "dali"
     # What round 0 clustered: the initial encoders on the fixed clips, decoded by either loader.
     config = PretrainConfig(**settings, clip=GEOMETRY)
-    data = _prepare_data(vp9, config, variant("xdc"))
+    data = prepare_run_data(vp9, config, variant("xdc"))
     torch.manual_seed(seed_for(config.seed, "encoders"))
-    encoders = _build_encoders(variant("xdc"), config.arch)
+    encoders = build_encoders(variant("xdc"), config.resolved_arch("cpu"))
     cpu = torch.device("cpu")
     pyav, rows_pyav = engine.encode_clips(encoders, data.fixed_clips, 4, cpu, loader="pyav", gather=False)
     dali, rows_dali = engine.encode_clips(encoders, data.fixed_clips, 4, cpu, loader="dali", gather=False)

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from tests.conftest import prepared_synthetic
 from xdc_fast.cli import main
 from xdc_fast.config import ConfigError, PretrainConfig
+from xdc_fast.errors import DatasetError
 from xdc_fast.pretrain import pretrain
 
 # Outcomes of training, clustering or probing, which the CPU's float path can move: CI runs these again
@@ -61,7 +62,7 @@ def test_init_checkpoint_and_cluster_transfer(dataset, tmp_path):
     from xdc_fast.models import build_video_encoder
     from xdc_fast.checkpoint import load_encoders_from as load_init_checkpoint
     from xdc_fast.errors import XdcError
-    from xdc_fast.pseudo_labels import load_saved_labels
+    from xdc_fast.rounds import load_saved_labels
 
     pretrain(dataset, tmp_path / "a", PretrainConfig(**FAST), log=lambda *_: None)
     # Encoders start from run a's: the weights match exactly before any training.
@@ -207,7 +208,7 @@ def test_audio_variant_on_silent_data_is_refused(tmp_path):
     for i in range(4):
         write_media(tmp_path / "media" / "c" / f"v{i}.mp4", np.zeros((24, 32, 32, 3), dtype=np.uint8), 12)
     prepare(tmp_path / "media", tmp_path / "ds", workers=1, progress=False)
-    with pytest.raises(ConfigError, match="learns from audio"):
+    with pytest.raises(DatasetError, match="learns from audio"):
         pretrain(tmp_path / "ds", tmp_path / "run", PretrainConfig(**{**FAST, "clusters": 2}), log=lambda *_: None)
     history = pretrain(tmp_path / "ds", tmp_path / "video_only",
                        PretrainConfig(**{**FAST, "clusters": 2, "variant": "sdc-video"}), log=lambda *_: None)

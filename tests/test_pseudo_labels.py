@@ -2,36 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from xdc_fast.pseudo_labels import (VARIANTS, ClusteringSpec, balanced_indices, cluster_round, variant,
-                                    video_labels)
-
-
-def test_who_learns_what():
-    y = {"video": np.array([0, 1]), "audio": np.array([1, 0]), "concat": np.array([2, 2])}
-    xdc = VARIANTS["xdc"].targets(y)
-    assert xdc["video"][0] is y["audio"] and xdc["audio"][0] is y["video"]  # cross-modal: the other's clusters
-    mdc = VARIANTS["mdc"].targets(y)
-    assert mdc["video"][0] is y["video"] and mdc["video"][1] is y["audio"]
-    assert mdc["audio"][0] is y["audio"] and mdc["audio"][1] is y["video"]
-    cdc = VARIANTS["cdc"].targets(y)
-    assert cdc["video"][0] is y["concat"] and cdc["audio"][0] is y["concat"]
-    assert VARIANTS["sdc-video"].targets(y) == {"video": [y["video"]]}
-    assert VARIANTS["sdc-audio"].targets(y) == {"audio": [y["audio"]]}
-
-
-def test_modalities_and_clusterings_follow_from_the_table():
-    assert VARIANTS["xdc"].modalities == ("video", "audio") and VARIANTS["xdc"].clusterings == ("video", "audio")
-    assert VARIANTS["cdc"].clusterings == ("video", "audio", "concat")
-    assert VARIANTS["sdc-audio"].modalities == ("audio",)
-    with pytest.raises(ValueError, match="unknown variant 'sdc'"):
-        variant("sdc")
-
-
-def test_the_cli_offers_exactly_the_table():
-    from xdc_fast.cli import pretrain as command
-
-    choices = next(p for p in command.params if p.name == "variant").type.choices
-    assert tuple(choices) == tuple(VARIANTS)
+from xdc_fast.pseudo_labels import ClusteringSpec, balanced_indices, fit_round, video_labels
+from xdc_fast.variants import VARIANTS
 
 
 def test_balanced_sampler_draws_non_empty_clusters_evenly():
@@ -56,7 +28,8 @@ def test_kmeans_restarts_keep_each_modalitys_lowest_objective():
     results = {}
     for nredo in (1, 4):
         spec = ClusteringSpec(clusters=5, pca_dim=0, niter=20, nredo=nredo, clips_per_video=2)
-        labels, centroids = cluster_round(features, VARIANTS["xdc"], spec, 0, 0, np.arange(40))
+        fit = fit_round(features, VARIANTS["xdc"], spec, 0, 0, np.arange(40))
+        labels, centroids = fit.labels, fit.centroids
         results[nredo] = [objective(labels[m], centroids[0][i].numpy(), points[m]) for i, m in enumerate(("video", "audio"))]
     assert all(many <= one + 1e-4 for many, one in zip(results[4], results[1]))
     assert any(many < one - 1e-3 for many, one in zip(results[4], results[1]))  # the restarts found something better
@@ -66,7 +39,8 @@ def test_cdc_also_clusters_the_concatenation():
     rng = np.random.default_rng(1)
     features = {m: rng.normal(size=(12, 4)).astype(np.float32) for m in ("video", "audio")}
     spec = ClusteringSpec(clusters=3, pca_dim=0, niter=5, nredo=1, clips_per_video=1)
-    labels, centroids = cluster_round(features, VARIANTS["cdc"], spec, 0, 0, np.arange(12))
+    fit = fit_round(features, VARIANTS["cdc"], spec, 0, 0, np.arange(12))
+    labels, centroids = fit.labels, fit.centroids
     assert set(labels) == {"video", "audio", "concat"} and len(centroids) == 2
     assert centroids[1].shape == (1, 3, 8)  # the concatenation clusters in 4 + 4 dimensions
 
@@ -78,13 +52,11 @@ def test_a_rounds_transforms_reproduce_its_points_and_labels(name, pca_dim):
     """The kept transform maps the raw features to the points k-means saw (bit for bit), and each label
     is the nearest kept centroid of its point (float64)."""
     from xdc_fast.cluster import apply_whitening
-    from xdc_fast.pseudo_labels import fit_round
 
     rng = np.random.default_rng(2)
     features = {m: rng.normal(size=(30, 6)).astype(np.float32) for m in ("video", "audio")}
     spec = ClusteringSpec(clusters=4, pca_dim=pca_dim, niter=10, nredo=1, clips_per_video=2)
     fit = fit_round(features, VARIANTS[name], spec, 0, 0, np.arange(30))
-    labels, centroids = cluster_round(features, VARIANTS[name], spec, 0, 0, np.arange(30))
     assert set(fit.transforms) == set(VARIANTS[name].clusterings)
     for clustering, transform in fit.transforms.items():
         raw = torch.cat([torch.from_numpy(features[m]) for m in transform["inputs"]], dim=1)
@@ -92,7 +64,6 @@ def test_a_rounds_transforms_reproduce_its_points_and_labels(name, pca_dim):
         assert torch.equal(points, fit.points[clustering])
         d64 = ((points.double()[:, None] - transform["centroids"].double()[None]) ** 2).sum(-1)
         assert np.array_equal(d64.argmin(1).numpy(), fit.labels[clustering])
-        assert np.array_equal(labels[clustering], fit.labels[clustering])  # cluster_round: the same fit
     assert transforms_inputs(fit) == ({"video": ["video"], "audio": ["audio"]} if name == "xdc" else
                                       {"video": ["video"], "audio": ["audio"], "concat": ["video", "audio"]})
 
@@ -126,17 +97,3 @@ def test_assignment_measures_against_float64_by_hand():
         others = np.delete(d[mine], label, axis=1).min(1)
         assert got["video_distance"][v] == pytest.approx(d[mine, label].mean(), rel=1e-5)
         assert got["video_margin"][v] == pytest.approx((others - d[mine, label]).mean(), rel=1e-4, abs=1e-6)
-
-
-def test_a_round_file_without_transforms_is_refused_by_name(tmp_path):
-    from xdc_fast.errors import XdcError
-    from xdc_fast.pseudo_labels import load_round, round_path, save_round
-
-    (tmp_path / "clusters").mkdir()
-    path = tmp_path / "clusters" / "round_002.pt"
-    save_round(path, ["a", "b"], 1, [torch.zeros(1, 2, 3)], {"video": np.array([0, 1])}, {"video": np.array([0, 1])})
-    assert round_path(tmp_path) == path
-    with pytest.raises(XdcError, match=r"round_002\.pt holds no PCA-whitening transforms"):
-        load_round(path)
-    with pytest.raises(XdcError, match=r"round_005\.pt does not exist \(.* has rounds 2\.\.2\)"):
-        round_path(tmp_path, 5)

@@ -1,8 +1,21 @@
-"""xdc-fast: cross-modal deep clustering (XDC) of video and audio, with fast batched k-means."""
+"""xdc-fast: cross-modal deep clustering (XDC) of video and audio, with fast batched k-means.
 
-from .checkpoint import load_encoder
-from .cluster import KMeans, pca_whiten
-from .ops import kmeans_assign, kmeans_update
+The names below load torch and the compiled kernels on first use, not on ``import xdc_fast``: the
+command line's ``--help`` and its checks of flags import the package without them.
+"""
 
 __version__ = "0.1.0"
-__all__ = ["KMeans", "pca_whiten", "kmeans_assign", "kmeans_update", "load_encoder", "__version__"]
+
+_EXPORTS = {"KMeans": "cluster", "pca_whiten": "cluster", "kmeans_assign": "ops", "kmeans_update": "ops",
+            "load_encoder": "checkpoint"}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [*_EXPORTS, "__version__"]

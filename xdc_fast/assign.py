@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from . import distributed as xdist
-from .config import ConfigError
 from .files import output_lock, write_text_atomic
 from .data.prepare import load_manifest
-from .pseudo_labels import check_dataset_fits_round, load_round, measure_dataset, round_encoders, round_path
+from .errors import ConfigError
+from .rounds import check_dataset_fits_round, load_round, measure_dataset, round_encoders, round_path
 
-FORMATS = (".json", ".csv")
+OUTPUT_SUFFIXES = (".json", ".csv")
 
 
 def assign(run: str | Path, dataset: str | Path, out: str | Path, round_index: int | None = None, *,
@@ -40,7 +40,7 @@ def assign(run: str | Path, dataset: str | Path, out: str | Path, round_index: i
            log=print) -> dict:
     """Write ``out`` and return what it holds (the JSON layout, whichever the file's format)."""
     out = Path(out)
-    if out.suffix not in FORMATS:
+    if out.suffix not in OUTPUT_SUFFIXES:
         raise ConfigError(f"--out should end in .json or .csv, got {out.name}")
     if out.exists():  # as finetune and evaluate refuse to replace their results
         raise ConfigError(f"{out} already exists; choose another --out (or delete it)")

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import distributed as xdist
-from . import engine, metrics
+from . import distributed as xdist, metrics
 from .data.prepare import load_manifest
 from .files import OutputError, make_folder, output_lock, write_text_atomic
-from .pseudo_labels import (SavedRound, check_dataset_fits_round, load_round, measure_dataset, round_encoders,
-                            round_path, run_dataset)
+from .progress import progress
+from .rounds import (RoundFile, check_dataset_fits_round, dataset_of_run, load_round, measure_dataset,
+                     round_encoders, round_path)
 
 log_ = logging.getLogger(__name__)
 
@@ -62,10 +62,10 @@ def browse(run: str | Path, out: str | Path, round_index: int | None = None, dat
         return _browse(run, out, saved, dataset, members, device, loader, workers, log)
 
 
-def _browse(run, out: Path, saved: SavedRound, dataset, members: int, device: str, loader: str, workers: int,
+def _browse(run, out: Path, saved: RoundFile, dataset, members: int, device: str, loader: str, workers: int,
             log) -> Path:
     if dataset is None:
-        dataset = run_dataset(run)
+        dataset = dataset_of_run(run)
         items, measured = _saved_measures(saved, dataset)
         source = f"the run's own videos ({dataset})"
     else:
@@ -84,7 +84,7 @@ def _browse(run, out: Path, saved: SavedRound, dataset, members: int, device: st
     wanted = sorted({int(i) for central, uncertain in shown.values() for i in (*central, *uncertain)}
                     | {int(c.members[0]) for c in clusters})
     media = {}
-    for i in engine.progress(wanted, "media", len(wanted), unit="video"):
+    for i in progress(wanted, "media", len(wanted), unit="video"):
         media[i] = write_media(items[i], out / "media")
     for c in clusters:
         central, uncertain = shown[c.page]
@@ -95,16 +95,16 @@ def _browse(run, out: Path, saved: SavedRound, dataset, members: int, device: st
     return out / "index.html"
 
 
-def _saved_measures(saved: SavedRound, dataset: Path) -> tuple[list[dict], dict[str, dict]]:
+def _saved_measures(saved: RoundFile, dataset: Path) -> tuple[list[dict], dict[str, dict]]:
     """The run's items in the round's order, with the measures the round saved."""
-    from .data.prepare import PrepareError
+    from .errors import PrepareError
 
     by_id = {r["id"]: r for r in load_manifest(dataset)}
     missing = [i for i in saved.ids if i not in by_id]
     if missing:
         raise PrepareError(f"{dataset} lacks {len(missing)} of the run's items (e.g. {missing[0]}); pass the "
                            "dataset to show with --data")
-    return [by_id[i] for i in saved.ids], saved.saved
+    return [by_id[i] for i in saved.ids], saved.assignments
 
 
 # ---- what to show -----------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def _page(title: str, body: str, script: str = "") -> str:
             + (f"<script>{script}</script>\n" if script else "") + "</body></html>\n")
 
 
-def index_page(clusters: list[Cluster], items: list[dict], measured: dict, media: dict, saved: SavedRound, run,
+def index_page(clusters: list[Cluster], items: list[dict], measured: dict, media: dict, saved: RoundFile, run,
                source: str) -> str:
     agreement = ""
     if "video" in measured and "audio" in measured:
@@ -300,7 +300,7 @@ def index_page(clusters: list[Cluster], items: list[dict], measured: dict, media
 
 
 def cluster_page(cluster: Cluster, items: list[dict], measures: dict, central: np.ndarray, uncertain: np.ndarray,
-                 media: dict, saved: SavedRound) -> str:
+                 media: dict, saved: RoundFile) -> str:
     def cards(indices: np.ndarray) -> str:
         out = []
         for i in indices.tolist():

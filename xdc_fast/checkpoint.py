@@ -13,17 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data.clips import ARCH_GEOMETRY
-from .errors import XdcError
-from .files import save_atomic  # noqa: F401 - where callers have always found it
-
-MODALITIES = ("video", "audio")
-
-
-class CheckpointError(XdcError):
-    """A checkpoint that cannot give the encoder asked for (reported without a traceback)."""
-
-
+from .choices import MODALITIES
+from .errors import CheckpointError
+from .models.archs import ARCHS
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -58,9 +50,9 @@ def checkpoint_arch(state: dict, path=None) -> str:
         return "r2plus1d_18"
     config = state.get("config")
     arch = config.get("arch", "tiny") if isinstance(config, dict) else "tiny"
-    if arch not in ARCH_GEOMETRY:
+    if arch not in ARCHS:
         raise CheckpointError(f"{path or 'the checkpoint'} names an encoder arch {arch!r} that this version does not "
-                              f"build (it builds {', '.join(ARCH_GEOMETRY)})")
+                              f"build (it builds {', '.join(ARCHS)})")
     return arch
 
 

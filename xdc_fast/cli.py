@@ -16,8 +16,14 @@ from dataclasses import MISSING, fields
 
 import click
 
+from .choices import CONCRETE_DEVICES, CONCRETE_LOADERS, CPU_ISAS, DEVICE_HELP, DEVICES, LOADER_HELP, LOADERS
 from .config import EvaluateConfig, ExtractConfig, FinetuneConfig, PretrainConfig, from_dict, read_yaml
+from .data.formats import FORMAT_HELP, READERS
+from .data.synthetic import CODECS
 from .errors import StalledError, XdcError
+from .models.archs import ARCHS, default_arch
+from .protocols import PROTOCOLS, default_protocols, protocols_help, multilabel_names
+from .variants import CLUSTERINGS
 from .files import AGAIN, DISK_FULL, output_error
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
@@ -177,13 +183,7 @@ def main():
 @click.argument("root", type=click.Path(file_okay=False, path_type=str))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=str),
               help="The dataset folder to write (manifest.jsonl, rejects.jsonl, audio/). Re-running resumes.")
-@click.option("--format", "fmt", type=click.Choice(["folder", "ucf101", "hmdb51", "esc50", "kinetics-csv", "vggsound",
-                                                  "audioset"]),
-              default="folder",
-              help="folder: ROOT/<class>/<file> gives labels (flat: none); ucf101/hmdb51: their official split "
-                   "files, all 3 splits; esc50: audio only, meta/esc50.csv, 5 folds; kinetics-csv: --csv rows; "
-                   "vggsound: vggsound.csv; audioset: *segments*.csv + class_labels_indices.csv (multi-label). "
-                   "vggsound/audioset find a row's media as <id>_<start:06d>[_<end:06d>].<ext> or <id>.<ext>.")
+@click.option("--format", "fmt", type=click.Choice(list(READERS)), default="folder", help=FORMAT_HELP)
 @click.option("--sample-rate", type=click.IntRange(min=1000), default=16000,
               help="Rate of the extracted mono audio (Hz).")
 @click.option("--workers", type=click.IntRange(min=0), default=None, show_default="the number of CPUs",
@@ -239,7 +239,7 @@ def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path, make_sh
 
 # ---- pretrain -----------------------------------------------------------------------------------------
 
-PRETRAIN_FLAGS = ("variant", "arch", "epochs", "clusters", "batch_size", "lr", "device", "loader", "seed",
+PRETRAIN_FLAGS = ("variant", "arch", "epochs", "clusters", "batch_size", "lr", "device", "loader", "workers", "seed",
                   "init_checkpoint", "labels_from")
 EXISTING_FILE = click.Path(dir_okay=False, exists=True)
 
@@ -337,10 +337,9 @@ EVALUATE_FLAGS = ("modality", "arch", "split", "clips_per_video", "knn_k", "knn_
               help="A labelled dataset written by `xdc-fast prepare` (required unless --compare).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Where results.json, results.md and results.png go (required unless --compare).")
-@click.option("--protocol", "protocols", multiple=True, metavar="NAME",
-              help="linear, knn, retrieval, svm, clustering, or finetune (full finetuning per split: costly, "
-                   "so only when named); repeat for several. On a multi-label dataset: linear (scored by mAP) "
-                   "and retrieval.  [default: the first five]")
+@click.option("--protocol", "protocols", multiple=True, type=click.Choice(list(PROTOCOLS)),
+              help=f"{protocols_help()} Repeat for several; on a multi-label dataset: {', '.join(multilabel_names())}.  "
+                   f"[default: {', '.join(default_protocols())}]")
 @click.option("--compare", nargs=2, metavar="A.json B.json", type=click.Path(), default=None,
               help="Run nothing: say which protocol fingerprint fields differ between two results.json files "
                    "(exit status 0 when comparable, 1 when not).")
@@ -401,10 +400,9 @@ def extract(dataset, out, config_values, **flags):
 ROUND_OPTION = click.option("--round", "round_index", type=click.IntRange(min=0), default=None,
                             show_default="the run's last round",
                             help="Which round's clustering (clusters/round_NNN.pt).")
-LOADER_CHOICE = click.option("--loader", type=click.Choice(["auto", "pyav", "dali"]), default="auto",
-                             help="Decoding backend, as for extract: pyav on the CPU, dali on CUDA, auto picks.")
-DEVICE_CHOICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                             help="Where the encoders run; auto: CUDA when there is one.")
+LOADER_CHOICE = click.option("--loader", type=click.Choice(list(LOADERS)), default="auto", help=LOADER_HELP)
+DEVICE_CHOICE = click.option("--device", type=click.Choice(list(DEVICES)), default="auto",
+                             help=f"Where the encoders run. {DEVICE_HELP}")
 WORKERS_OPTION = click.option("--workers", type=click.IntRange(min=0), default=0, help="DataLoader worker processes.")
 BATCH_OPTION = click.option("--batch-size", type=click.IntRange(min=1), default=None, show_default="the run's",
                             help="Clips per forward pass.")
@@ -446,7 +444,7 @@ def assign(run_argument, run_dir, round_index, dataset, out, batch_size, device,
 @main.command(context_settings=CONTEXT)
 @click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False, exists=True))
 @ROUND_OPTION
-@click.option("--modality", required=True, type=click.Choice(["video", "audio", "concat"]),
+@click.option("--modality", required=True, type=click.Choice(list(CLUSTERINGS)),
               help="Whose clusters become the labels: video, audio, or concat (cdc runs).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="The dataset folder to write (manifest.jsonl, classes.json, rejects.jsonl, export.json).")
@@ -513,13 +511,13 @@ def report(run, dataset, out, montage_clusters, montage_videos):
     from .report import write_report
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for path in write_report(run, dataset, out, montage_clusters=montage_clusters, montage_videos=montage_videos):
-        click.echo(str(path))
+    write_report(run, dataset, out, montage_clusters=montage_clusters, montage_videos=montage_videos)
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--out", type=click.Path(file_okay=False), default="xdc-fast-demo",
-              help="Where the data, the run, the probes and the figures go.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, show_default="xdc-fast-demo/<date-time>",
+              help="Where the data, the run, the probes and the figures go (a new folder each run by default, so "
+                   "an earlier demo is never overwritten).")
 @click.option("--videos-per-class", type=click.IntRange(min=4), default=None, show_default="configs/demo.yaml: 24",
               help="Synthetic videos per class (4 classes).")
 @click.option("--epochs", type=click.IntRange(min=3), default=None, show_default="configs/demo.yaml: 48",
@@ -531,8 +529,11 @@ def demo(out, videos_per_class, epochs, seed):
 
     Labels are used only to score; the table compares each XDC encoder with a random one of the
     same architecture on the same split. The settings are xdc_fast/configs/demo.yaml."""
+    import time
+
     from .demo import demo_config, run_demo
 
+    out = out or f"xdc-fast-demo/{time.strftime('%Y%m%d-%H%M%S')}"
     run_demo(out, demo_config(videos_per_class=videos_per_class, epochs=epochs, seed=seed), log=click.echo)
 
 
@@ -543,12 +544,8 @@ def bench():
     """Measure speed against the usual alternatives, side by side in one run."""
 
 
-def _fail(message: str) -> None:
-    raise XdcError(message)
-
-
 @bench.command("kmeans", context_settings=CONTEXT)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Where the data and kernels run.")
+@click.option("--device", type=click.Choice(list(CONCRETE_DEVICES)), default="cpu", help="Where the data and kernels run.")
 @click.option("--b", "b", type=click.IntRange(min=1), default=1, help="Independent problems per call (XDC uses 2).")
 @click.option("--n", "n", type=click.IntRange(min=1), default=400_000, help="Points per problem.")
 @click.option("--d", "d", type=click.IntRange(min=1), default=256, help="Dimension (DeepCluster's PCA gives 256).")
@@ -558,7 +555,7 @@ def _fail(message: str) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None, show_default="torch's default",
               help="CPU threads for every contender.")
 @click.option("--seed", type=int, default=0, help="Seed of the random data.")
-@click.option("--engine", "engines", type=click.Choice(["avx512", "avx2", "portable"]), multiple=True,
+@click.option("--engine", "engines", type=click.Choice(list(CPU_ISAS)), multiple=True,
               help="Also time our CPU assignment forced to this engine (repeatable); the default call takes "
                    "the best the CPU has.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -574,9 +571,9 @@ def bench_kmeans_command(device, b, n, d, k, repeats, threads, seed, engines, js
 
     check_device(device)
     if k > n:
-        _fail(f"--k {k} is larger than --n {n}: k-means needs at least as many points as centroids")
+        raise XdcError(f"--k {k} is larger than --n {n}: k-means needs at least as many points as centroids")
     if b * n * d * 4 > memory_budget(device):
-        _fail(f"B*N*D = {b * n * d:,} floats ({b * n * d * 4 / 2**30:.1f} GiB) does not fit comfortably in memory here")
+        raise XdcError(f"B*N*D = {b * n * d:,} floats ({b * n * d * 4 / 2**30:.1f} GiB) does not fit comfortably in memory here")
     result = bench_module.bench_kmeans(device=device, b=b, n=n, d=d, k=k, repeats=repeats, seed=seed,
                                        threads=threads, progress=lambda msg: click.echo(f"... {msg}", err=True),
                                        engines=engines)
@@ -593,7 +590,7 @@ def bench_kmeans_command(device, b, n, d, k, repeats, threads, seed, engines, js
               help="DataLoader worker counts to try (repeat the option).")
 @click.option("--clips", type=click.IntRange(min=1), default=48, help="Clips decoded per configuration.")
 @click.option("--seed", type=int, default=0, help="Seed of the clip positions (and of the synthetic data).")
-@click.option("--codec", type=click.Choice(["h264", "vp9"]), default="h264",
+@click.option("--codec", type=click.Choice(list(CODECS)), default="h264",
               help="Codec of the synthetic data (vp9 lets DALI's CPU decoder take part).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the figures as JSON here.")
@@ -610,13 +607,13 @@ def bench_loader_command(dataset, workers, clips, seed, codec, json_path):
 
 
 @bench.command("train", context_settings=CONTEXT)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Where the step runs.")
-@click.option("--arch", "archs", multiple=True, type=click.Choice(["tiny", "r2plus1d_18"]), default=None,
+@click.option("--device", type=click.Choice(list(CONCRETE_DEVICES)), default="cpu", help="Where the step runs.")
+@click.option("--arch", "archs", multiple=True, type=click.Choice(list(ARCHS)), default=None,
               show_default="tiny on the CPU, both on CUDA",
               help="Encoders to time (repeat); r2plus1d_18 takes ~25 s a step on two CPU cores.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, help="Clips per step.")
 @click.option("--steps", type=click.IntRange(min=1), default=3, help="Timed steps after a warm-up; the best counts.")
-@click.option("--loader", "loaders", multiple=True, type=click.Choice(["pyav", "dali"]), default=(),
+@click.option("--loader", "loaders", multiple=True, type=click.Choice(list(CONCRETE_LOADERS)), default=(),
               help="Also time the step fed by this loader with real clips (repeat): H.264 synthetic data, "
                    "VP9 when dali is asked for on the CPU.")
 @click.option("--workers", type=click.IntRange(min=0), default=2,
@@ -635,12 +632,12 @@ def bench_train_command(device, archs, batch_size, steps, loaders, workers, no_r
     from .bench.timing import check_device, gemm_rate, machine, write_json
 
     check_device(device)
-    archs = tuple(archs) or (("tiny", "r2plus1d_18") if device == "cuda" else ("tiny",))
+    archs = tuple(archs) or ((default_arch("cpu"), default_arch("cuda")) if device == "cuda" else (default_arch("cpu"),))
 
     def one_round(dataset_dir: str, run_dir: str) -> dict:
         from .pretrain import pretrain as run
 
-        (record,) = run(dataset_dir, run_dir, PretrainConfig(clusters=4, epochs=1, device=device), log=lambda *_: None)
+        (record,) = run(dataset_dir, run_dir, PretrainConfig(arch=default_arch("cpu"), clusters=4, epochs=1, device=device), log=lambda *_: None)
         return record
 
     say = lambda msg: click.echo(f"... {msg}", err=True)  # noqa: E731

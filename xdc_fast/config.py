@@ -19,27 +19,19 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .choices import DEVICE_HELP, DEVICES, LOADER_HELP, LOADERS, MODALITIES
 from .data.clips import CLIP_FIELDS, ClipConfig
-from .engine import LOADERS
-from .errors import XdcError
+from .errors import ConfigError, XdcError
 from .files import shown_path
-from .pseudo_labels import VARIANTS
+from .models.archs import ARCH_HELP, ARCHS, arch_named, default_arch
+from .protocols import PROTOCOLS, default_protocols, protocols_help
+from .variants import VARIANTS
 
-ARCHS = ("tiny", "r2plus1d_18")
-DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "constant")
-LOADER_HELP = ("Decoding: pyav (on the CPU, in DataLoader worker processes) or dali (NVDEC on CUDA; on the CPU "
-               "its graph reads VP8/VP9/MJPEG only). auto: DALI when the device is CUDA and DALI imports and builds its pipeline, "
-               "else PyAV, said in one log line with the reason.")
-MODALITIES = ("video", "audio")
 PRESETS = Path(__file__).parent / "configs"
 
 # Geometry keys that older YAML files (and older checkpoints) keep at the top level instead of under clip:.
 FLAT_CLIP_KEYS = ("frames", "stride", "resize_short", "crop", "audio_seconds", "n_mels")
-
-
-class ConfigError(XdcError):
-    """A configuration value that cannot run."""
 
 
 AUTO = "auto"
@@ -205,10 +197,6 @@ class Checked:
         return from_dict(cls, values)
 
 
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
-
-
 def clip_config(arch: str, *layers: dict | None, **fixed) -> ClipConfig:
     """The clip geometry of ``arch``, overridden by each mapping of ``layers`` in turn (later wins;
     None values are skipped), then by ``fixed``."""
@@ -243,11 +231,12 @@ def bn_eps_option():
 
 
 def workers_option():
-    return option(0, "DataLoader worker processes.", min=0)
+    return option(0, "DataLoader worker processes decoding clips beside the training process (0: it decodes "
+                  "them itself). With spare cores, 2-8 keep the step fed; each holds its own decoder.", min=0)
 
 
 def loader_option():
-    return option("auto", LOADER_HELP, choices=LOADERS)
+    return option("auto", LOADER_HELP, choices=tuple(LOADERS))
 
 
 def compile_option():
@@ -257,7 +246,7 @@ def compile_option():
 
 
 def device_option():
-    return option("auto", "auto: CUDA when there is one.", choices=DEVICES)
+    return option("auto", DEVICE_HELP, choices=DEVICES)
 
 
 def dist_timeout_option():
@@ -277,8 +266,7 @@ AUTO_ROUNDS = 3  # the first teaches each encoder the other's initial clusters, 
 class PretrainConfig(Checked):
     variant: str = option("xdc", "xdc: each encoder learns the other modality's clusters (the paper's best); "
                           "mdc, cdc, sdc-video, sdc-audio are its baselines.", choices=tuple(VARIANTS))
-    arch: str = option("tiny", "Encoders: r2plus1d_18 and ResNet-18 (the paper's, a GPU job) or tiny (CPU).",
-                       choices=ARCHS)
+    arch: str = option("auto", ARCH_HELP, choices=(AUTO, *ARCHS))
     clusters: int | str = option("auto", "k of the k-means, at most the number of clips clustered. auto: the "
                                  "square root of the number of videos, between 8 and 1024 (the XDC lineage uses "
                                  "64-1024 on Kinetics-size data).", min=2, auto=True)
@@ -335,30 +323,42 @@ class PretrainConfig(Checked):
 
     def __post_init__(self):
         super().__post_init__()
-        self.clip_config()  # the arch's geometry with the overrides: refused now if they do not fit together
+        if self.arch != AUTO:  # an auto arch is checked once the device names it
+            self.clip_config()  # the arch's geometry with the overrides: refused now if they do not fit together
+
+    def resolved_arch(self, device_type: str | None = None) -> str:
+        """The arch, ``auto`` resolved for ``device_type`` (default: the device this config would take)."""
+        if self.arch != AUTO:
+            return self.arch
+        if device_type is None:
+            import torch
+
+            device_type = "cuda" if self.device == "cuda" or (self.device == AUTO and torch.cuda.is_available()) \
+                else "cpu"
+        return default_arch(device_type)
 
     def clip_config(self) -> ClipConfig:
-        return clip_config(self.arch, self.clip)
+        return clip_config(self.resolved_arch(), self.clip)
 
 
 # ---- auto: pretraining settings resolved from the data's size ------------------------------------------
 
-FEATURE_DIM = {"tiny": 128, "r2plus1d_18": 512}
-
-
-def resolve_auto(config: PretrainConfig, videos: int, steps_per_epoch: int) -> tuple[PretrainConfig, dict[str, str]]:
-    """``config`` with every ``auto`` field replaced by its value for ``videos`` videos (all ranks) and
-    ``steps_per_epoch`` optimisation steps per epoch, and for each one why (a line for the log).
+def resolve_auto(config: PretrainConfig, videos: int, steps_per_epoch: int,
+                 device_type: str = "cpu") -> tuple[PretrainConfig, dict[str, str]]:
+    """``config`` with every ``auto`` field replaced by its value for ``videos`` videos (all ranks),
+    ``steps_per_epoch`` optimisation steps per epoch and the run's device, and for each one why (a line
+    for the log).
 
     The rules, and the measurements behind them, are in docs/pretraining.md#auto-settings."""
     values, why = {}, {}
     clips = videos * config.clips_per_video
+    arch = arch_named(config.resolved_arch(device_type))
     if config.clusters == AUTO:
         k = min(max(8, round(math.sqrt(videos))), 1024, clips)
         values["clusters"], why["clusters"] = k, f"the square root of {videos} videos, kept between 8 and 1024"
     k = values.get("clusters", config.clusters)
     if config.pca_dim == AUTO:
-        fits = [d for d in (256, 128, 64, 32) if d <= FEATURE_DIM[config.arch] and clips >= 100 * d]
+        fits = [d for d in (256, 128, 64, 32) if d <= arch.feature_dim and clips >= 100 * d]
         values["pca_dim"] = fits[0] if fits else 0
         why["pca_dim"] = (f"{clips} clips clustered, at least 100 per dimension" if fits else
                           f"{clips} clips clustered: fewer than 100 per dimension even at 32, so L2 only")
@@ -367,9 +367,14 @@ def resolve_auto(config: PretrainConfig, videos: int, steps_per_epoch: int) -> t
         why["kmeans_nredo"] = f"{clips} clips x {k} clusters " + ("is cheap to cluster again" if clips * k <= 5e7
                                                                     else "is costly to cluster again")
     if config.epochs_per_round == AUTO:
-        values["epochs_per_round"] = max(1, math.ceil(MIN_ROUND_STEPS / steps_per_epoch))
+        needed = max(1, math.ceil(MIN_ROUND_STEPS / steps_per_epoch))
+        values["epochs_per_round"] = needed
         why["epochs_per_round"] = (f"{steps_per_epoch} steps per epoch; a round needs at least {MIN_ROUND_STEPS} "
                                    "steps for the encoders to fit their targets")
+        if config.epochs != AUTO and config.epochs < needed:
+            why["epochs_per_round"] += (f"; epochs {config.epochs} is fewer, so this run is one partial round of "
+                                        f"{config.epochs * steps_per_epoch} steps: raise epochs for rounds the "
+                                        "encoders can fit")
     per_round = values.get("epochs_per_round", config.epochs_per_round)
     if config.epochs == AUTO:
         values["epochs"] = max(4, AUTO_ROUNDS * per_round)
@@ -437,9 +442,6 @@ class ExtractConfig(Checked):
 
 
 
-# finetune trains a copy of the encoder per checkpoint and split (hours on real data), so it runs only
-# when named; the others share one encoding of every video.
-EVALUATE_PROTOCOLS = ("linear", "knn", "retrieval", "svm", "clustering", "finetune")
 
 
 @dataclass
@@ -447,10 +449,7 @@ class EvaluateConfig(Checked):
     checkpoints: list = option(None, "Encoders to score, each a checkpoint file or 'random' (the untrained "
                                "baseline, drawn from seed; 'random:N' draws it from seed N).",
                                default_factory=lambda: ["random"])
-    protocols: list = option(None, "Protocols to run on the same features: linear, knn, retrieval, svm, "
-                             "clustering (a multi-label dataset: linear, scored by mAP, and retrieval); and "
-                             "finetune (full finetuning, trained per checkpoint and split: never a default).",
-                             default_factory=lambda: [p for p in EVALUATE_PROTOCOLS if p != "finetune"])
+    protocols: list = option(None, protocols_help(), default_factory=lambda: list(default_protocols()))
     modality: str = option("video", "Which encoder to score.", choices=MODALITIES)
     arch: str | None = option(None, "Default: the checkpoint's (tiny for random).", choices=ARCHS)
     split: int | None = option(None, "One split/fold (UCF101/HMDB51 1-3, ESC-50 1-5); default: every split the "
@@ -482,7 +481,7 @@ class EvaluateConfig(Checked):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, allowed in (("checkpoints", None), ("protocols", EVALUATE_PROTOCOLS)):
+        for name, allowed in (("checkpoints", None), ("protocols", tuple(PROTOCOLS))):
             values = getattr(self, name)
             if not values:
                 raise ConfigError(f"{name}: at least one is needed")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -18,6 +17,7 @@ from torch import nn
 
 from . import distributed as xdist
 from .errors import LoaderError, XdcError
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +112,6 @@ def shift_log_mel(log_mel: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
 
 def to_device(batch: dict, names: Iterable[str], device: torch.device) -> dict[str, torch.Tensor]:
     return {m: device_layout(batch[m].to(device, non_blocking=True)) for m in names}
-
-
-def progress(iterable, description: str | None, total: int | None = None, initial: int = 0, unit: str = "batch"):
-    """A tqdm bar on rank 0 when stderr is a terminal; the bare iterable otherwise (logs stay clean)."""
-    if description is None or not xdist.is_main_process() or not sys.stderr.isatty():
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, initial=initial, desc=description, unit=unit, leave=False)
 
 
 # ---- encoding -----------------------------------------------------------------------------------------

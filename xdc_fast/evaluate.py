@@ -34,8 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, engine, metrics, protocols
-from . import distributed as xdist
+from . import __version__, distributed as xdist, engine, protocols
 from .checkpoint import load_encoder
 from .config import ConfigError, EvaluateConfig, FinetuneConfig, clip_config
 from .data.clips import geometry
@@ -45,12 +44,7 @@ from .files import atomic_path, make_folder, output_lock, write_text_atomic
 from .seeds import numpy_rng, seed_for
 from .transfer import open_transfer, train_full
 
-# The headline of the protocol that only evaluate runs (the others' are protocols.HEADLINE).
-FINETUNE_HEADLINE = "video_acc"
-
-
-def headline(protocol: str, scores: dict) -> str:
-    return FINETUNE_HEADLINE if protocol == "finetune" else protocols.headline(protocol, scores)
+from .protocols import headline
 
 
 def sha256_file(path: str | Path) -> str:
@@ -114,32 +108,10 @@ def run_protocols(chosen: list[str], train: tuple, test: tuple, num_classes: int
     (train_x, train_v, train_labels), (test_x, test_v, test_labels) = train, test
     if len(train_x) == 0 or len(test_x) == 0:
         raise XdcError("no training or no test clip could be decoded (see the warnings above): nothing to score")
-    train_mean, train_n = metrics.mean_per_video(train_x, train_v, len(train_labels))
-    test_mean, test_n = metrics.mean_per_video(test_x, test_v, len(test_labels))
-    train_mean, train_y = train_mean[train_n > 0], train_labels[train_n > 0]
-    test_mean, test_y = test_mean[test_n > 0], test_labels[test_n > 0]
-    seed = seed_for(config.seed, "probe") % (2**32)  # the solvers' stream, as in finetune --mode linear
-    kmeans_seed = seed_for(config.seed, "kmeans") % (2**32)
-    results = {}
-    for name in chosen:
-        if name == "linear" and train_labels.ndim == 2:
-            results[name] = protocols.multilabel_linear(train_x, train_labels[train_v], test_x, test_labels, test_v,
-                                                        config.linear_c, seed)
-        elif name == "linear":
-            results[name] = protocols.linear(train_x, train_labels[train_v], test_x, test_labels, test_v, num_classes,
-                                             config.linear_c, seed)
-        elif name == "svm":
-            results[name] = protocols.svm(train_x, train_labels[train_v], train_v, test_x, test_labels, test_v,
-                                          num_classes, folds=config.svm_folds, seed=seed)
-        elif name == "knn":
-            results[name] = protocols.knn(train_mean, train_y, test_mean, test_y, config.knn_k,
-                                          config.knn_temperature, num_classes)
-        elif name == "retrieval":
-            results[name] = protocols.retrieval(train_mean, train_y, test_mean, test_y)
-        elif name == "clustering":
-            results[name] = protocols.clustering(np.concatenate([train_mean, test_mean]),
-                                                 np.concatenate([train_y, test_y]), seed=kmeans_seed)
-    return results
+    # The solvers' stream, as in finetune --mode linear; k-means its own.
+    features = protocols.Features(train_x, train_v, train_labels, test_x, test_v, test_labels, num_classes,
+                                  seed_for(config.seed, "probe") % (2**32), seed_for(config.seed, "kmeans") % (2**32))
+    return {name: protocols.run_protocol(name, features, config) for name in chosen}
 
 
 def finetune_protocol(dataset: Path, out: Path, split: Split, classes: list[str], config: EvaluateConfig,
@@ -188,11 +160,11 @@ def _evaluate(dataset: Path, out: Path, config: EvaluateConfig, log) -> dict:
     splits = splits_of(items, config)
     classes = class_names(dataset, items)
     multilabel = is_multilabel(items)
-    refused = [p for p in config.protocols if multilabel and p not in protocols.MULTILABEL_PROTOCOLS]
+    refused = [p for p in config.protocols if multilabel and p not in protocols.multilabel_names()]
     if refused:
         raise DatasetError(f"this dataset is multi-label (some items carry several labels); {', '.join(refused)} "
                            f"score(s) one label per item: choose among --protocol "
-                           f"{' / '.join(protocols.MULTILABEL_PROTOCOLS)} (linear is then scored by mAP)")
+                           f"{' / '.join(protocols.multilabel_names())} (linear is then scored by mAP)")
     manifest_sha = sha256_file(dataset / "manifest.jsonl")
     used = {r["id"]: r for s in splits for r in s.train + s.test}
     ordered = [used[i] for i in sorted(used)]
@@ -203,7 +175,7 @@ def _evaluate(dataset: Path, out: Path, config: EvaluateConfig, log) -> dict:
         f"{' (multi-label)' if multilabel else ''}")
 
     started, results = time.perf_counter(), []
-    on_features = [p for p in config.protocols if p != "finetune"]
+    on_features = [p for p in config.protocols if protocols.PROTOCOLS[p].on_features]
     for label, path, seed in checkpoints:
         # ===== one encoder, every used video encoded once =====
         encoder, source = load_encoder(path, config.modality, config.arch, config.bn_eps, seed)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError
-from .data.prepare import PrepareError, load_manifest
+from .data.prepare import load_manifest
+from .errors import ConfigError, PrepareError
 from .files import RunLock, write_text_atomic
-from .pseudo_labels import load_round, round_path, run_dataset
+from .rounds import dataset_of_run, load_round, round_path
 
 
 def export(run: str | Path, out: str | Path, modality: str, round_index: int | None = None, *,
@@ -34,7 +34,7 @@ def export(run: str | Path, out: str | Path, modality: str, round_index: int | N
     if modality not in saved.clusterings:
         raise ConfigError(f"round {saved.round} of {run} has no {modality} clustering (it has "
                           f"{', '.join(saved.clusterings)})")
-    dataset = Path(dataset) if dataset is not None else run_dataset(run)
+    dataset = Path(dataset) if dataset is not None else dataset_of_run(run)
     if out.resolve() == dataset.resolve():
         raise ConfigError(f"--out {out} is the run's dataset; export into a new folder")
     refuse_foreign(out)
@@ -43,7 +43,7 @@ def export(run: str | Path, out: str | Path, modality: str, round_index: int | N
     if missing:
         raise PrepareError(f"{dataset} lacks {len(missing)} of the run's items (e.g. {missing[0]}); pass the "
                            "dataset the run trained on with --data")
-    measures = saved.saved[modality]
+    measures = saved.assignments[modality]
     labels, margins, distances = measures["video_labels"], measures["video_margin"], measures["video_distance"]
     names = cluster_names(out / "classes.json", saved.k)
 

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed as xdist
-from . import engine
-from .checkpoint import load_encoder, save_atomic
-from .files import atomic_path, output_lock
+from . import distributed as xdist, engine
+from .checkpoint import load_encoder
+from .files import atomic_path, output_lock, save_atomic
 from .config import ConfigError, ExtractConfig, clip_config
 from .data.clips import geometry
 from .data.splits import check_modality

@@ -13,7 +13,7 @@ import errno
 import os
 from pathlib import Path
 
-from .errors import XdcError
+from .errors import OutputError, XdcError
 
 # What an output that cannot be written means, and the way out: these are the user's to fix (space,
 # permissions, a path that names a file where a folder is needed), never a reason for a traceback.
@@ -31,10 +31,6 @@ WRITE_ADVICE = {
 # The disk filled: what was written before stays, so the same command (pretrain: with --resume) goes on.
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 AGAIN = "then run the command again"
-
-
-class OutputError(XdcError):
-    """An output that cannot be written: no space, no permission, a read-only disk, a path in the way."""
 
 
 def shown_path(path) -> str:

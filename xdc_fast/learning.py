@@ -130,7 +130,8 @@ def describe_round(record: dict, steps_per_round: int, lr: float) -> list[str]:
             lines.append(
                 f"warning: the {head.rsplit('_', 1)[0]} encoder did not fit its targets in round {record['round']} "
                 f"({s['accuracy']:.0%}, chance {s['chance_accuracy']:.0%}), so this round teaches it nothing. Likely "
-                f"causes: rounds too short ({steps_per_round} steps; raise epochs_per_round, or leave it at auto), "
+                f"causes: a round too short ({steps_per_round} steps run; raise epochs, and epochs_per_round unless "
+                f"it is auto), "
                 f"a learning rate too low or too high for this data (lr {lr:g}; try 2x either way), or more "
                 "clusters than the data can tell apart (lower clusters)")
     empty = {m: c["empty"] for m, c in (record.get("clusters") or {}).items()

@@ -23,16 +23,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed as xdist
-from . import engine, learning, metrics
-from .checkpoint import CheckpointError, load_encoders_from, read_checkpoint, save_atomic
-from .files import RunLock, append_text, make_folder, write_text_atomic
+from . import distributed as xdist, engine, learning, metrics
+from .checkpoint import load_encoders_from, read_checkpoint
+from .errors import CheckpointError, XdcError
+from .files import RunLock, append_text, make_folder, save_atomic, write_text_atomic
+from .progress import progress
 from .config import AUTO, ConfigError, PretrainConfig, resolve_auto
-from .errors import XdcError
 from .data.clips import geometry
-from .data.splits import check_sample_rate
-from .pseudo_labels import (ClusteringSpec, Variant, balanced_indices, cluster_sizes, gather_by_video,
-                            load_saved_labels, save_round, variant as variant_named, video_labels)
+from .data.splits import check_modality, check_sample_rate
+from .pseudo_labels import ClusteringSpec, balanced_indices, cluster_sizes, gather_by_video, video_labels
+from .rounds import checkpoint_path, load_saved_labels, metrics_path, round_checkpoints, round_file
+from .variants import Variant, variant as variant_named
 from .seeds import numpy_rng, seed_for, torch_generator
 
 
@@ -91,14 +92,19 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
     if len(items) - heldout_count(config, len(items)) < 1:
         raise ConfigError(f"heldout_fraction {config.heldout_fraction} holds out all {len(items)} videos, leaving none "
                           "to train on; lower it")
-    config, why = _resolve_auto(config, items, out, resume)
+    config, why = _resolve_auto(config, items, out, resume, device.type)
+    if config.arch == AUTO:
+        config = replace(config, arch=config.resolved_arch(device.type))
+        (log if writer else lambda *_: None)(
+            f"arch: {config.arch} (auto: the device is {device.type}" + (")" if device.type == "cuda" else
+                                                                        "; on a GPU it would be r2plus1d_18)"))
+    check_config(config, variant, items, dataset)
     for name, reason in why.items():
         (log if writer else lambda *_: None)(f"auto: {name} = {getattr(config, name)} ({reason})")
-    check_config(config, variant, items, dataset)
     with RunLock(out) if writer else contextlib.nullcontext():
-        if not resume and (out / "metrics.jsonl").exists():
+        if not resume and metrics_path(out).exists():
             raise ConfigError(f"{out} already holds a run; continue it with --resume or choose another --out")
-        last = out / "checkpoints" / "last.pt"
+        last = checkpoint_path(out)
         saved = _read_resumable(last, config) if resume and last.exists() else None
         if resume and saved is None:
             _start_over(out, last, log if writer else lambda *_: None, writer)
@@ -109,20 +115,20 @@ def pretrain(dataset: str | Path, out: str | Path, config: PretrainConfig, resum
 def _start_over(out: Path, last: Path, log, writer: bool) -> None:
     """--resume without a checkpoint: a run stopped before its first one keeps nothing, so it starts again,
     saying so, and the epochs it had logged are dropped from metrics.jsonl (they will be logged again)."""
-    rounds = sorted(last.parent.glob("round_*.pt"))
+    rounds = round_checkpoints(out)
     if rounds:  # the disk filled between a round's file and last.pt: that round is not lost
         raise CheckpointError(f"cannot resume: {last} does not exist, but {rounds[-1]} (the last finished round) does; "
                               "copy it over last.pt and resume")
-    if not (out / "metrics.jsonl").exists():
+    if not metrics_path(out).exists():
         log(f"--resume: {out} holds no run yet; starting one")
         return
     log(f"--resume: {last} does not exist (the run stopped before its first checkpoint); starting from the beginning, "
         "with metrics.jsonl begun again")
     if writer:
-        write_text_atomic(out / "metrics.jsonl", "")
+        write_text_atomic(metrics_path(out), "")
 
 
-def _resolve_auto(config: PretrainConfig, items: list[dict], out: Path, resume: bool):
+def _resolve_auto(config: PretrainConfig, items: list[dict], out: Path, resume: bool, device_type: str):
     """``auto`` fields resolved from the data, except on ``--resume``: there they take the values the run
     used (its config.yaml), so a run started under other rules, or on data that changed size, goes on as
     it began."""
@@ -132,7 +138,7 @@ def _resolve_auto(config: PretrainConfig, items: list[dict], out: Path, resume: 
         used = yaml.safe_load((out / "config.yaml").read_text()) or {}
         kept = {f.name: used[f.name] for f in fields(config) if getattr(config, f.name) == AUTO and f.name in used}
         config = replace(config, **kept)
-    return resolve_auto(config, len(items), epoch_steps(config, len(items)))
+    return resolve_auto(config, len(items), epoch_steps(config, len(items)), device_type)
 
 
 def samples_per_rank(config: PretrainConfig, videos: int) -> int:
@@ -154,8 +160,8 @@ def heldout_count(config: PretrainConfig, videos: int) -> int:
 def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: list[dict], device, saved: dict | None,
          log, max_rounds: int | None, stop_after_steps: int | None, auto_reasons: dict[str, str]) -> list[dict]:
     writer = xdist.is_main_process()
-    for sub in ("checkpoints", "clusters"):
-        make_folder(out / sub)
+    for folder in (checkpoint_path(out).parent, round_file(out, 0).parent):
+        make_folder(folder)
     clustered = len(items) * config.clips_per_video
     if config.pca_dim and clustered < 10 * config.pca_dim:
         log(f"note: PCA-whitening {clustered} clips to {config.pca_dim} dimensions gives noise the weight of "
@@ -164,11 +170,11 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
         _write_config(out, dataset, config, auto_reasons)
 
     # ===== preparing data =====
-    data = _prepare_data(dataset, config, variant)
+    data = prepare_run_data(dataset, config, variant)
 
     # ===== building networks =====
     torch.manual_seed(seed_for(config.seed, "encoders"))  # identical initial encoders on every rank
-    encoders = _build_encoders(variant, config.arch).to(device)
+    encoders = build_encoders(variant, config.arch).to(device)
     if config.init_checkpoint and saved is None:
         loaded = load_encoders_from(encoders, config.init_checkpoint, config.arch)
         log(f"encoders from {config.init_checkpoint}: {', '.join(loaded)}")
@@ -177,7 +183,7 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
         # Round 0 clusters the features of these encoders; `xdc-fast assign` needs them to map new videos
         # to its clusters (later rounds use checkpoints/round_{N-1}.pt). Weights only, no optimizer.
         save_atomic({"encoders": encoders.state_dict(), "round": -1, "config": asdict(config),
-                     "clip": geometry(config.clip_config())}, out / "checkpoints" / "init.pt")
+                     "clip": geometry(config.clip_config())}, checkpoint_path(out, "init"))
     optimizer = torch.optim.SGD(encoders.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     steps_per_epoch = epoch_steps(config, len(data.items))
@@ -188,7 +194,7 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
     state = _resume(saved, encoders, optimizer, log) if saved is not None else RunState()
     if writer and saved is not None:
         # A kill or a full disk may have torn the last line: the checkpoint's history is the truth.
-        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+        write_text_atomic(metrics_path(out), "".join(json.dumps(r) + "\n" for r in state.history))
 
     rounds_run = 0
     while state.next_epoch < config.epochs and (max_rounds is None or rounds_run < max_rounds):
@@ -218,15 +224,17 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
         # ===== training =====
         _train_round(state, labels, encoders, heads, [optimizer, head_optimizer], data, config, variant, rates,
                      steps_per_epoch, device, out, log, stop_after_steps)
-        for line in learning.describe_round(state.history[-1], steps_per_epoch * config.epochs_per_round, config.lr):
+        # The steps this round really ran: a last round cut short by epochs has fewer than a full one.
+        epochs_run = sum(1 for record in state.history if record["round"] == state.round)
+        for line in learning.describe_round(state.history[-1], steps_per_epoch * epochs_run, config.lr):
             log(line)
 
         # ===== checkpoint =====
         state.previous, state.inside = labels.everyone, None
         if writer:
             checkpoint = _checkpoint(state, encoders, optimizer, config)
-            save_atomic(checkpoint, out / "checkpoints" / f"round_{state.round:03d}.pt")
-            save_atomic(checkpoint, out / "checkpoints" / "last.pt")
+            save_atomic(checkpoint, checkpoint_path(out, state.round))
+            save_atomic(checkpoint, checkpoint_path(out))
         with xdist.phase(f"waiting for rank 0 to write the checkpoint of round {state.round}"):
             xdist.barrier()  # nobody resumes from, or reads, a checkpoint that is still being written
         state.round, rounds_run = state.round + 1, rounds_run + 1
@@ -241,15 +249,11 @@ def check_config(config: PretrainConfig, variant: Variant, items: list[dict], da
     if not 2 <= config.clusters <= clips:
         raise ConfigError(f"--clusters {config.clusters} must lie between 2 and the {clips} clips clustered "
                           f"({len(items)} videos x {config.clips_per_video} clips)")
+    for modality in variant.modalities:
+        other = "sdc-video or drop them" if modality == "audio" else "sdc-audio"
+        check_modality(items, modality, f"variant {variant.name} learns from {modality}", f"use {other}")
     if "audio" in variant.modalities:
-        silent = [r["id"] for r in items if not r.get("has_audio")]
-        if silent:
-            raise ConfigError(f"variant {variant.name} learns from audio, but {len(silent)} item(s) have none "
-                              f"(e.g. {silent[0]}); use sdc-video or drop them")
         check_sample_rate(items, config.clip_config().sample_rate, dataset, "run's")
-    if "video" in variant.modalities and any(r.get("fps") is None for r in items):
-        raise ConfigError(f"variant {variant.name} learns from video, but this dataset holds audio-only items; "
-                          "use sdc-audio")
     if config.recluster == "plateau" and not (heldout_count(config, len(items)) and config.heldout_fraction < 1):
         raise ConfigError(f"recluster 'plateau' needs held-out videos: heldout_fraction {config.heldout_fraction} of "
                           f"{len(items)} videos holds out {heldout_count(config, len(items))}; raise it (below 1)")
@@ -269,7 +273,7 @@ def _write_config(out: Path, dataset, config: PretrainConfig, auto_reasons: dict
     write_text_atomic(out / "config.yaml", yaml.safe_dump(values, sort_keys=False))
 
 
-def _prepare_data(dataset, config: PretrainConfig, variant: Variant) -> RunData:
+def prepare_run_data(dataset, config: PretrainConfig, variant: Variant) -> RunData:
     from .data.dataset import ClipDataset
 
     rank, world = xdist.rank(), xdist.world_size()
@@ -295,7 +299,7 @@ def _prepare_data(dataset, config: PretrainConfig, variant: Variant) -> RunData:
                    samples_per_rank=samples_per_rank(config, len(items)))
 
 
-def _build_encoders(variant: Variant, arch: str) -> nn.ModuleDict:
+def build_encoders(variant: Variant, arch: str) -> nn.ModuleDict:
     from .models import build_audio_encoder, build_video_encoder
 
     build = {"video": build_video_encoder, "audio": build_audio_encoder}
@@ -310,7 +314,7 @@ RESUMABLE_CHANGES = {"epochs", "device", "loader", "workers", "checkpoint_every"
 
 def _read_resumable(last: Path, config: PretrainConfig) -> dict:
     """The checkpoint to resume from, refused when it is unreadable or was made with other settings."""
-    rounds = sorted(last.parent.glob("round_*.pt"))
+    rounds = round_checkpoints(last.parent.parent)
     try:
         saved = read_checkpoint(last)
     except CheckpointError as error:
@@ -355,7 +359,8 @@ def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, 
              out: Path | None, log) -> RoundLabels:
     """Encode this rank's fixed clips, cluster them with every rank's, and save the assignments. A clip
     that does not decode is left out (label -1); a video none of whose clips decode sits the round out."""
-    from .pseudo_labels import describe_round, encoder_fingerprint, fit_round, round_measures
+    from .pseudo_labels import fit_round, round_measures
+    from .rounds import describe_fit, encoder_fingerprint
 
     cpv = config.clips_per_video
     t0 = time.perf_counter()
@@ -366,7 +371,7 @@ def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, 
     spec = ClusteringSpec(config.clusters, config.pca_dim, config.kmeans_niter, config.kmeans_nredo, cpv)
     _check_finite(features, round_index)
     fit = fit_round(features, variant, spec, config.seed, round_index, rows)
-    clip_labels, centroids = fit.labels, fit.centroids
+    clip_labels = fit.labels
     t_cluster = time.perf_counter() - t0
     # This rank's clips in shard order, -1 where a clip did not decode.
     slots = np.searchsorted(data.shard, rows // cpv) * cpv + rows % cpv
@@ -379,11 +384,11 @@ def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, 
     _check_unreadable(everyone, data, config, round_index, log)
     measures = round_measures(fit, rows, len(data.items), cpv)  # every rank takes part
     if out is not None:
-        description = describe_round(fit, measures, variant_name=variant.name, round_index=round_index,
-                                     clip=geometry(config.clip_config()), pca_dim=config.pca_dim,
-                                     fingerprint=encoder_fingerprint(encoders.state_dict()))
-        save_round(out / "clusters" / f"round_{round_index:03d}.pt", [r["id"] for r in data.items], cpv, centroids,
-                   everyone_clips, everyone, description=description)
+        saved = describe_fit(fit, measures, ids=[r["id"] for r in data.items], clips_per_video=cpv,
+                             clip_labels=everyone_clips, video_labels=everyone, variant_name=variant.name,
+                             round_index=round_index, clip=geometry(config.clip_config()), pca_dim=config.pca_dim,
+                             fingerprint=encoder_fingerprint(encoders.state_dict()))
+        saved.save(round_file(out, round_index))
     return RoundLabels(everyone, config.clusters, (t_extract, t_cluster))
 
 
@@ -430,7 +435,7 @@ def _train_round(state: RunState, labels: RoundLabels, encoders, heads, optimize
                             "everyone": {m: torch.from_numpy(v) for m, v in labels.everyone.items()},
                             "seconds": list(labels.seconds), "plateau": [best, stale, in_round]}
             if xdist.is_main_process():
-                save_atomic(_checkpoint(state, encoders, optimizers[0], config), out / "checkpoints" / "last.pt")
+                save_atomic(_checkpoint(state, encoders, optimizers[0], config), checkpoint_path(out))
             xdist.barrier()
             if stop_after_steps is not None and step >= stop_after_steps:
                 raise Interrupted(f"stopped after step {step} (test hook)")
@@ -453,7 +458,7 @@ def _train_round(state: RunState, labels: RoundLabels, encoders, heads, optimize
         record = _record(state, labels, stats, epoch, t_train, data, config)
         state.history.append(record)
         if xdist.is_main_process():
-            append_text(out / "metrics.jsonl", json.dumps(record) + "\n")
+            append_text(metrics_path(out), json.dumps(record) + "\n")
             _tensorboard(out, record)
         log(_summary(record))
         state.next_epoch, in_round = state.next_epoch + 1, in_round + 1
@@ -479,7 +484,7 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
     total_steps = epoch_steps(config, len(data.items))
     loader = engine.make_loader(data.train_set, config.batch_size, loader=config.loader, workers=config.workers,
                                 device=device, indices=order[start_step * config.batch_size :].tolist())
-    loader = engine.progress(loader, f"epoch {epoch}", total_steps, start_step, unit="step")
+    loader = progress(loader, f"epoch {epoch}", total_steps, start_step, unit="step")
     model.train()
     keys = [f"{m}_{h}" for m in targets for h in range(len(targets[m]))]
     run = running or {"loss_sum": {k: 0.0 for k in keys}, "loss_count": {k: 0 for k in keys},

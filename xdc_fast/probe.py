@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed as xdist
-from . import metrics
-from .checkpoint import save_atomic
+from . import distributed as xdist, metrics
+from .files import output_lock, save_atomic
 from .config import ConfigError, FinetuneConfig
 from .data.clips import geometry
-from .files import output_lock
 from .seeds import seed_for
-from .transfer import linear_classifier, probabilities, score_or_refuse, start_transfer, write_results
+from .protocols import linear_classifier
+from .transfer import probabilities, score_or_refuse, start_transfer, write_results
 
 
 def probe(dataset: str | Path, out: str | Path, config: FinetuneConfig, log=print) -> dict:

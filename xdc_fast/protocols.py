@@ -24,10 +24,11 @@ features.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from dataclasses import dataclass
+from typing import Callable
 
-from . import metrics
+import numpy as np
+
 from .errors import XdcError
 
 SVM_CS = (0.001, 0.01, 0.1, 1.0, 10.0)
@@ -50,6 +51,8 @@ def _ranked(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np.nda
 def knn(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07,
         num_classes: int | None = None) -> dict:
     """Weighted k-NN: the ``k`` most similar training rows vote ``exp(cos / temperature)`` for their class."""
+    from . import metrics
+
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     similarity, order = _ranked(train_x, test_x)
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
@@ -127,6 +130,8 @@ def svm(train_x, train_y, train_groups, test_x, test_y, test_video_of_clip, num_
     """Linear SVM on clip features. ``train_y``/``train_groups``: per training clip (groups = its video);
     ``test_y``: per test video; ``test_video_of_clip``: each test clip's video. A video's prediction is the
     argmax of its clips' mean decision values."""
+    from . import metrics
+
     train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
     train_y, train_groups, test_y = np.asarray(train_y), np.asarray(train_groups), np.asarray(test_y)
     test_video_of_clip = np.asarray(test_video_of_clip)
@@ -151,6 +156,10 @@ def svm(train_x, train_y, train_groups, test_x, test_y, test_video_of_clip, num_
 
 def clustering(x, y, k: int | None = None, nredo: int = 5, niter: int = 20, seed: int = 0) -> dict:
     """k-means (k = number of classes by default) on L2-normalised features, scored against ``y``."""
+    from . import metrics
+
+    import torch
+
     from .cluster import KMeans
 
     y = np.asarray(y)
@@ -168,7 +177,9 @@ def linear(train_x, train_y, test_x, test_y, test_video_of_clip, num_classes: in
            seed: int = 0) -> dict:
     """The linear probe of ``finetune --mode linear``: ``train_y`` per training clip, ``test_y`` per test
     video, softmax averaged over a video's clips."""
-    from .transfer import linear_classifier
+    from . import metrics
+
+    import torch
 
     head = linear_classifier(np.asarray(train_x, np.float32), np.asarray(train_y), num_classes, c, seed)
     with torch.no_grad():
@@ -185,6 +196,8 @@ def multilabel_linear(train_x, train_y, test_x, test_y, test_video_of_clip, c: f
     classes with a positive test video. ``train_y``: ``[training clips, classes]`` booleans; ``test_y``:
     ``[test videos, classes]``. A scored class without both positive and negative training clips gets a
     constant score (its share of positive training clips): it ranks nothing, so its AP is its prevalence."""
+    from . import metrics
+
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -218,18 +231,132 @@ def multilabel_linear(train_x, train_y, test_x, test_y, test_video_of_clip, c: f
                        "seed": seed}}
 
 
-PROTOCOLS = ("linear", "knn", "retrieval", "svm", "clustering")
-HEADLINE = {"linear": "video_acc", "knn": "top1", "retrieval": "recall@1", "svm": "video_acc",
-            "clustering": "nmi"}
-# On multi-label data: linear becomes the one-vs-rest probe scored by mAP, retrieval counts a shared class
-# as a hit; k-NN's vote, the SVM's argmax and clustering against one class per item have no such reading.
-MULTILABEL_PROTOCOLS = ("linear", "retrieval")
+def linear_classifier(train_features: np.ndarray, train_labels: np.ndarray, num_classes: int, c: float,
+                      seed: int):
+    """A logistic regression on standardised features, folded into one ``nn.Linear`` on raw features
+    (so the saved model of ``finetune --mode linear`` is the encoder plus a layer, like a finetuned one)."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    if len(train_features) == 0:
+        raise XdcError("no training clip could be decoded (see the warnings above): there is nothing to fit")
+    if len(np.unique(train_labels)) < 2:
+        raise XdcError(f"the training videos hold a single class ({int(train_labels[0])}); a classifier needs at "
+                       "least two (use a dataset, or split, with more classes)")
+    scaler = StandardScaler().fit(train_features)
+    model = LogisticRegression(C=c, max_iter=3000, random_state=seed)
+    model.fit(scaler.transform(train_features), train_labels)
+    coef, intercept = model.coef_, model.intercept_
+    if coef.shape[0] == 1:  # scikit-learn keeps one row for two classes: logits (0, z) give the same softmax
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    weight = np.zeros((num_classes, train_features.shape[1]))
+    bias = np.full(num_classes, -1e4)  # classes absent from training never win
+    weight[model.classes_] = coef / scaler.scale_
+    bias[model.classes_] = intercept - (coef * scaler.mean_ / scaler.scale_).sum(1)
+    layer = torch.nn.Linear(train_features.shape[1], num_classes)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight))
+        layer.bias.copy_(torch.from_numpy(bias))
+    return layer
+
+
+# ---- the table of protocols ----------------------------------------------------------------------------
+
+@dataclass
+class Features:
+    """One split's features as every protocol takes them: clip rows (``*_x``, each clip's video ``*_v``)
+    and one mean row per video with at least one clip (``*_mean``, its label ``*_y``); ``*_labels`` are
+    per video of the split (class indices, or ``[videos, classes]`` booleans for multi-label data)."""
+
+    train_x: np.ndarray
+    train_v: np.ndarray
+    train_labels: np.ndarray
+    test_x: np.ndarray
+    test_v: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    seed: int  # of the solvers (logistic regression, SVM)
+    kmeans_seed: int
+
+    def __post_init__(self):
+        from .metrics import mean_per_video
+
+        train_mean, train_n = mean_per_video(self.train_x, self.train_v, len(self.train_labels))
+        test_mean, test_n = mean_per_video(self.test_x, self.test_v, len(self.test_labels))
+        self.train_mean, self.train_y = train_mean[train_n > 0], self.train_labels[train_n > 0]
+        self.test_mean, self.test_y = test_mean[test_n > 0], self.test_labels[test_n > 0]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One evaluation protocol: what it runs on a split's :class:`Features` with the evaluate settings,
+    the metric a table shows, and its reading on multi-label data (None: it has none and is refused)."""
+
+    name: str
+    summary: str  # for --help
+    headline: str
+    run: Callable[[Features, object], dict] | None  # None: trains the encoder itself (evaluate runs it)
+    multilabel: Callable[[Features, object], dict] | None = None
+    default: bool = True  # run when no --protocol is given
+
+    @property
+    def on_features(self) -> bool:
+        return self.run is not None
+
+
+PROTOCOLS = {p.name: p for p in (
+    Protocol("linear", "logistic regression on clip features (a multi-label dataset: one-vs-rest, scored by mAP)",
+             "video_acc",
+             lambda f, s: linear(f.train_x, f.train_labels[f.train_v], f.test_x, f.test_labels, f.test_v,
+                                 f.num_classes, s.linear_c, f.seed),
+             lambda f, s: multilabel_linear(f.train_x, f.train_labels[f.train_v], f.test_x, f.test_labels, f.test_v,
+                                            s.linear_c, f.seed)),
+    Protocol("knn", "weighted k-NN on mean video features", "top1",
+             lambda f, s: knn(f.train_mean, f.train_y, f.test_mean, f.test_y, s.knn_k, s.knn_temperature,
+                              f.num_classes)),
+    Protocol("retrieval", "Recall@k of test videos querying training videos", "recall@1",
+             lambda f, s: retrieval(f.train_mean, f.train_y, f.test_mean, f.test_y),
+             lambda f, s: retrieval(f.train_mean, f.train_y, f.test_mean, f.test_y)),
+    Protocol("svm", "linear SVM on clip features, C by group cross-validation", "video_acc",
+             lambda f, s: svm(f.train_x, f.train_labels[f.train_v], f.train_v, f.test_x, f.test_labels, f.test_v,
+                              f.num_classes, folds=s.svm_folds, seed=f.seed)),
+    Protocol("clustering", "k-means with k = classes on mean video features: NMI, ARI, purity", "nmi",
+             lambda f, s: clustering(np.concatenate([f.train_mean, f.test_mean]),
+                                     np.concatenate([f.train_y, f.test_y]), seed=f.kmeans_seed)),
+    Protocol("finetune", "full finetuning, trained per checkpoint and split: never a default", "video_acc",
+             None, default=False),
+)}
+
+
+# Functions, not constants: a protocol registered after this module is imported still shows.
+def default_protocols() -> tuple[str, ...]:
+    return tuple(name for name, p in PROTOCOLS.items() if p.default)
+
+
+def protocols_help() -> str:
+    return "Protocols to run on the same features: " + "; ".join(f"{p.name}: {p.summary}" for p in PROTOCOLS.values()) + "."
+
+
+def multilabel_names() -> tuple[str, ...]:
+    """The protocols that have a reading on multi-label data (VGGSound, AudioSet)."""
+    return tuple(name for name, p in PROTOCOLS.items() if p.multilabel is not None)
 
 
 def headline(protocol: str, scores: dict) -> str:
     """The metric a table shows for a result: mAP for the multi-label probe, else the protocol's own."""
-    return "map" if "map" in scores else HEADLINE[protocol]
+    return "map" if "map" in scores else PROTOCOLS[protocol].headline
 
 
-__all__ = ["knn", "retrieval", "svm", "select_c", "clustering", "linear", "multilabel_linear", "headline",
-           "PROTOCOLS", "HEADLINE", "MULTILABEL_PROTOCOLS"]
+def run_protocol(name: str, features: Features, settings) -> dict:
+    """Protocol ``name`` on one split's features, with the evaluate ``settings`` it reads."""
+    protocol = PROTOCOLS[name]
+    multilabel = features.train_labels.ndim == 2
+    runner = protocol.multilabel if multilabel else protocol.run
+    if runner is None:
+        raise XdcError(f"protocol {name} has no reading on " + ("multi-label data" if multilabel else "features"))
+    return runner(features, settings)
+
+
+__all__ = ["knn", "retrieval", "svm", "select_c", "clustering", "linear", "multilabel_linear", "linear_classifier",
+           "headline", "Features", "Protocol", "PROTOCOLS", "default_protocols", "protocols_help", "multilabel_names", "run_protocol"]

@@ -22,19 +22,14 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from matplotlib.ticker import MaxNLocator
-import torch
-import yaml
 
-from .data.prepare import PrepareError, load_manifest, read_jsonl
-from .errors import XdcError
-from .files import make_folder, writing
+from .data.prepare import load_manifest, read_jsonl
 from .data.pyav_backend import decode_frame_indices
+from .errors import PrepareError, ReportError
+from .files import make_folder, writing
+from .rounds import metrics_path, read_round, run_dataset, saved_rounds
 
 logger = logging.getLogger(__name__)
-
-
-class ReportError(XdcError):
-    """RUN cannot be reported on (reported to the user without a traceback)."""
 
 
 @dataclass
@@ -102,7 +97,7 @@ def write_report(run: str | Path, dataset: str | Path | None = None, out: str | 
 
 def read_curves(run: str | Path) -> Curves:
     """The per-epoch series of RUN/metrics.jsonl, in epoch order."""
-    path = Path(run) / "metrics.jsonl"
+    path = metrics_path(run)
     if not path.exists():
         raise ReportError(f"{run} is not a pretraining run: no metrics.jsonl")
     # A run resumed after a kill can log an epoch twice; the later line is the one the run went on from.
@@ -144,27 +139,20 @@ def round_boundaries(curves: Curves) -> list[float]:
 
 def latest_clusters(run: str | Path) -> Clusters | None:
     """The assignments of the highest-numbered round saved in RUN/clusters/, or None if there is none."""
-    saved = {int(path.stem[len("round_"):]): path for path in (Path(run) / "clusters").glob("round_*.pt")
-             if path.stem[len("round_"):].isdigit()}
+    saved = saved_rounds(run)
     if not saved:
         return None
-    last = max(saved)
-    state = torch.load(saved[last], map_location="cpu", weights_only=True)
-    labels = {key[: -len("_video_labels")]: value.numpy() for key, value in state.items()
-              if key.endswith("_video_labels")}
-    # Centroids give k even when a cluster ended up empty, so empty clusters show as zero bars.
-    k = max([c.shape[-2] for c in state.get("centroids", [])] + [int(v.max()) + 1 for v in labels.values()])
-    return Clusters(round=last, ids=list(state["ids"]), labels=labels, k=k)
+    last = read_round(saved[max(saved)])
+    # k counts empty clusters too (the centroids say it), so they show as zero bars.
+    return Clusters(round=last.round, ids=last.ids, labels=last.video_labels(), k=last.k)
 
 
 def montage_items(run: str | Path, dataset: str | Path | None) -> list[dict] | None:
     """The manifest to draw montages from, or None (with a warning) when they cannot be drawn."""
     if dataset is None:
-        config_path = Path(run) / "config.yaml"
-        config = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
-        dataset = (config or {}).get("dataset")
+        dataset = run_dataset(run)
         if dataset is None:
-            logger.warning("no dataset given and %s names none: montages skipped", config_path)
+            logger.warning("no dataset given and %s names none: montages skipped", Path(run) / "config.yaml")
             return None
     try:
         items = load_manifest(dataset)

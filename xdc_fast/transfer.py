@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed as xdist
-from . import engine, metrics
-from .checkpoint import load_encoder, save_atomic
+from . import distributed as xdist, engine, metrics
+from .checkpoint import load_encoder
+from .files import atomic_path, make_folder, save_atomic, write_text_atomic
+from .progress import progress
 from .config import ConfigError, FinetuneConfig, clip_config
 from .errors import XdcError
-from .files import atomic_path, make_folder, write_text_atomic
 from .data.clips import ClipConfig, geometry
 from .data.splits import Split, check_modality, choose_split, class_names, refuse_multilabel
 from .seeds import numpy_rng, seed_for, torch_generator
@@ -128,35 +128,6 @@ def probabilities(head: nn.Linear, features: np.ndarray, device: torch.device) -
         return metrics.softmax(head(torch.from_numpy(features).to(device)).float().cpu().numpy())
 
 
-def linear_classifier(train_features: np.ndarray, train_labels: np.ndarray, num_classes: int, c: float,
-                      seed: int) -> nn.Linear:
-    """A logistic regression on standardised features, folded into one ``nn.Linear`` on raw features
-    (so the saved model is the encoder plus a layer, like a finetuned one)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    if len(train_features) == 0:
-        raise XdcError("no training clip could be decoded (see the warnings above): there is nothing to fit")
-    if len(np.unique(train_labels)) < 2:
-        raise XdcError(f"the training videos hold a single class ({int(train_labels[0])}); a classifier needs at "
-                       "least two (use a dataset, or split, with more classes)")
-    scaler = StandardScaler().fit(train_features)
-    model = LogisticRegression(C=c, max_iter=3000, random_state=seed)
-    model.fit(scaler.transform(train_features), train_labels)
-    coef, intercept = model.coef_, model.intercept_
-    if coef.shape[0] == 1:  # scikit-learn keeps one row for two classes: logits (0, z) give the same softmax
-        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
-    weight = np.zeros((num_classes, train_features.shape[1]))
-    bias = np.full(num_classes, -1e4)  # classes absent from training never win
-    weight[model.classes_] = coef / scaler.scale_
-    bias[model.classes_] = intercept - (coef * scaler.mean_ / scaler.scale_).sum(1)
-    layer = nn.Linear(train_features.shape[1], num_classes)
-    with torch.no_grad():
-        layer.weight.copy_(torch.from_numpy(weight))
-        layer.bias.copy_(torch.from_numpy(bias))
-    return layer
-
-
 def write_results(transfer: Transfer, head: nn.Linear, final: dict, history: list[dict]) -> dict:
     """``metrics.json`` (final-epoch scores, the split, the protocol), ``confusion.png`` and
     ``checkpoints/last.pt`` (encoder + head); returns the metrics."""
@@ -244,7 +215,7 @@ def train_epoch(model, optimizer, train_set, labels: np.ndarray, config: Finetun
     train_set.set_epoch(epoch)
     loader = engine.make_loader(train_set, config.batch_size, loader=config.loader, workers=config.workers,
                                 device=device, indices=order.tolist())
-    loader = engine.progress(loader, f"epoch {epoch}", math.ceil(len(order) / config.batch_size), unit="step")
+    loader = progress(loader, f"epoch {epoch}", math.ceil(len(order) / config.batch_size), unit="step")
     model.train()
     loss_sum, correct, seen, skipped = 0.0, 0, 0, 0
     for step, batch in enumerate(loader):

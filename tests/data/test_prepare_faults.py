@@ -142,7 +142,8 @@ def test_a_failed_append_leaves_no_half_line(tmp_path):
 # workers inherit.
 ONLY = {
     "death-signal": "import xdc_fast.data.prepare as p\np._watch_parent = lambda *args: None\n",
-    "watchdog": "import ctypes\n"
+    # torch loads its libraries through ctypes: it is imported before ctypes is taken away.
+    "watchdog": "import torch\nimport ctypes\n"
                 "def unavailable(*args, **kwargs):\n    raise OSError('no prctl on this platform')\n"
                 "ctypes.CDLL = unavailable\n",
 }

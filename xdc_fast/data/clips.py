@@ -14,9 +14,12 @@ log-mel spectrogram of 40 bands with 25 ms windows every 10 ms (101 frames). The
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # XDC's input normalisation: the mean/std the XDC authors gave for their released video weights.
 VIDEO_MEAN = (0.43216, 0.394666, 0.37645)
@@ -52,13 +55,11 @@ class ClipConfig:
 # Every field of a clip; a command's ``clip`` overrides may name any of them.
 CLIP_FIELDS = tuple(f.name for f in fields(ClipConfig))
 
-# Geometry per encoder arch when neither the user nor a checkpoint says: the R(2+1)D-18 input for the
-# paper's encoders, crops small enough for two CPU cores for the tiny ones.
-ARCH_GEOMETRY = {"tiny": {"resize_short": 64, "crop": 56}, "r2plus1d_18": {"resize_short": 128, "crop": 112}}
-
-
 def clip_for_arch(arch: str) -> ClipConfig:
-    return replace(ClipConfig(), **ARCH_GEOMETRY[arch])
+    """The clip an encoder arch takes when neither the user nor a checkpoint says (its table entry)."""
+    from ..models.archs import arch_named
+
+    return replace(ClipConfig(), **arch_named(arch).geometry)
 
 
 def geometry(config: ClipConfig) -> dict:
@@ -123,6 +124,8 @@ def plan_clip(record: dict, config: ClipConfig, start: float, rng: np.random.Gen
 def video_to_tensor(frames: np.ndarray, crop: int, top: int, left: int, flip: bool) -> torch.Tensor:
     """uint8 ``[T, H, W, 3]`` -> the ``crop`` square at (top, left), flipped if asked, normalised with
     XDC's mean/std, as float ``[3, T, crop, crop]``."""
+    import torch  # here, not at the top: the clip's definition above is read by --help, which loads no torch
+
     t, h, w, _ = frames.shape
     patch = frames[:, top : top + min(crop, h), left : left + min(crop, w)]
     if flip:
@@ -146,4 +149,6 @@ class LogMel:
         )
 
     def __call__(self, waveform: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.log(self.mel(waveform) + 1e-6).unsqueeze(0)

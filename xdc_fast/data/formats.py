@@ -23,18 +23,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from ..errors import XdcError
+from ..errors import FormatError
 
 # Every container FFmpeg (PyAV) reads that datasets ship in; a file that does not decode is rejected
 # with the reason, never skipped unseen.
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp"}
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".opus"}
-FORMATS = ("folder", "ucf101", "hmdb51", "esc50", "kinetics-csv", "vggsound", "audioset")
-
-
-class FormatError(XdcError):
-    """The folder does not look like the requested format (a user error, reported without traceback)."""
 
 
 @dataclass
@@ -82,12 +78,9 @@ def _item_id(root: Path, path: Path) -> str:
 
 def list_dataset(root: Path, fmt: str, csv_path: Path | None = None, exclude: Path | None = None) -> Listing:
     """The items of ``root`` in layout ``fmt``; media under the folder ``exclude`` are never listed."""
-    if fmt not in FORMATS:
-        raise FormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return {"folder": _folder, "ucf101": _ucf101, "hmdb51": _hmdb51, "esc50": _esc50,
-            "kinetics-csv": lambda r, x: _kinetics(r, csv_path, x),
-            "vggsound": lambda r, x: _vggsound(r, csv_path, x),
-            "audioset": lambda r, x: _audioset(r, csv_path, x)}[fmt](root, exclude)
+    if fmt not in READERS:
+        raise FormatError(f"unknown format {fmt!r}; choose one of {', '.join(READERS)}")
+    return READERS[fmt].read(root, csv_path, exclude)
 
 
 def _read_text(path: Path) -> str:
@@ -429,3 +422,30 @@ def _audioset(root: Path, csv_path: Path | None, exclude: Path | None) -> Listin
         raise FormatError(f"{', '.join(str(p) for p in files)} list no segment")
     items = _segment_items(root, segments, classes, exclude)
     return Listing(items, classes, _audio_only(items))
+
+
+# ---- the table of layouts -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reader:
+    """One layout ``prepare --format`` reads: how to list it, and one line of help for the flag."""
+
+    name: str
+    help: str
+    list: Callable[[Path, Path | None, Path | None], Listing]  # (root, csv, exclude)
+
+    def read(self, root: Path, csv_path: Path | None, exclude: Path | None) -> Listing:
+        return self.list(root, csv_path, exclude)
+
+
+READERS = {r.name: r for r in (
+    Reader("folder", "ROOT/<class>/<file> gives labels (flat: none)", lambda root, _, x: _folder(root, x)),
+    Reader("ucf101", "the official split files, all 3 splits", lambda root, _, x: _ucf101(root, x)),
+    Reader("hmdb51", "the official split files, all 3 splits", lambda root, _, x: _hmdb51(root, x)),
+    Reader("esc50", "audio only, meta/esc50.csv, 5 folds", lambda root, _, x: _esc50(root, x)),
+    Reader("kinetics-csv", "--csv rows (label,youtube_id,time_start,time_end,split)", _kinetics),
+    Reader("vggsound", "vggsound.csv; a row's media is <id>_<start:06d>[_<end:06d>].<ext> or <id>.<ext>", _vggsound),
+    Reader("audioset", "*segments*.csv + class_labels_indices.csv (multi-label); media named as for vggsound",
+           _audioset),
+)}
+FORMAT_HELP = "; ".join(f"{r.name}: {r.help}" for r in READERS.values()) + "."

@@ -36,7 +36,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .formats import Item, list_dataset
-from ..errors import XdcError
+from ..errors import PrepareError
+from ..progress import Progress
 from ..files import WRITE_ADVICE
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,6 @@ log = logging.getLogger(__name__)
 MANIFEST_FIELDS = ("id", "path", "label", "label_name", "split", "duration_s", "fps", "num_frames", "width",
                    "height", "video_codec", "has_audio", "audio", "audio_samples", "sample_rate")
 RESUME_HINT = "run the same command again to resume (everything finished so far is kept)"
-
-
-class PrepareError(XdcError):
-    """A problem with the command's input as a whole (reported to the user without a traceback)."""
 
 
 @dataclass
@@ -605,7 +602,7 @@ def _prepare_locked(listing, out: Path, shown_out: Path, sample_rate: int, worke
 
     kept = rejected = 0
     manifest, rejects_file = _Appender(manifest_path), _Appender(rejects_path)
-    bar = _progress(len(todo), progress)
+    bar = Progress(len(todo), "prepare", "file", enabled=progress)
     try:
         def take(result: dict) -> None:
             nonlocal kept, rejected
@@ -616,7 +613,7 @@ def _prepare_locked(listing, out: Path, shown_out: Path, sample_rate: int, worke
                 rejects_file.write(result["reject"], result["reject"]["path"])
                 rejected += 1
             bar.update(1)
-            bar.set_postfix(kept=kept, rejected=rejected)
+            bar.note(kept=kept, rejected=rejected)
 
         args = (str(out), sample_rate, min_seconds, listing.audio_only)
         if workers <= 1:
@@ -638,10 +635,6 @@ def _prepare_locked(listing, out: Path, shown_out: Path, sample_rate: int, worke
     return PrepareSummary(kept=kept, rejected=rejected, skipped=len(listing.items) - len(todo), out=shown_out)
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="file", desc="prepare", disable=not enabled, dynamic_ncols=True)
 
 
 def load_manifest(dataset: str | Path) -> list[dict]:

@@ -35,7 +35,8 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from ..errors import XdcError
+from ..errors import ShardError
+from ..progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,6 @@ PLAN_FILE = "plan.json"
 # a 128-pixel short side and CRF 23 (~15 kB/s measured on synthetic and long-GOP 640x360 footage),
 # plus 16 kHz 16-bit mono WAV (32 kB/s).
 ESTIMATED_BYTES_PER_SECOND = 50_000
-
-
-class ShardError(XdcError):
-    """A sharded dataset that cannot be written or read as asked."""
 
 
 @dataclass(frozen=True)
@@ -214,10 +211,7 @@ def write_shards(dataset: str | Path, *, short_side: int = 128, gop: int = 16, c
             leftover.unlink(missing_ok=True)
     done_before = sum(1 for s in range(plan.shards) if s % world == rank) - len(mine)
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=sum(len(members.get(s, [])) for s in mine), unit="video", desc="shards", disable=not progress,
-               dynamic_ncols=True)
+    bar = Progress(sum(len(members.get(s, [])) for s in mine), "shards", "video", enabled=progress)
     rejects = _Appender(folder / "rejects.jsonl")
     written = failed = 0
 

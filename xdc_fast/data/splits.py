@@ -13,11 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import XdcError
-
-
-class DatasetError(XdcError):
-    """A dataset that cannot serve the command asked of it (no labels, no such split, no audio...)."""
+from ..errors import DatasetError
 
 
 @dataclass
@@ -29,13 +25,18 @@ class Split:
     description: dict
 
 
-def check_modality(items: list[dict], modality: str) -> None:
-    """Every item must carry ``modality``: audio-only datasets have no frames, silent videos no sound."""
-    if modality == "audio" and any(not r.get("has_audio") for r in items):
+def check_modality(items: list[dict], modality: str, needed_by: str | None = None, way_out: str = "") -> None:
+    """Every item must carry ``modality``: audio-only datasets have no frames, silent videos no sound.
+    ``needed_by`` says who needs it (default: the ``--modality`` flag), ``way_out`` what to do instead."""
+    needed_by = needed_by or f"--modality {modality}"
+    if modality == "audio":
         silent = [r["id"] for r in items if not r.get("has_audio")]
-        raise DatasetError(f"--modality audio, but {len(silent)} item(s) have no audio track (e.g. {silent[0]})")
-    if modality == "video" and any(r.get("fps") is None for r in items):
-        raise DatasetError("--modality video, but this dataset holds audio-only items; use --modality audio")
+        if silent:
+            raise DatasetError(f"{needed_by}, but {len(silent)} item(s) have no audio track (e.g. {silent[0]})"
+                               + (f"; {way_out}" if way_out else ""))
+    elif any(r.get("fps") is None for r in items):
+        raise DatasetError(f"{needed_by}, but this dataset holds audio-only items; "
+                           + (way_out or "use --modality audio"))
 
 
 def check_sample_rate(items: list[dict], rate: int, dataset, whose: str = "run's") -> None:

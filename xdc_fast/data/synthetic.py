@@ -49,6 +49,11 @@ def class_names(family: str = "shapes") -> tuple[str, ...]:
     return CLASS_NAMES if family == "shapes" else MOTION_CLASS_NAMES
 
 
+# The codecs synthetic media are written in, with their container: H.264 as most footage comes, VP9 for
+# the DALI graph's CPU decoder (which reads VP8/VP9/MJPEG only).
+CODECS = {"h264": "mp4", "vp9": "webm"}
+
+
 @dataclass(frozen=True)
 class SyntheticSpec:
     classes: int = 4
@@ -68,8 +73,8 @@ class SyntheticSpec:
             raise ValueError(f"family should be one of {', '.join(FAMILIES)}, got {self.family!r}")
         if not 1 <= self.classes <= len(class_names(self.family)):
             raise ValueError(f"classes should be between 1 and {len(class_names(self.family))}, got {self.classes}")
-        if self.codec not in ("h264", "vp9"):
-            raise ValueError(f"codec should be 'h264' or 'vp9', got {self.codec!r}")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec should be one of {', '.join(CODECS)}, got {self.codec!r}")
 
 
 def make_synthetic_dataset(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> list[Path]:
@@ -80,7 +85,7 @@ def make_synthetic_dataset(root: str | Path, spec: SyntheticSpec = SyntheticSpec
     """
     root = Path(root)
     paths = []
-    ext = "mp4" if spec.codec == "h264" else "webm"
+    ext = CODECS[spec.codec]
     for label in range(spec.classes):
         name = class_names(spec.family)[label]
         (root / name).mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,20 @@
-"""Encoders: R(2+1)D for video, ResNet for log-mel audio; full-size (the paper's) and `tiny` for CPUs."""
+"""Encoders: R(2+1)D for video, ResNet for log-mel audio; full-size (the paper's) and `tiny` for CPUs.
 
-from .audio_resnet import build_audio_encoder
-from .r2plus1d import build_video_encoder, load_video_weights
+The table of architectures (:mod:`xdc_fast.models.archs`) imports no torch; the builders load it on
+first use, so naming an arch (``--help``, a configuration check) costs nothing.
+"""
 
-__all__ = ["build_audio_encoder", "build_video_encoder", "load_video_weights"]
+from .archs import ARCHS, Arch, arch_named, default_arch
+
+_BUILDERS = {"build_video_encoder": "r2plus1d", "load_video_weights": "r2plus1d", "build_audio_encoder": "audio_resnet"}
+
+
+def __getattr__(name: str):
+    if name in _BUILDERS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_BUILDERS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ARCHS", "Arch", "arch_named", "default_arch", *_BUILDERS]

@@ -10,13 +10,11 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
+from .archs import ARCHS
 from .init import init_like_torchvision
 
-AUDIO_ARCHS = {
-    "r2plus1d_18": ((64, 128, 256, 512), (2, 2, 2, 2)),  # paired with the full video encoder: ResNet-18
-    "resnet18": ((64, 128, 256, 512), (2, 2, 2, 2)),
-    "tiny": ((16, 32, 64, 128), (1, 1, 1, 1)),
-}
+# torchvision's name for the audio encoder of the paper's arch.
+AUDIO_ALIASES = {"resnet18": "r2plus1d_18"}
 
 
 class AudioResNet(nn.Module):
@@ -50,6 +48,7 @@ class AudioResNet(nn.Module):
 
 def build_audio_encoder(arch: str = "resnet18") -> AudioResNet:
     """``arch`` is "resnet18" (also accepted as "r2plus1d_18", the video arch it pairs with) or "tiny"."""
-    if arch not in AUDIO_ARCHS:
-        raise ValueError(f"unknown audio arch {arch!r}; choose one of {', '.join(AUDIO_ARCHS)}")
-    return AudioResNet(*AUDIO_ARCHS[arch])
+    arch = AUDIO_ALIASES.get(arch, arch)
+    if arch not in ARCHS:
+        raise ValueError(f"unknown audio arch {arch!r}; choose one of {', '.join([*ARCHS, *AUDIO_ALIASES])}")
+    return AudioResNet(ARCHS[arch].audio_widths, ARCHS[arch].audio_blocks)

@@ -8,47 +8,34 @@ the VMZ mid-plane rule) at a fraction of the width, for CPU runs, the demo and t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D
 
+from .archs import ARCHS, Arch
 from .init import init_like_torchvision
-
-
-@dataclass(frozen=True)
-class VideoArch:
-    widths: tuple[int, int, int, int]
-    blocks: tuple[int, int, int, int]
-    stem_mid: int  # channels between the stem's spatial and temporal convolutions
-
-
-VIDEO_ARCHS = {
-    "r2plus1d_18": VideoArch((64, 128, 256, 512), (2, 2, 2, 2), 45),
-    "tiny": VideoArch((16, 32, 64, 128), (1, 1, 1, 1), 12),
-}
 
 
 class R2Plus1D(nn.Module):
     """Clips ``[B, 3, T, H, W]`` -> features ``[B, widths[-1]]`` (512 for r2plus1d_18)."""
 
-    def __init__(self, arch: VideoArch, bn_eps: float = 1e-5):
+    def __init__(self, arch: Arch, bn_eps: float = 1e-5):
         super().__init__()
-        width0 = arch.widths[0]
+        width0 = arch.video_widths[0]
         self.stem = nn.Sequential(
-            nn.Conv3d(3, arch.stem_mid, kernel_size=(1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False),
-            nn.BatchNorm3d(arch.stem_mid),
+            nn.Conv3d(3, arch.video_stem_mid, kernel_size=(1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False),
+            nn.BatchNorm3d(arch.video_stem_mid),
             nn.ReLU(inplace=True),
-            nn.Conv3d(arch.stem_mid, width0, kernel_size=(3, 1, 1), stride=(1, 1, 1), padding=(1, 0, 0), bias=False),
+            nn.Conv3d(arch.video_stem_mid, width0, kernel_size=(3, 1, 1), stride=(1, 1, 1), padding=(1, 0, 0), bias=False),
             nn.BatchNorm3d(width0),
             nn.ReLU(inplace=True),
         )
         self.inplanes = width0
-        for i, (planes, count) in enumerate(zip(arch.widths, arch.blocks)):
+        for i, (planes, count) in enumerate(zip(arch.video_widths, arch.video_blocks)):
             setattr(self, f"layer{i + 1}", self._make_layer(planes, count, stride=1 if i == 0 else 2))
         self.avgpool = nn.AdaptiveAvgPool3d((1, 1, 1))
-        self.feature_dim = arch.widths[-1]
+        self.feature_dim = arch.video_widths[-1]
         init_like_torchvision(self, bn_eps)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
@@ -72,9 +59,9 @@ class R2Plus1D(nn.Module):
 
 def build_video_encoder(arch: str = "r2plus1d_18", bn_eps: float = 1e-5) -> R2Plus1D:
     """``arch`` is "r2plus1d_18" or "tiny"; ``bn_eps`` 1e-3 matches the official XDC weights."""
-    if arch not in VIDEO_ARCHS:
-        raise ValueError(f"unknown video arch {arch!r}; choose one of {', '.join(VIDEO_ARCHS)}")
-    return R2Plus1D(VIDEO_ARCHS[arch], bn_eps)
+    if arch not in ARCHS:
+        raise ValueError(f"unknown video arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    return R2Plus1D(ARCHS[arch], bn_eps)
 
 
 def load_video_weights(model: R2Plus1D, state_dict: dict) -> list[str]:

@@ -1,0 +1,58 @@
+"""The encoder architectures, as data: widths and depths of both encoders, the clip geometry they take,
+and the device they are meant for.
+
+Everything that names an architecture reads this table: the CLI's ``--arch`` choices and help, the
+configuration checks, the feature width that ``auto`` settings use, the clip geometry of a run and of a
+checkpoint, and the encoder builders. Adding an architecture is one entry here and a test. The module
+imports no torch, so ``--help`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    summary: str
+    video_widths: tuple[int, int, int, int]  # channels of the four R(2+1)D stages
+    video_blocks: tuple[int, int, int, int]
+    video_stem_mid: int  # channels between the stem's spatial and temporal convolutions
+    audio_widths: tuple[int, int, int, int]  # channels of the four ResNet stages over the log-mel
+    audio_blocks: tuple[int, int, int, int]
+    geometry: dict  # clip fields this arch takes unless the user or a checkpoint says otherwise
+    meant_for: str  # "cpu" or "cuda": the device on which it is the default
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the features both encoders give (what k-means clusters before PCA)."""
+        return min(self.video_widths[-1], self.audio_widths[-1])
+
+
+ARCHS = {a.name: a for a in (
+    Arch("tiny", "the same shapes with a quarter of the width and one block per stage (a CPU's size)",
+         (16, 32, 64, 128), (1, 1, 1, 1), 12, (16, 32, 64, 128), (1, 1, 1, 1),
+         {"resize_short": 64, "crop": 56}, "cpu"),
+    Arch("r2plus1d_18", "R(2+1)D-18 for video and ResNet-18 for audio, the paper's (a GPU job)",
+         (64, 128, 256, 512), (2, 2, 2, 2), 45, (64, 128, 256, 512), (2, 2, 2, 2),
+         {"resize_short": 128, "crop": 112}, "cuda"),
+)}
+
+# The arch a run takes when none is named: the paper's on a GPU, the tiny one on a CPU.
+DEFAULT_ARCH = {a.meant_for: a.name for a in ARCHS.values()}
+ARCH_HELP = ("Encoders: " + "; ".join(f"{a.name}: {a.summary}" for a in ARCHS.values())
+             + f". auto: {DEFAULT_ARCH['cuda']} on CUDA, {DEFAULT_ARCH['cpu']} on the CPU.")
+
+
+def arch_named(name: str) -> Arch:
+    if name not in ARCHS:
+        raise ConfigError(f"unknown encoder arch {name!r}; choose one of {', '.join(ARCHS)}")
+    return ARCHS[name]
+
+
+def default_arch(device_type: str) -> str:
+    """The arch for a run on ``device_type`` ("cpu" or "cuda") that names none."""
+    return DEFAULT_ARCH["cuda" if device_type == "cuda" else "cpu"]
