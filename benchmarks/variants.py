@@ -33,15 +33,13 @@ CLASSES, VIDEOS_PER_CLASS, SECONDS, PROBE_CLIPS = 6, 16, 3.0, 4
 
 
 def dataset(work: Path, family: str, seed: int) -> Path:
-    from xdc_fast.data.prepare import prepare
-    from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
+    from xdc_fast.data.synthetic import SyntheticSpec, prepare_synthetic
 
     data = work / "data" / f"{family}_{seed}"
     if not (data / "manifest.jsonl").exists():
         media = work / "media" / f"{family}_{seed}"
-        make_synthetic_dataset(media, SyntheticSpec(classes=CLASSES, videos_per_class=VIDEOS_PER_CLASS,
-                                                    seconds=SECONDS, seed=1000 + seed, family=family))
-        prepare(media, data, workers=2, progress=False)
+        prepare_synthetic(media, data, SyntheticSpec(classes=CLASSES, videos_per_class=VIDEOS_PER_CLASS,
+                                                     seconds=SECONDS, seed=1000 + seed, family=family))
     return data
 
 

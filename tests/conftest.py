@@ -38,9 +38,6 @@ def _cpu_isa(request, monkeypatch):
 
 def prepared_synthetic(root, **spec):
     """The built-in synthetic dataset written under ``root/media`` and prepared into ``root/ds`` (returned)."""
-    from xdc_fast.data.prepare import prepare
-    from xdc_fast.data.synthetic import SyntheticSpec, make_synthetic_dataset
+    from xdc_fast.data.synthetic import SyntheticSpec, prepare_synthetic
 
-    make_synthetic_dataset(root / "media", SyntheticSpec(**spec))
-    prepare(root / "media", root / "ds", workers=1, progress=False)
-    return root / "ds"
+    return prepare_synthetic(root / "media", root / "ds", SyntheticSpec(**spec), workers=1)

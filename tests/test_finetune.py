@@ -15,7 +15,7 @@ from xdc_fast.config import FinetuneConfig
 from xdc_fast.data.splits import choose_split, stratified_split
 from xdc_fast.errors import XdcError as FinetuneError
 from xdc_fast.finetune import finetune as finetune_full
-from xdc_fast.metrics import score, softmax as softmax_numpy, video_accuracy
+from xdc_fast.metrics import score, softmax as softmax_numpy
 from xdc_fast.probe import probe
 from xdc_fast.protocols import linear_classifier
 
@@ -45,7 +45,6 @@ def test_video_accuracy_averages_softmax_over_clips():
                               [0.55, 0.45], [0.55, 0.45], [0.0, 1.0]])
     video_of_clip = np.array([0, 0, 0, 1, 1, 1])
     labels = np.array([1, 0])
-    assert video_accuracy(probabilities, video_of_clip, labels) == pytest.approx(0.5)
     scored = score(probabilities, video_of_clip, labels, 2)
     assert scored["clip_acc"] == pytest.approx(4 / 6) and scored["video_acc"] == pytest.approx(0.5)
     assert scored["confusion"] == [[0, 1], [0, 1]]
@@ -124,7 +123,7 @@ def test_finetune_writes_metrics_that_the_saved_model_reproduces(dataset, tmp_pa
     features, video_of_clip = features[modality], position // 2
     probabilities = softmax_numpy(head(torch.from_numpy(features)).detach().numpy())
     labels = np.array([r["label"] for r in test_set.items])
-    assert video_accuracy(probabilities, video_of_clip, labels) == pytest.approx(written["video_acc"])
+    assert score(probabilities, video_of_clip, labels, probabilities.shape[1])["video_acc"] == pytest.approx(written["video_acc"])
     if mode == "full":
         assert len(written["history"]) == 2 and all(np.isfinite(r["train_loss"]) for r in written["history"])
     # Linear keeps the encoder frozen (equal to the seeded random start); full trains it.

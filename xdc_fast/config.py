@@ -260,10 +260,32 @@ MIN_ROUND_STEPS = 200
 AUTO_ROUNDS = 3  # the first teaches each encoder the other's initial clusters, the next two refine both
 
 
+# ---- the optimiser every trained model uses -----------------------------------------------------------
+
+@dataclass
+class SgdSettings(Checked):
+    """The SGD settings of whatever a command trains: pretrain's encoders and heads, finetune's encoder and
+    classifier in full mode, evaluate's finetune protocol. Declared once; each command's configuration
+    holds them at its top level (``--lr``, ``lr:`` in its YAML file)."""
+
+    lr: float = option(0.01, "SGD learning rate, after the warm-up and decayed by the schedule; 0.01 suits the "
+                       "tiny encoders, lower it if the loss does not decrease. (finetune: full mode; evaluate: "
+                       "the finetune protocol.)", min=0, min_open=True)
+    momentum: float = option(0.9, "SGD momentum.", min=0, max=1)
+    weight_decay: float = option(1e-4, "SGD weight decay of the trained weights.", min=0)
+    warmup_epochs: float = option(0.0, "Linear warm-up of the learning rate from 0, then the schedule.", min=0,
+                                  max=MAX_EPOCHS)
+    schedule: str = option("cosine", "cosine: decay to 0 at the last step; constant: no decay.", choices=SCHEDULES)
+
+    def sgd_settings(self) -> dict:
+        """These settings alone, for another command's configuration."""
+        return {f.name: getattr(self, f.name) for f in fields(SgdSettings)}
+
+
 # ---- the commands' configurations --------------------------------------------------------------------
 
 @dataclass
-class PretrainConfig(Checked):
+class PretrainConfig(SgdSettings):
     variant: str = option("xdc", "xdc: each encoder learns the other modality's clusters (the paper's best); "
                           "mdc, cdc, sdc-video, sdc-audio are its baselines.", choices=tuple(VARIANTS))
     arch: str = option("auto", ARCH_HELP, choices=(AUTO, *ARCHS))
@@ -284,12 +306,6 @@ class PretrainConfig(Checked):
                                      "while clips x clusters stays under 5e7 (restarts are cheap there), else 1.",
                                      min=1, auto=True)
     batch_size: int = option(8, "Clips per step (per rank under torchrun).", min=1)
-    lr: float = option(0.01, "SGD learning rate; 0.01 suits the tiny encoders, lower it if the loss does "
-                       "not decrease.", min=0, min_open=True)
-    momentum: float = option(0.9, "SGD momentum.", min=0, max=1)
-    weight_decay: float = option(1e-4, "SGD weight decay of the encoders.", min=0)
-    warmup_epochs: float = option(0.0, "Linear warm-up from 0, then the schedule.", min=0, max=MAX_EPOCHS)
-    schedule: str = option("cosine", "cosine: decay to 0 at the last step; constant: no decay.", choices=SCHEDULES)
     init_checkpoint: str | None = option(None, "Start the encoders from this checkpoint (another run's, or "
                                          "torchvision / official XDC video weights).")
     labels_from: str | None = option(None, "Cluster transfer: train on these saved assignments "
@@ -383,7 +399,7 @@ def resolve_auto(config: PretrainConfig, videos: int, steps_per_epoch: int,
 
 
 @dataclass
-class FinetuneConfig(Checked):
+class FinetuneConfig(SgdSettings):
     checkpoint: str = option("random", "RUN/checkpoints/last.pt of a pretraining (or finetuning) run, a "
                              "torchvision / official XDC video weight file, or 'random' (the untrained baseline "
                              "every table needs).")
@@ -395,11 +411,6 @@ class FinetuneConfig(Checked):
                         "stratified one (test_fraction), recorded in metrics.json.", min=1)
     epochs: int = option(8, "Full mode: training epochs.", min=1, max=MAX_EPOCHS)
     batch_size: int = option(8, "Clips per step (per rank under torchrun).", min=1)
-    lr: float = option(0.01, "Full mode: SGD learning rate, cosine-decayed after the warm-up.", min=0, min_open=True)
-    momentum: float = option(0.9, "Full mode: SGD momentum.", min=0, max=1)
-    weight_decay: float = option(1e-4, "Full mode: SGD weight decay.", min=0)
-    warmup_epochs: float = option(0.0, "Full mode: linear warm-up epochs.", min=0, max=MAX_EPOCHS)
-    schedule: str = option("cosine", "Full mode: cosine or constant learning rate.", choices=SCHEDULES)
     clips_per_video: int = option(1, "Full mode: random clips per training video per epoch.", min=1)
     train_clips: int = option(10, "Linear mode: uniformly spaced clips per training video (features cached).",
                               min=1)
@@ -445,7 +456,7 @@ class ExtractConfig(Checked):
 
 
 @dataclass
-class EvaluateConfig(Checked):
+class EvaluateConfig(SgdSettings):
     checkpoints: list = option(None, "Encoders to score, each a checkpoint file or 'random' (the untrained "
                                "baseline, drawn from seed; 'random:N' draws it from seed N).",
                                default_factory=lambda: ["random"])
@@ -463,11 +474,6 @@ class EvaluateConfig(Checked):
     linear_c: float = option(1.0, "linear: inverse L2 strength of the logistic regression.", min=0, min_open=True)
     svm_folds: int = option(3, "svm: group folds over the training videos for choosing C.", min=2)
     epochs: int = option(8, "finetune: training epochs; the last one is scored.", min=1, max=MAX_EPOCHS)
-    lr: float = option(0.01, "finetune: SGD learning rate, decayed after the warm-up.", min=0, min_open=True)
-    momentum: float = option(0.9, "finetune: SGD momentum.", min=0, max=1)
-    weight_decay: float = option(1e-4, "finetune: SGD weight decay.", min=0)
-    warmup_epochs: float = option(0.0, "finetune: linear warm-up epochs.", min=0, max=MAX_EPOCHS)
-    schedule: str = option("cosine", "finetune: cosine or constant learning rate.", choices=SCHEDULES)
     finetune_clips: int = option(1, "finetune: random augmented clips per training video per epoch (its test "
                                  "clips are clips_per_video, as for every protocol).", min=1)
     batch_size: int = option(8, "Clips per forward pass, and per training step of finetune (per rank).", min=1)

@@ -61,8 +61,7 @@ class DemoRow:
 
 def run_demo(out: str | Path, config: DemoConfig | None = None, log=print) -> list[DemoRow]:
     """Every stage in ``out``: media/, data/, pretrain/ (with report/), probe/, evaluate/, demo.json."""
-    from .data.prepare import prepare
-    from .data.synthetic import SyntheticSpec, make_synthetic_dataset
+    from .data.synthetic import SyntheticSpec, prepare_synthetic
     from .pretrain import pretrain
 
     config = config or demo_config()
@@ -77,8 +76,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, log=print) -> li
     t0 = time.perf_counter()
     spec = SyntheticSpec(classes=config.classes, videos_per_class=config.videos_per_class, seconds=config.seconds,
                          seed=config.seed)
-    make_synthetic_dataset(out / "media", spec)
-    prepare(out / "media", out / "data", workers=2, progress=False)
+    prepare_synthetic(out / "media", out / "data", spec)
     timings["data"] = time.perf_counter() - t0
 
     # ===== pretraining =====

@@ -119,13 +119,12 @@ def finetune_protocol(dataset: Path, out: Path, split: Split, classes: list[str]
     """Full finetuning of ``encoder`` (trained in place: pass a copy) on one split, as ``finetune --mode full``
     runs it with ``epochs``, ``lr``, ... of ``config``, ``finetune_clips`` random clips per training video per
     epoch and ``clips_per_video`` test clips; scored at the final epoch."""
-    settings = FinetuneConfig(checkpoint=checkpoint, modality=config.modality, mode="full",
-                              arch=source["arch"], epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                              momentum=config.momentum, weight_decay=config.weight_decay,
-                              warmup_epochs=config.warmup_epochs, schedule=config.schedule,
+    # Same name, same meaning in both configurations; the clips per video are named for their use in each.
+    same = {name: getattr(config, name) for name in ("epochs", "batch_size", "test_fraction", "clip", "bn_eps",
+                                                     "workers", "loader", "device", "seed")}
+    settings = FinetuneConfig(checkpoint=checkpoint, modality=config.modality, mode="full", arch=source["arch"],
                               clips_per_video=config.finetune_clips, test_clips=config.clips_per_video,
-                              test_fraction=config.test_fraction, clip=config.clip, bn_eps=config.bn_eps,
-                              workers=config.workers, loader=config.loader, device=config.device, seed=config.seed)
+                              **config.sgd_settings(), **same)
     transfer = open_transfer(dataset, out, settings, split, classes, device, encoder, source, log)
     _, final, history = train_full(transfer)
     return {"scores": {k: final[k] for k in ("clip_acc", "video_acc", "clip_top5", "video_top5", "num_test_videos",
@@ -265,9 +264,9 @@ def table(summary: list[dict]) -> str:
 
 
 def chart(summary: list[dict], path: Path) -> None:
-    from .report import _pyplot, _save
+    from .report import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     heads = [s for s in summary if s["headline"]]
     checkpoints = list(dict.fromkeys(s["checkpoint"] for s in heads))
     names = list(dict.fromkeys(s["protocol"] for s in heads))
@@ -284,7 +283,7 @@ def chart(summary: list[dict], path: Path) -> None:
     axis.set_ylabel("mean ± std across splits")
     axis.legend(fontsize="small")
     figure.tight_layout()
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 # ===== --compare: may two results files' numbers be set side by side? =====

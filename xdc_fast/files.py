@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 from pathlib import Path
+from typing import Callable
 
 from .errors import OutputError, XdcError
 
@@ -89,15 +91,31 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it is removed."""
+def temporary_name(path: str | Path) -> Path:
+    """Where ``path`` is written before it is renamed into place. The pid keeps two processes'
+    temporaries apart, the leading dot keeps them out of listings, and the suffix stays last for
+    writers that read the format from it (matplotlib)."""
     path = Path(path)
-    make_folder(path.parent)
-    # The pid keeps two processes' temporaries apart; the leading dot keeps them out of listings.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+
+
+def temporaries_of(path: str | Path) -> list[Path]:
+    """Every process's leftover temporaries of ``path`` (a killed writer's)."""
+    path = Path(path)
+    return list(path.parent.glob(f".{path.name}.*.tmp{path.suffix}"))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, translate: bool = True):
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` (file and folder synced: a
+    kill or a power loss leaves the old content or the new, never half), on failure it is removed.
+    ``translate``: an OSError becomes an :class:`OutputError`; False leaves it to a caller with advice
+    of its own."""
+    path = Path(path)
+    tmp = temporary_name(path)
     try:
-        with writing(path):
+        with writing(path) if translate else contextlib.nullcontext():
+            make_folder(path.parent)
             yield tmp
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -142,9 +160,17 @@ class RunLock:
     its files with the first one's. The lock is the kernel's (``flock``), so it disappears with its
     process, however that process ends; the file it lives in may stay behind, unlocked."""
 
-    def __init__(self, target: str | Path):
+    def __init__(self, target: str | Path, *, name: str | None = None, wait_s: float = 0.0,
+                 busy: Callable[[str], XdcError] | None = None):
+        """``name``: the lock file inside a folder ``target`` (default ``.xdc-fast.lock``); ``wait_s``: how
+        long to wait for a holder that is going away (a killed run's workers still exiting); ``busy``: the
+        error for a holder of pid ``holder``."""
         target = Path(target)
-        self.path = target / ".xdc-fast.lock" if target.suffix == "" else target.with_name(f".{target.name}.lock")
+        if target.suffix == "" or name is not None:
+            self.path = target / (name or ".xdc-fast.lock")
+        else:
+            self.path = target.with_name(f".{target.name}.lock")
+        self.wait_s, self.busy = wait_s, busy
         self.fd: int | None = None
 
     def __enter__(self) -> "RunLock":
@@ -153,14 +179,22 @@ class RunLock:
         make_folder(self.path.parent)
         with writing(self.path.parent):
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            self.fd = None
-            raise XdcError(f"{self.path.parent} is in use by another xdc-fast process (pid {holder}); wait for it "
-                           "to finish, stop it, or choose another output") from None
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(self.fd)
+                self.fd = None
+                if self.busy is not None:
+                    raise self.busy(holder) from None
+                raise XdcError(f"{self.path.parent} is in use by another xdc-fast process (pid {holder}); wait for "
+                               "it to finish, stop it, or choose another output") from None
         with contextlib.suppress(OSError):  # the pid only informs a second command; a full disk says so later
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)

@@ -91,11 +91,6 @@ def score(probabilities: np.ndarray, video_of_clip: np.ndarray, labels: np.ndarr
             "confusion": confusion.tolist()}
 
 
-def video_accuracy(probabilities: np.ndarray, video_of_clip: np.ndarray, labels: np.ndarray) -> float:
-    """Share of videos whose mean softmax over their clips peaks at their label (see :func:`score`)."""
-    return score(probabilities, video_of_clip, labels, probabilities.shape[1])["video_acc"]
-
-
 def mean_average_precision(truth: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
     """mAP as AudioSet and VGGSound tables report it: scikit-learn's average precision of each class
     (``truth`` ``[items, classes]`` booleans, ``scores`` the same shape), averaged over the classes with at

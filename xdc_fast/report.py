@@ -216,7 +216,7 @@ def _number(value) -> float:
 # ===== drawing =====
 
 
-def _pyplot():
+def pyplot():
     # Agg draws without a display (servers, CI); chosen before pyplot is first imported.
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -224,8 +224,8 @@ def _pyplot():
     return plt
 
 
-def _save(figure, path: Path) -> Path:
-    plt = _pyplot()
+def save_figure(figure, path: Path) -> Path:
+    plt = pyplot()
     try:
         with writing(path):
             figure.savefig(path, dpi=100)
@@ -236,7 +236,7 @@ def _save(figure, path: Path) -> Path:
 
 
 def draw_curves(curves: Curves, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(len(curves.panels), 1, sharex=True, squeeze=False,
                                 figsize=(7, 2.4 * len(curves.panels)))
     boundaries = round_boundaries(curves)
@@ -251,11 +251,11 @@ def draw_curves(curves: Curves, path: Path) -> Path:
     axes[-1, 0].set_xlabel("epoch (dashed: a new round, i.e. a re-clustering)")
     axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def draw_cluster_sizes(clusters: Clusters, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(clusters.labels)
     figure, axes = plt.subplots(1, len(names), squeeze=False, figsize=(4 * len(names), 3))
     for ax, name in zip(axes[0], names):
@@ -267,11 +267,11 @@ def draw_cluster_sizes(clusters: Clusters, path: Path) -> Path:
         ax.set_ylabel("videos")
     figure.suptitle(f"cluster sizes, round {clusters.round}")
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def draw_montage(rows: list[MontageRow], title: str, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     columns = max(len(row.tiles) for row in rows)
     figure, axes = plt.subplots(len(rows), columns, squeeze=False, figsize=(1.8 * columns + 0.6, 1.9 * len(rows)))
     for r, row in enumerate(rows):
@@ -291,12 +291,12 @@ def draw_montage(rows: list[MontageRow], title: str, path: Path) -> Path:
         axes[r, 0].set_ylabel(f"cluster {row.cluster}\n{row.size} videos", fontsize=9)
     figure.suptitle(title)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def draw_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
     """Row-normalised confusion matrix; class names on the axes while they stay legible."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
     size = min(4 + 0.25 * len(classes), 20)
     figure, axes = plt.subplots(figsize=(size, size))
@@ -309,4 +309,4 @@ def draw_confusion(confusion: np.ndarray, classes: list[str], path: Path, title:
     axes.set_title(title)
     figure.colorbar(image, ax=axes, fraction=0.046)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)

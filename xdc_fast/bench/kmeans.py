@@ -15,7 +15,7 @@ from .timing import interleaved_best_times, machine
 
 
 @dataclass
-class Row:
+class ContenderTimes:
     name: str
     assign_s: float | None
     lloyd_s: float | None
@@ -37,7 +37,7 @@ class KMeansBenchResult:
     shape_gemm_gflops: float = 0.0
     cpu_isa: str | None = None  # the CPU engine the default call took
     fma_peak_gflops: float | None = None  # that engine's register-only multiply-add rate, all threads
-    rows: list[Row] = field(default_factory=list)
+    rows: list[ContenderTimes] = field(default_factory=list)
 
     @property
     def flops(self) -> float:
@@ -229,9 +229,9 @@ def bench_kmeans(device: str = "cpu", b: int = 1, n: int = 400_000, d: int = 256
         result.fma_peak_gflops = ops.cpu_fma_flops(result.cpu_isa) / 1e9 or None
     for name, note, assign, _ in contenders:
         if assign is None:
-            result.rows.append(Row(name, None, None, note))
+            result.rows.append(ContenderTimes(name, None, None, note))
         else:
-            result.rows.append(Row(name, best[f"{name} assign"], best[f"{name} lloyd"], note))
+            result.rows.append(ContenderTimes(name, best[f"{name} assign"], best[f"{name} lloyd"], note))
     return result
 
 

@@ -14,7 +14,7 @@ from ..data.clips import ClipConfig
 from ..data.dataset import ClipDataset
 from ..data.shards import ShardReader
 from ..engine import make_loader
-from .timing import _sync
+from .timing import synchronize
 
 
 @dataclass
@@ -59,7 +59,7 @@ def _time_loader(loader, device: str = "cpu") -> tuple[float, int]:
     """Seconds to draw every batch, and the samples that failed to decode."""
     t0 = time.perf_counter()
     skipped = sum(batch["skipped"] for batch in loader)
-    _sync(torch.device(device))  # DALI's GPU graph may still be working on the last batch
+    synchronize(torch.device(device))  # DALI's GPU graph may still be working on the last batch
     return time.perf_counter() - t0, int(skipped)
 
 
@@ -75,16 +75,13 @@ def bench_loader(dataset: str | None = None, workers: tuple[int, ...] = (0, 2), 
     config = config or ClipConfig(frames=16, stride=1, resize_short=128, crop=112)
     workdir = None
     if dataset is None:
-        from ..data.prepare import prepare
-        from ..data.synthetic import SyntheticSpec, make_synthetic_dataset
+        from ..data.synthetic import SyntheticSpec, prepare_synthetic
 
         workdir = tempfile.TemporaryDirectory(prefix="xdc-fast-loader-")
         say(f"writing a synthetic dataset ({codec}, 320x240, 10 s videos)")
-        make_synthetic_dataset(f"{workdir.name}/media", SyntheticSpec(classes=4, videos_per_class=2, seconds=10.0,
-                                                                      fps=25, width=320, height=240, seed=seed,
-                                                                      codec=codec))
-        prepare(f"{workdir.name}/media", f"{workdir.name}/dataset", workers=2, progress=False)
-        dataset = f"{workdir.name}/dataset"
+        dataset = str(prepare_synthetic(f"{workdir.name}/media", f"{workdir.name}/dataset",
+                                        SyntheticSpec(classes=4, videos_per_class=2, seconds=10.0, fps=25, width=320,
+                                                      height=240, seed=seed, codec=codec)))
     try:
         data = ClipDataset(dataset, config, seed=seed, media="files")
         sharded = ClipDataset(dataset, config, seed=seed) if ShardReader.open(dataset) is not None else None

@@ -15,7 +15,7 @@ import torch
 from ..errors import XdcError
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     # CUDA kernels return before they finish; without this the timer would measure the launch.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -27,13 +27,13 @@ def interleaved_best_times(jobs: dict[str, Callable[[], object]], repeats: int,
     slow spell of a shared machine hits every contender alike instead of one of them."""
     for fn in jobs.values():  # warm-up: first-touch allocations, lazy initialisation, kernel caches
         fn()
-    _sync(device)
+    synchronize(device)
     best = {name: float("inf") for name in jobs}
     for _ in range(repeats):
         for name, fn in jobs.items():
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             best[name] = min(best[name], time.perf_counter() - t0)
     return best
 

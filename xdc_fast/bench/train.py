@@ -25,7 +25,7 @@ from .. import engine
 from ..data.clips import ClipConfig
 from ..errors import LoaderError
 from ..models import build_audio_encoder, build_video_encoder
-from .timing import _sync, interleaved_best_times
+from .timing import synchronize, interleaved_best_times
 
 RoundRunner = Callable[[str, str], dict]
 """``runner(dataset_dir, run_dir)``: runs one pretraining round and returns its metrics record, whose
@@ -128,24 +128,21 @@ def _loader_row(arch: str, modality: str, batch_size: int, steps: int, dev: torc
         return n
 
     one_step()
-    _sync(dev)
+    synchronize(dev)
     t0 = _clock()
     clips = sum(one_step() for _ in range(steps))
-    _sync(dev)
+    synchronize(dev)
     # Per full batch: a batch short of clips that failed to decode must not make the step look faster.
     row.seconds_per_step = (_clock() - t0) / max(clips, 1) * batch_size
     return row
 
 
 def _write_dataset(work: str, codec: str, say) -> str:
-    from ..data.prepare import prepare
-    from ..data.synthetic import SyntheticSpec, make_synthetic_dataset
+    from ..data.synthetic import SyntheticSpec, prepare_synthetic
 
     say(f"writing a small synthetic dataset ({codec}) for the loader-fed steps")
-    make_synthetic_dataset(f"{work}/media", SyntheticSpec(classes=2, videos_per_class=2, seconds=3.0, width=160,
-                                                          height=128, codec=codec))
-    prepare(f"{work}/media", f"{work}/ds", workers=2, progress=False)
-    return f"{work}/ds"
+    spec = SyntheticSpec(classes=2, videos_per_class=2, seconds=3.0, width=160, height=128, codec=codec)
+    return str(prepare_synthetic(f"{work}/media", f"{work}/ds", spec))
 
 
 def phase_shares(record: dict) -> dict[str, float]:
@@ -156,13 +153,11 @@ def phase_shares(record: dict) -> dict[str, float]:
 
 
 def _run_round(round_runner: RoundRunner, say: Callable[[str], None]) -> dict:
-    from ..data.prepare import prepare
-    from ..data.synthetic import SyntheticSpec, make_synthetic_dataset
+    from ..data.synthetic import SyntheticSpec, prepare_synthetic
 
     say("one tiny pretraining round on synthetic data")
     with tempfile.TemporaryDirectory(prefix="xdc-fast-train-") as work:
-        make_synthetic_dataset(f"{work}/media", SyntheticSpec(classes=4, videos_per_class=4, seconds=3.0))
-        prepare(f"{work}/media", f"{work}/ds", workers=2, progress=False)
+        prepare_synthetic(f"{work}/media", f"{work}/ds", SyntheticSpec(classes=4, videos_per_class=4, seconds=3.0))
         return round_runner(f"{work}/ds", f"{work}/run")
 
 

@@ -28,7 +28,6 @@ import time
 import wave
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -38,7 +37,7 @@ import numpy as np
 from .formats import Item, list_dataset
 from ..errors import PrepareError
 from ..progress import Progress
-from ..files import WRITE_ADVICE
+from ..files import WRITE_ADVICE, RunLock, atomic_path, temporaries_of
 
 log = logging.getLogger(__name__)
 
@@ -72,40 +71,14 @@ def output_error(error: OSError, path: Path | str, item: Path | str | None = Non
     return PrepareError(f"cannot write {path}: {cause}{for_item}; {advice}, then {RESUME_HINT}")
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Makes a rename inside ``folder`` durable (where the platform allows opening a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as error:
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _temp_name(path: Path) -> Path:
-    # One name per process: a second writer (or a worker of this run) never shares a half-written file.
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_atomic(path: Path, chunks: Iterable[bytes], item: Path | str | None = None) -> None:
     """``path`` holds either its old content or all of ``chunks``, whatever happens (kill, power loss,
     full disk); on failure the temporary file is removed and a :class:`PrepareError` raised."""
-    tmp = _temp_name(path)
     try:
-        with tmp.open("wb") as f:
+        with atomic_path(path, translate=False) as tmp, tmp.open("wb") as f:
             for chunk in chunks:
                 f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise output_error(error, path, item) from None
 
 
@@ -419,40 +392,12 @@ def _watch_parent(parent_pid: int, start_ppid: int) -> None:
 
 # ---- the whole folder -------------------------------------------------------------------------------
 
-@contextmanager
-def _exclusive(out: Path):
+def _exclusive(out: Path) -> RunLock:
     """One prepare at a time per --out: two would append the same ids twice and delete each other's
-    temporary files."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no lock, as before
-        yield
-        return
-    path = out / ".prepare.lock"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as error:
-        raise output_error(error, path) from None
-    try:
-        deadline = time.monotonic() + 2.0  # the workers of a run killed a moment ago are still exiting
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                    raise PrepareError(f"another prepare (pid {holder}) is writing to {out}; wait for it to "
-                                       "finish, or stop it and run this command again to resume") from None
-                time.sleep(0.05)
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as error:
-            raise output_error(error, path) from None
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    temporary files. The workers of a run killed a moment ago may still hold it: it waits 2 s for them."""
+    return RunLock(out, name=".prepare.lock", wait_s=2.0,
+                   busy=lambda holder: PrepareError(f"another prepare (pid {holder}) is writing to {out}; wait for it "
+                                                    "to finish, or stop it and run this command again to resume"))
 
 
 def _check_unique(items: list[Item], root: Path) -> None:
@@ -542,11 +487,11 @@ def _clean_leftovers(out: Path, todo: list[Item], records: dict) -> None:
     audio = out / "audio"
     used = {r["audio"]: r["id"] for r in records.values() if r.get("audio")}
     for name in ("manifest.jsonl", "rejects.jsonl", "classes.json"):
-        for tmp in out.glob(f".{name}.*.tmp"):
+        for tmp in [*temporaries_of(out / name), *out.glob(f".{name}.*.tmp")]:  # the latter: older versions'
             tmp.unlink(missing_ok=True)
     (out / "manifest.jsonl.tmp").unlink(missing_ok=True)  # an older version's fixed temporary names
     (out / "rejects.jsonl.tmp").unlink(missing_ok=True)
-    for tmp in list(audio.glob(".*.wav.*.tmp")) + list(audio.glob("*.wav.tmp")):
+    for tmp in list(audio.glob(".*.wav.*.tmp.wav")) + list(audio.glob(".*.wav.*.tmp")) + list(audio.glob("*.wav.tmp")):
         tmp.unlink(missing_ok=True)
     for item in todo:
         name = f"audio/{audio_name(item.id)}"

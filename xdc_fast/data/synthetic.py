@@ -101,6 +101,18 @@ def make_synthetic_dataset(root: str | Path, spec: SyntheticSpec = SyntheticSpec
     return paths
 
 
+
+def prepare_synthetic(media: str | Path, dataset: str | Path, spec: SyntheticSpec = SyntheticSpec(),
+                      workers: int = 2) -> Path:
+    """The built-in media of ``spec`` written under ``media`` and prepared into ``dataset`` (returned): what
+    the demo, the benchmarks and the tests start from."""
+    from .prepare import prepare
+
+    make_synthetic_dataset(media, spec)
+    prepare(media, dataset, workers=workers, progress=False)
+    return Path(dataset)
+
+
 def _class_video(label: int, spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
     n = int(round(spec.seconds * spec.fps))
     h, w = spec.height, spec.width
