@@ -1,12 +1,11 @@
 import json
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from xdc_fast.cli import main
 from xdc_fast.config import EvaluateConfig
-from xdc_fast.demo import DemoConfig, cluster_nmi, demo_config, format_table, run_demo
+from xdc_fast.demo import DemoConfig, demo_config, format_table, run_demo
 from xdc_fast.errors import XdcError
 from xdc_fast.evaluate import compare, evaluate
 
@@ -18,14 +17,6 @@ SMALL_PRETRAIN = {**demo_config().pretrain, "epochs": 2, "epochs_per_round": 1, 
                   "clip": {"frames": 4, "resize_short": 32, "crop": 28, "audio_seconds": 0.5, "n_mels": 20}}
 
 
-def test_cluster_nmi_finds_separated_classes_and_not_noise():
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(3), 20)
-    centres = rng.normal(size=(3, 16)) * 5
-    assert cluster_nmi(centres[labels] + rng.normal(size=(60, 16)) * 0.3, labels, 3, seed=0) == pytest.approx(1.0)
-    assert cluster_nmi(rng.normal(size=(60, 16)), labels, 3, seed=0) < 0.2
-
-
 def test_demo_runs_end_to_end_in_a_reduced_size(tmp_path):
     lines = []
     config = DemoConfig(classes=2, videos_per_class=4, seconds=1.5, probe_clips=2, pretrain=SMALL_PRETRAIN)
@@ -35,14 +26,13 @@ def test_demo_runs_end_to_end_in_a_reduced_size(tmp_path):
     assert all(0 <= r.clip_acc <= 1 and 0 <= r.video_acc <= 1 and 0 <= r.nmi <= 1 for r in rows)
     written = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert written["rows"][1]["video_acc"] == rows[1].video_acc
-    assert set(written["seconds"]) == {"data", "pretrain", "scoring", "evaluate", "total"}
-    for name in ("video_random", "video_xdc", "audio_random", "audio_xdc"):
-        probe = json.loads((tmp_path / "demo" / "probe" / name / "metrics.json").read_text())
-        assert probe["config"]["mode"] == "linear" and probe["num_test_videos"] == 2
-    # Both encoders of a modality are probed on the same test videos.
-    tests = {json.dumps(json.loads((tmp_path / "demo" / "probe" / f"video_{n}" / "metrics.json").read_text())["split"])
-             for n in ("random", "xdc")}
-    assert len(tests) == 1
+    assert set(written["seconds"]) == {"data", "pretrain", "evaluate", "total"}
+    assert not (tmp_path / "demo" / "probe").exists()  # the table is evaluate's: no second probe
+    # Both encoders of a modality are scored on the same test videos.
+    saved = json.loads((tmp_path / "demo" / "evaluate" / "video" / "results.json").read_text())
+    tests = {json.dumps(r["fingerprint"]["split"]) for r in saved["results"] if r["protocol"] == "linear"}
+    assert len(tests) == 1 and all(r["scores"]["num_test_videos"] == 2 for r in saved["results"]
+                                   if r["protocol"] == "linear")
     assert (tmp_path / "demo" / "pretrain" / "report" / "curves.png").exists()
     assert format_table(rows, 2) in "\n".join(lines)
     check_evaluate_stage(tmp_path / "demo", rows, lines, tmp_path)
@@ -52,8 +42,8 @@ def test_demo_runs_end_to_end_in_a_reduced_size(tmp_path):
 
 def check_evaluate_stage(demo, rows, lines, tmp_path):
     """The demo's evaluate/ of each modality scores XDC and random with evaluate's default protocols; its
-    linear probe is the demo table's (another code path: finetune --mode linear), and its XDC results, and
-    printed rows, are those of a standalone `evaluate` of the checkpoint on the same folder."""
+    linear probe and clustering are the demo table's, and its XDC results, and printed rows, are those of a
+    standalone `evaluate` of the checkpoint on the same folder."""
     checkpoint = str(demo / "pretrain" / "checkpoints" / "last.pt")
     for modality in ("video", "audio"):
         folder = demo / "evaluate" / modality
@@ -65,6 +55,8 @@ def check_evaluate_stage(demo, rows, lines, tmp_path):
             (row,) = [r for r in rows if (r.modality, r.encoder) == (modality, name)]
             (linear,) = [r for r in saved["results"] if (r["checkpoint"], r["protocol"]) == (label, "linear")]
             assert (linear["scores"]["clip_acc"], linear["scores"]["video_acc"]) == (row.clip_acc, row.video_acc)
+            (clustered,) = [r for r in saved["results"] if (r["checkpoint"], r["protocol"]) == (label, "clustering")]
+            assert clustered["scores"]["nmi"] == row.nmi
     # a standalone run of the XDC checkpoint alone, its clip geometry read from the checkpoint
     alone = evaluate(demo / "data", tmp_path / "alone", EvaluateConfig(checkpoints=[checkpoint], clips_per_video=2),
                      log=lambda *_: None)

@@ -2,9 +2,9 @@
 
 Writes a synthetic audio-video dataset whose classes are seen (shape and motion) and heard (pitch and
 beep rate), prepares it, pretrains XDC with the tiny encoders, then scores the XDC encoders against
-random ones of the same architecture on the same split: linear-probe clip and video accuracy, and the
-NMI of k-means clusters of their features to the true classes; then ``xdc-fast evaluate`` scores both
-with its default protocols (all but full finetuning). The labels are used only for scoring.
+random ones of the same architecture on the same split with ``xdc-fast evaluate``'s default protocols
+(all but full finetuning); its table is evaluate's linear-probe clip and video accuracy and the NMI of
+its clustering protocol to the true classes. The labels are used only for scoring.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from .config import ConfigError, PRESETS, EvaluateConfig, PretrainConfig, from_dict, read_yaml
 from .files import write_text_atomic
@@ -26,7 +24,7 @@ class DemoConfig:
     classes: int = 4
     videos_per_class: int = 24
     seconds: float = 4.0
-    probe_clips: int = 4  # uniformly spaced clips per video for the probes and the clustering
+    probe_clips: int = 4  # uniformly spaced clips per video that evaluate encodes
     pretrain: dict = field(default_factory=dict)  # PretrainConfig fields
     seed: int = 0
 
@@ -60,7 +58,7 @@ class DemoRow:
 
 
 def run_demo(out: str | Path, config: DemoConfig | None = None, log=print) -> list[DemoRow]:
-    """Every stage in ``out``: media/, data/, pretrain/ (with report/), probe/, evaluate/, demo.json."""
+    """Every stage in ``out``: media/, data/, pretrain/ (with report/), evaluate/, browse/, demo.json."""
     from .data.synthetic import SyntheticSpec, prepare_synthetic
     from .pretrain import pretrain
 
@@ -72,7 +70,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, log=print) -> li
     timings = {}
 
     # ===== data =====
-    log(f"[1/5] writing {config.classes * config.videos_per_class} synthetic videos and preparing them")
+    log(f"[1/4] writing {config.classes * config.videos_per_class} synthetic videos and preparing them")
     t0 = time.perf_counter()
     spec = SyntheticSpec(classes=config.classes, videos_per_class=config.videos_per_class, seconds=config.seconds,
                          seed=config.seed)
@@ -81,7 +79,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, log=print) -> li
 
     # ===== pretraining =====
     pretrain_config = from_dict(PretrainConfig, {**config.pretrain, "seed": config.seed})
-    log(f"[2/5] pretraining XDC ({pretrain_config.epochs} epochs, a re-clustering every "
+    log(f"[2/4] pretraining XDC ({pretrain_config.epochs} epochs, a re-clustering every "
         f"{pretrain_config.epochs_per_round})")
     t0 = time.perf_counter()
     if (out / "pretrain" / "metrics.jsonl").exists():
@@ -89,23 +87,16 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, log=print) -> li
     pretrain(out / "data", out / "pretrain", pretrain_config, log=lambda line: log("      " + line))
     timings["pretrain"] = time.perf_counter() - t0
 
-    # ===== scoring =====
-    log("[3/5] linear probes and clustering of random and XDC encoders on the same split")
-    t0 = time.perf_counter()
-    rows = [score_encoder(out, modality, name, checkpoint, pretrain_config, config)
-            for modality in ("video", "audio")
-            for name, checkpoint in (("random", "random"), ("xdc", str(out / "pretrain" / "checkpoints" / "last.pt")))]
-    timings["scoring"] = time.perf_counter() - t0
-
-    # ===== the protocols of the literature =====
-    log(f"[4/5] xdc-fast evaluate of XDC and random encoders: {', '.join(EvaluateConfig().protocols)}")
+    # ===== the protocols of the literature, whose linear probe and clustering make the demo's table =====
+    log(f"[3/4] xdc-fast evaluate of XDC and random encoders: {', '.join(EvaluateConfig().protocols)}")
     t0 = time.perf_counter()
     evaluations = {modality: evaluate_encoders(out, modality, pretrain_config, config)
                    for modality in ("video", "audio")}
+    rows = [row for modality, (_, summary) in evaluations.items() for row in demo_rows(modality, summary)]
     timings["evaluate"] = time.perf_counter() - t0
 
     # ===== figures =====
-    log("[5/5] drawing the pretraining report")
+    log("[4/4] drawing the pretraining report")
     from .report import write_report
 
     figures = write_report(out / "pretrain", out / "data")
@@ -115,14 +106,13 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, log=print) -> li
     log("")
     log(format_table(rows, config.classes))
     log("")
-    for modality, table in evaluations.items():
+    for modality, (table, _) in evaluations.items():
         log(f"xdc-fast evaluate, {modality} (evaluate/{modality}/results.md):")
         log(table)
     log(f"done in {timings['total'] / 60:.1f} min. Files under {out}:")
     log(f"  data/             the prepared dataset ({out / 'data' / 'manifest.jsonl'})")
     log("  pretrain/         the XDC run: metrics.jsonl, checkpoints/last.pt, clusters/")
     log(f"  pretrain/report/  {', '.join(p.name for p in figures)}")
-    log("  probe/            metrics.json, confusion.png and features.pt of each probe")
     log("  evaluate/         results.json, results.md and results.png of each modality")
     from .browse import browse  # a few seconds: media are written for the members shown only
 
@@ -131,31 +121,11 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, log=print) -> li
     return rows
 
 
-def score_encoder(out: Path, modality: str, name: str, checkpoint: str, pretrain_config: PretrainConfig,
-                  config: DemoConfig) -> DemoRow:
-    """Linear probe (``xdc-fast finetune --mode linear``) and k-means NMI of one encoder's features, the ones
-    the probe computed (saved with it in extract's format). A random encoder sees the XDC run's clips."""
-    from .config import FinetuneConfig
-    from .data.clips import geometry
-    from .probe import probe
-
-    probe_dir = out / "probe" / f"{modality}_{name}"
-    if (probe_dir / "metrics.json").exists():
-        (probe_dir / "metrics.json").unlink()
-    metrics = probe(out / "data", probe_dir,
-                    FinetuneConfig(checkpoint=checkpoint, modality=modality, mode="linear", arch="tiny",
-                                   train_clips=config.probe_clips, test_clips=config.probe_clips,
-                                   seed=config.seed, clip=geometry(pretrain_config.clip_config())),
-                    log=lambda *_: None)
-    features = torch.load(probe_dir / "features.pt", weights_only=True)
-    return DemoRow(modality, name, metrics["clip_acc"], metrics["video_acc"],
-                   cluster_nmi(features["features"].numpy(), features["labels"].numpy(), config.classes, config.seed))
-
-
-def evaluate_encoders(out: Path, modality: str, pretrain_config: PretrainConfig, config: DemoConfig) -> str:
-    """``xdc-fast evaluate`` of the XDC checkpoint and a random encoder with its default protocols (the
-    probes' split, clips and geometry; on 2 cores about as long as the probes) into
-    ``out/evaluate/<modality>/``; returns its table with the checkpoint named ``xdc``."""
+def evaluate_encoders(out: Path, modality: str, pretrain_config: PretrainConfig, config: DemoConfig
+                      ) -> tuple[str, list[dict]]:
+    """``xdc-fast evaluate`` of the XDC checkpoint and a random encoder with its default protocols (a
+    seeded split, ``probe_clips`` clips per video, the run's geometry) into ``out/evaluate/<modality>/``;
+    returns its table and its summary, the checkpoint named ``xdc``."""
     from .data.clips import geometry
     from .evaluate import evaluate, table
 
@@ -168,18 +138,16 @@ def evaluate_encoders(out: Path, modality: str, pretrain_config: PretrainConfig,
                                        clips_per_video=config.probe_clips, clip=geometry(pretrain_config.clip_config()),
                                        seed=config.seed),
                         log=lambda *_: None)
-    return table([{**s, "checkpoint": "xdc" if s["checkpoint"] == xdc else s["checkpoint"]}
-                  for s in document["summary"]])
+    summary = [{**s, "checkpoint": "xdc" if s["checkpoint"] == xdc else s["checkpoint"]} for s in document["summary"]]
+    return table(summary), summary
 
 
-def cluster_nmi(features: np.ndarray, labels: np.ndarray, k: int, seed: int) -> float:
-    """NMI to the classes of k-means (k = classes, best of 5 starts) on L2-normalised features."""
-    from . import metrics
-    from .cluster import KMeans
-
-    points = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(features)).float(), dim=1)
-    fitted = KMeans(points.shape[1], k, niter=30, nredo=5, seed=seed, init="kmeans++").fit(points)
-    return metrics.nmi(fitted.labels.numpy(), labels)
+def demo_rows(modality: str, summary: list[dict]) -> list[DemoRow]:
+    """The demo's table, read off evaluate's summary: the linear probe's clip and video accuracy and the
+    clustering protocol's NMI (k = classes, on each video's mean feature), random first."""
+    value = {(s["checkpoint"], s["protocol"], s["metric"]): s["mean"] for s in summary}
+    return [DemoRow(modality, name, value[name, "linear", "clip_acc"], value[name, "linear", "video_acc"],
+                    value[name, "clustering", "nmi"]) for name in ("random", "xdc")]
 
 
 def format_table(rows: list[DemoRow], classes: int) -> str:
