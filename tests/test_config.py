@@ -170,3 +170,21 @@ def test_auto_on_the_command_line_and_in_the_saved_config(tmp_path):
     bad = CliRunner().invoke(main, ["pretrain", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "r2"),
                                     "--epochs", "lots", *fast])
     assert bad.exit_code == 2 and "lots" in bad.output and "Traceback" not in bad.output
+
+
+def test_epochs_fewer_than_one_auto_round_say_the_run_is_one_partial_round():
+    from xdc_fast.config import resolve_auto
+
+    config, why = resolve_auto(PretrainConfig(epochs=3), 96, 12)  # 12 steps an epoch: a round needs 17
+    assert config.epochs_per_round == 17 and config.epochs == 3
+    assert "one partial round of 36 steps" in why["epochs_per_round"]
+    _, enough = resolve_auto(PretrainConfig(epochs=40), 96, 12)
+    assert "partial" not in enough["epochs_per_round"]
+
+
+def test_an_auto_arch_follows_the_device():
+    config = PretrainConfig()
+    assert config.arch == "auto"
+    assert config.resolved_arch("cpu") == "tiny" and config.resolved_arch("cuda") == "r2plus1d_18"
+    assert PretrainConfig(arch="r2plus1d_18").resolved_arch("cpu") == "r2plus1d_18"
+    assert PretrainConfig(device="cpu").clip_config().crop == 56  # tiny's geometry on the CPU

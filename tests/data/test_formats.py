@@ -308,3 +308,12 @@ def test_cli_malformed_csv_is_one_error_line(tmp_path):
     assert result.exit_code == 2
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "vggsound.csv, line 2" in errors[0] and "Traceback" not in result.output
+
+
+def test_prepare_offers_exactly_the_table_of_layouts():
+    from xdc_fast.cli import prepare as command
+    from xdc_fast.data.formats import READERS
+
+    option = next(p for p in command.params if p.name == "fmt")
+    assert tuple(option.type.choices) == tuple(READERS)
+    assert all(f"{name}: {reader.help}" in option.help for name, reader in READERS.items())

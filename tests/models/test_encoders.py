@@ -53,3 +53,21 @@ def test_unknown_arch():
         build_video_encoder("resnet50")
     with pytest.raises(ValueError, match="unknown audio arch"):
         build_audio_encoder("vgg")
+
+
+@pytest.mark.parametrize("name", ["tiny", "r2plus1d_18"])
+def test_each_arch_of_the_table_builds_encoders_of_its_feature_width(name):
+    from xdc_fast.data.clips import clip_for_arch
+    from xdc_fast.models import ARCHS
+
+    arch = ARCHS[name]
+    video, audio = build_video_encoder(name), build_audio_encoder(name)
+    assert video.feature_dim == audio.feature_dim == arch.feature_dim
+    clip = clip_for_arch(name)
+    assert (clip.resize_short, clip.crop) == (arch.geometry["resize_short"], arch.geometry["crop"])
+
+
+def test_the_default_arch_follows_the_device():
+    from xdc_fast.models import ARCHS, default_arch
+
+    assert ARCHS[default_arch("cpu")].meant_for == "cpu" and ARCHS[default_arch("cuda")].meant_for == "cuda"
