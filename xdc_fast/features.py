@@ -158,7 +158,8 @@ def fit_streamed(files: list[RowFile], ids: np.ndarray, k: int, *, niter: int = 
     ``k * max_points_per_centroid`` points), then every row assigned chunk by chunk.
 
     ``init`` is a callable ``init(sample_ids_of_this_rank, all_sample_ids, k)`` returning a KMeans init
-    callable (pretraining's ``DatasetPermutationInit``); None uses KMeans's random init. With the same seed,
+    callable (pretraining's ``DatasetPermutationInit``, which gives the same centroids however the points
+    are shared out); None uses KMeans's random init (k of rank 0's sampled points). With the same seed,
     the centroids and labels are those of ``KMeans(..., max_points_per_centroid=...).fit(x, ids=ids)`` on the
     whole rows in memory."""
     n_total = int(xdist.all_reduce_sum(torch.tensor([files[0].rows], dtype=torch.long))[0])
