@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine: build there, run the CUDA tests (the Triton kernel and the
 # certified epilogue on the GPU included), memcheck a small case, measure the card's ceilings, time the
-# tensor-core pass (benchmarks/tensor_core_assign.py), then the k-means benchmarks. Results go under $OUT (8 files at most
+# tensor-core pass (benchmarks/tensor_core_assign.py), the streamed assignment of a round
+# (benchmarks/gpu_stream_assign.py), then the k-means benchmarks. Results go under $OUT (8 files at most
 # come back). Usage (from the repository root): OUT=/tmp/gpu bash benchmarks/gpu_check.sh [SIZES...]
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-results}
@@ -37,6 +38,10 @@ python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" 2>&1 | tee -a "$O
 
 step tensor-cores  # the Triton pass of the certified assignment against the same-run ceilings
 timeout 300 python3 benchmarks/tensor_core_assign.py --json "$OUT/tensor_cores.json" 2>&1 | tail -30
+
+step stream-assign  # a round's streamed assignment: 20M x 256 float16 rows resident, k = 1024 and 8192
+# Its JSON lines join machine.txt: $OUT already holds the 8 files that come back.
+timeout 300 python3 benchmarks/gpu_stream_assign.py --json /dev/null --deadline-s 240 2>&1 | tee -a "$OUT/machine.txt"
 
 step bench
 python3 benchmarks/kmeans_sweep.py --device cuda --repeats 3 --sizes "${SIZES[@]}" --out "$OUT/kmeans_gpu.md" 2>&1 | tail -60

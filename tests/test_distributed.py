@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from xdc_fast import KMeans, pca_whiten
+from xdc_fast.pseudo_labels import DatasetPermutationInit
 
 # Outcomes of training, clustering or probing, which the CPU's float path can move: CI runs these again
 # on other paths (docs/testing.md).
@@ -53,3 +54,44 @@ def test_two_ranks_equal_one_process(tmp_path):
     # PCA statistics are global: the shards' whitened rows equal the whole set's.
     torch.testing.assert_close(torch.cat([ranks[0]["white"], ranks[1]["white"]], dim=1), pca_whiten(x, dim=6),
                                rtol=1e-4, atol=1e-4)
+
+
+def _streamed_worker(rank, world_size, workdir):
+    import numpy as np
+
+    from xdc_fast.features import RowFile, fit_streamed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous2", rank=rank, world_size=world_size)
+    try:
+        x = _data()[0][0].half().numpy()
+        ids = np.arange(rank, len(x), world_size)  # interleaved: the sample must not care how points are shared
+        f = RowFile.create(os.path.join(workdir, f"x{rank}.npy"), len(ids), x.shape[1])
+        f.write(0, x[ids])
+        fit = fit_streamed([f], ids, 20, niter=6, seed=4, max_points_per_centroid=30, chunk_rows=500,
+                           init=DatasetPermutationInit)
+        torch.save({"centroids": fit.centroids, "labels": torch.from_numpy(fit.labels), "ids": torch.from_numpy(ids),
+                    "sample": fit.sample_size}, os.path.join(workdir, f"streamed{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_train_on_the_same_sample_and_stream_like_one_process(tmp_path):
+    """The sample is drawn by point id, so two ranks holding alternate points train on the points one process
+    trains on and, from pretraining's initial centroids (clips drawn from the whole sample), end with its
+    centroids and labels."""
+    import numpy as np
+
+    from xdc_fast.features import RowFile, fit_streamed
+
+    mp.spawn(_streamed_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"streamed{r}.pt") for r in range(2)]
+    x = _data()[0][0].half().numpy()
+    f = RowFile.create(tmp_path / "all.npy", *x.shape)
+    f.write(0, x)
+    single = fit_streamed([f], np.arange(len(x)), 20, niter=6, seed=4, max_points_per_centroid=30, chunk_rows=700,
+                          init=DatasetPermutationInit)
+    assert ranks[0]["sample"] == ranks[1]["sample"] == single.sample_size < len(x)
+    for r in ranks:
+        torch.testing.assert_close(r["centroids"], single.centroids, rtol=1e-5, atol=1e-5)
+        assert torch.equal(r["labels"][0], torch.from_numpy(single.labels[0][r["ids"].numpy()]))

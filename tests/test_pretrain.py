@@ -105,15 +105,18 @@ def test_cli_pretrain(dataset, tmp_path):
     assert bad.exit_code == 2 and "must lie between" in bad.output and "Traceback" not in bad.output
 
 
-def test_torchrun_two_ranks_cluster_like_one_process(dataset, tmp_path):
-    """Two gloo ranks shard the videos; their round-0 k-means must equal one process's on the same features."""
+@pytest.mark.parametrize("max_points_per_centroid", [256, 2])
+def test_torchrun_two_ranks_cluster_like_one_process(dataset, tmp_path, max_points_per_centroid):
+    """Two gloo ranks shard the videos; their round-0 k-means must equal one process's on the same features,
+    and so must the whole round file, also when k-means trains on a sample (12 clips > 4 x 2)."""
     import os
     import socket
     import subprocess
     import sys
 
     config = tmp_path / "c.yaml"
-    config.write_text("\n".join(f"{k}: {v}" for k, v in {**FAST, "clusters": 4}.items()) + "\nworkers: 0\n")
+    config.write_text("\n".join(f"{k}: {v}" for k, v in {**FAST, "clusters": 4}.items()) + "\nworkers: 0\n"
+                      + f"kmeans_max_points_per_centroid: {max_points_per_centroid}\n")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -134,6 +137,16 @@ def test_torchrun_two_ranks_cluster_like_one_process(dataset, tmp_path):
     assert ddp["ids"] == one["ids"]
     for key in ("video_clip_labels", "audio_clip_labels"):
         assert torch.equal(ddp[key], one[key]), key
+    # Every entry: labels and ids exactly; floats up to the order in which the ranks' sums are all-reduced.
+    assert ddp.keys() == one.keys()
+    for key, value in one.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            torch.testing.assert_close(ddp[key], value, rtol=1e-4, atol=1e-5, equal_nan=True, msg=key)
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(ddp[key], value), key
+    for name, clustering in one["clusterings"].items():
+        torch.testing.assert_close(ddp["clusterings"][name]["centroids"], clustering["centroids"], rtol=1e-4,
+                                   atol=1e-5)
     record = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text())
     assert record["clips"] == 6  # 3 videos per rank
     # The command ends by drawing the run's figures (rank 0 only under torchrun).

@@ -23,7 +23,7 @@ from .data.synthetic import CODECS
 from .errors import StalledError, XdcError
 from .models.archs import ARCHS, default_arch
 from .protocols import PROTOCOLS, default_protocols, protocols_help, multilabel_names
-from .variants import CLUSTERINGS
+from .variants import CLUSTERINGS, VARIANTS
 from .files import AGAIN, DISK_FULL, output_error
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
@@ -604,6 +604,44 @@ def bench_loader_command(dataset, workers, clips, seed, codec, json_path):
     click.echo(bench_module.format_loader_table(rows))
     if json_path:
         write_json(bench_module.loader_json(rows), json_path)
+
+
+@main.command("plan", context_settings=CONTEXT)
+@click.option("--videos", required=True, type=click.IntRange(min=1), help="Videos clustered each round.")
+@click.option("--clips-per-video", type=click.IntRange(min=1), default=2, help="Fixed clips per video clustered.")
+@click.option("--world", type=click.IntRange(min=1), default=1, help="Ranks (GPUs or processes) in all.")
+@click.option("--ranks-per-node", type=click.IntRange(min=1), default=8, help="Ranks sharing one machine's memory.")
+@click.option("--arch", type=click.Choice(list(ARCHS)), default="r2plus1d_18",
+              help="Encoders, for the feature width: "
+                   + ", ".join(f"{a.feature_dim} for {a.name}" for a in ARCHS.values()) + ".")
+@click.option("--variant", type=click.Choice(list(VARIANTS)), default="xdc",
+              help="Which clusterings a round computes (cdc adds the concatenation).")
+@click.option("--pca-dim", type=click.IntRange(min=0), default=256, help="PCA-whitening width (0: the raw width).")
+@click.option("--clusters", type=click.IntRange(min=2), default=1024, help="k of the k-means.")
+@click.option("--niter", type=click.IntRange(min=1), default=20, help="Lloyd iterations.")
+@click.option("--max-points-per-centroid", type=click.IntRange(min=1), default=256,
+              help="k-means trains on about k x this many points (faiss's rule); the rest are assigned in a stream.")
+@click.option("--device", type=click.Choice(CONCRETE_DEVICES), default="cuda",
+              help="Whose measured assignment rate prices the time: cuda an H200's, cpu a 2-core CPU's.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write the figures as JSON here.")
+def plan(videos, clips_per_video, world, ranks_per_node, arch, variant, pca_dim, clusters, niter,
+         max_points_per_centroid, device, json_path):
+    """Memory, disk, collectives and k-means work of one clustering round, per rank and per node, before a
+    run starts. The process's own resident memory stands for a rank's before the round (pretraining
+    measures its own, prints the same plan and refuses a round that would not fit)."""
+    from .planner import plan_round
+
+    chosen = VARIANTS[variant]
+    figures = plan_round(videos, clips_per_video, world, arch=arch, pca_dim=pca_dim, clusters=clusters, niter=niter,
+                         modalities=len(chosen.modalities), concat="concat" in chosen.clusterings,
+                         max_points_per_centroid=max_points_per_centroid, ranks_per_node=ranks_per_node,
+                         device=device)
+    click.echo("\n".join(figures.lines()))
+    if json_path:
+        from .bench.timing import write_json
+
+        write_json(figures.to_json(), json_path)
 
 
 @bench.command("train", context_settings=CONTEXT)

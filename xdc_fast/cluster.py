@@ -26,6 +26,12 @@ SPLIT_EPS = 1.0 / 1024
 KMEANSPP_POINTS_PER_CENTROID = 8
 # Rows per block when PCA accumulates its float64 statistics.
 PCA_BLOCK_ROWS = 65536
+# faiss's default cap on training points per centroid: beyond k * 256 points the centroids barely move
+# (a sampled fit of 2M points at k = 1024 lands within a fraction of a percent of the full fit's
+# objective, benchmarks/results/kmeans_scale_cpu.md), while every iteration costs N * k * d.
+MAX_POINTS_PER_CENTROID = 256
+# Rows per block of the final assignment: a float32 copy of one block at a time, not of all points.
+ASSIGN_BLOCK_ROWS = 65536
 
 
 class KMeans:
@@ -43,8 +49,10 @@ class KMeans:
             ``init(x [B, N, D], generator) -> centroids [B, K, D]`` called once per restart with this
             rank's points and that restart's generator, which must return the same centroids on every
             rank (pretraining draws clips from the whole dataset across ranks this way).
-        max_points_per_centroid: train on a random subset of at most ``k * max_points_per_centroid``
-            points (faiss uses 256); None trains on every point. Labels always cover every point.
+        max_points_per_centroid: train on a random subset of about ``k * max_points_per_centroid``
+            points (faiss uses 256, ``MAX_POINTS_PER_CENTROID``); None trains on every point. Labels always
+            cover every point. With ``fit(..., ids=...)`` the subset is drawn by :func:`sample_by_id`, so it
+            is the same points however they are shared across ranks.
         verbose: print one line per iteration.
 
     After ``fit``: ``centroids`` (``[K, D]`` or ``[B, K, D]``), ``labels`` (``[N]`` or ``[B, N]``, this
@@ -91,19 +99,40 @@ class KMeans:
         self.stats: list[dict] = []
 
     # ----------------------------------------------------------------------------------------------
-    def fit(self, x: torch.Tensor, init_centroids: torch.Tensor | None = None) -> "KMeans":
-        """Cluster ``x`` (``[N, D]`` or ``[B, N, D]``; this rank's shard when distributed)."""
+    def fit(self, x: torch.Tensor, init_centroids: torch.Tensor | None = None, *,
+            ids: torch.Tensor | np.ndarray | None = None) -> "KMeans":
+        """Cluster ``x`` (``[N, D]`` or ``[B, N, D]``; this rank's shard when distributed).
+
+        ``ids`` (int64 ``[N]``, optional): a global number of each of this rank's points, unique across
+        ranks; with ``max_points_per_centroid`` the training subset is then a function of the ids and the
+        seed alone, so one process and several ranks train on the same points. A half-precision ``x`` is
+        widened to float32 only for the subset and one block of the final assignment at a time."""
         batched = self._check_points(x)
-        x3 = (x if batched else x.unsqueeze(0)).float()
-        check_finite(x3, "KMeans.fit")
+        x3 = x if batched else x.unsqueeze(0)
         B, N, _ = x3.shape
         n_total = int(xdist.all_reduce_sum(torch.tensor([N], dtype=torch.long))[0])
         if n_total < self.k:
             raise ValueError(f"KMeans: {self.k} clusters need at least {self.k} points, got {n_total}")
+        sampling = self.max_points_per_centroid is not None and n_total > self.k * self.max_points_per_centroid
+        if ids is not None and len(ids) != N:
+            raise ValueError(f"KMeans.fit: ids should have one entry per point ({N}), got {len(ids)}")
+        if not sampling:
+            x3 = x3.float()
+            check_finite(x3, "KMeans.fit")
         start = self._check_init_centroids(init_centroids, batched, x3)
 
         seed = self._resolve_seed()
-        train = self._subsample(x3, n_total, torch.Generator().manual_seed(seed + 7919 * (xdist.rank() + 1)))
+        if sampling and ids is not None:
+            keep = torch.from_numpy(np.flatnonzero(sample_by_id(np.asarray(ids), n_total, self.k * self.max_points_per_centroid,
+                                                                seed)))
+            if self.verbose and xdist.is_main_process():
+                print(f"KMeans: sampling about {self.k * self.max_points_per_centroid} of {n_total} points for training")
+            train = x3[:, keep.to(x3.device)].float()
+        else:
+            train = self._subsample(x3, n_total, torch.Generator().manual_seed(seed + 7919 * (xdist.rank() + 1)))
+            train = train.float()
+        if sampling:
+            check_finite(train, "KMeans.fit")
 
         best = None
         for redo in range(self.nredo):
@@ -118,7 +147,10 @@ class KMeans:
             best = run if best is None else self._keep_best(best, run)
 
         centroids, obj, imbalance, nsplit, elapsed = best
-        labels, _ = kmeans_assign(x3, centroids, self.spherical, check_finite_input=False)
+        if sampling:
+            labels = assign_blocks(x3, centroids, self.spherical)[0]
+        else:
+            labels, _ = kmeans_assign(x3, centroids, self.spherical, check_finite_input=False)
         self.centroids = centroids if batched else centroids[0]
         self.labels = labels if batched else labels[0]
         self.obj = obj if batched else obj[:, 0]
@@ -378,19 +410,29 @@ def fit_whitening(x: torch.Tensor, dim: int = 256, eps: float = 1e-5, *, l2_norm
             total += block.sum(0)
             outer += block.T @ block
         n = int(xdist.all_reduce_sum(torch.tensor([N], dtype=torch.long))[0])
-        total, outer = xdist.all_reduce_sum(total), xdist.all_reduce_sum(outer)
-        if n < 2:
-            raise ValueError(f"{caller}: needs at least 2 points, got {n}")
-        mean = total / n
-        cov = (outer - n * torch.outer(mean, mean)) / (n - 1)
-        evals, evecs = torch.linalg.eigh(cov)  # ascending
-        top = torch.arange(D - 1, D - 1 - dim, -1, device=x3.device)
+        mean, projection = whitening_from_moments(n, xdist.all_reduce_sum(total), xdist.all_reduce_sum(outer), dim,
+                                                  eps, caller)
         means.append(mean)
-        projections.append(evecs[:, top] / torch.sqrt(evals[top].clamp_min(0) + eps))
+        projections.append(projection)
     mean, projection = torch.stack(means), torch.stack(projections)
     if x.dim() == 2:
         mean, projection = mean[0], projection[0]
     return Whitening(mean, projection, eps, l2_normalize)
+
+
+def whitening_from_moments(n: int, total: torch.Tensor, outer: torch.Tensor, dim: int, eps: float,
+                           caller: str = "fit_whitening") -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``[D]`` and whitening projection ``[D, dim]`` (float64) from the count, the sum ``[D]`` and the
+    sum of outer products ``[D, D]`` of the rows (all ranks' together): moments are all a fit needs, so
+    they can be summed chunk by chunk from rows that are never held at once."""
+    if n < 2:
+        raise ValueError(f"{caller}: needs at least 2 points, got {n}")
+    D = total.shape[0]
+    mean = total / n
+    cov = (outer - n * torch.outer(mean, mean)) / (n - 1)
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    top = torch.arange(D - 1, D - 1 - dim, -1, device=total.device)
+    return mean, evecs[:, top] / torch.sqrt(evals[top].clamp_min(0) + eps)
 
 
 def apply_whitening(x: torch.Tensor, whitening: Whitening) -> torch.Tensor:
@@ -431,17 +473,57 @@ def nearest_other(x: torch.Tensor, centroids: torch.Tensor,
         raise ValueError("nearest_other: needs at least 2 centroids")
     labels = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
     dist = torch.full((x.shape[0],), float("nan"), dtype=torch.float32, device=x.device)
+    if not len(x):
+        return labels, dist
+    # The excluded centroid is moved out of reach in place (and put back) rather than the others copied for
+    # every call: at k = 1024 the copies cost more than the kernels. At 3R from the origin, where R bounds
+    # every norm, it is farther (> 4R^2) from any point than every real centroid (<= R^2).
+    moved = centroids.float().clone()
+    reach = float(torch.linalg.vector_norm(x.float(), dim=1).max() + torch.linalg.vector_norm(moved, dim=1).max())
+    far = torch.zeros(moved.shape[1], device=moved.device)
+    far[0] = 3 * max(reach, 1.0)
     for c in torch.unique(excluded).tolist():
         rows = (excluded == c).nonzero().flatten()
-        others = torch.cat([torch.arange(c, device=x.device), torch.arange(c + 1, k, device=x.device)])
-        found, d = kmeans_assign(x[rows].float(), centroids[others].float())
-        labels[rows], dist[rows] = others[found], d
+        kept = moved[c].clone()
+        moved[c] = far
+        labels[rows], dist[rows] = kmeans_assign(x[rows].float(), moved)
+        moved[c] = kept
     return labels, dist
+
+
+def assign_blocks(x: torch.Tensor, centroids: torch.Tensor, spherical: bool = False, *,
+                  block_rows: int = ASSIGN_BLOCK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kmeans_assign`` of ``x [B, N, D]`` (any float dtype) one block of rows at a time, each widened to
+    float32 on its own: the labels and distances are the one call's, row for row."""
+    B, N, _ = x.shape
+    labels = torch.empty(B, N, dtype=torch.long, device=x.device)
+    dist = torch.empty(B, N, dtype=torch.float32, device=x.device)
+    for begin in range(0, N, block_rows):
+        block = x[:, begin : begin + block_rows].float()
+        check_finite(block, "KMeans.fit")
+        labels[:, begin : begin + block_rows], dist[:, begin : begin + block_rows] = kmeans_assign(
+            block, centroids, spherical, check_finite_input=False)
+    return labels, dist
+
+
+def sample_by_id(ids: np.ndarray, n_total: int, size: int, seed: int) -> np.ndarray:
+    """Which points of ``ids`` (global point numbers, int64) a sample of about ``size`` of ``n_total``
+    points keeps: a boolean mask. Each point is kept with probability ``size / n_total`` by a hash of
+    (seed, id) (splitmix64), so the sample depends on the ids and the seed only, not on which rank holds
+    which point, and costs no communication; its size varies by about sqrt(size)."""
+    if size >= n_total:
+        return np.ones(len(ids), dtype=bool)
+    with np.errstate(over="ignore"):
+        z = np.asarray(ids, dtype=np.int64).astype(np.uint64) + np.uint64(seed % 2**63) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53 < size / n_total
 
 
 def _fmt(values: np.ndarray) -> str:
     return " ".join(f"{v:.6g}" for v in np.atleast_1d(values))
 
 
-__all__ = ["KMeans", "pca_whiten", "Whitening", "fit_whitening", "apply_whitening", "nearest_other", "imbalance_factor",
+__all__ = ["KMeans", "pca_whiten", "assign_blocks", "sample_by_id", "MAX_POINTS_PER_CENTROID", "Whitening", "fit_whitening", "whitening_from_moments", "apply_whitening", "nearest_other", "imbalance_factor",
            "split_empty_clusters", "SPLIT_EPS"]

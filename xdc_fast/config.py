@@ -302,6 +302,10 @@ class PretrainConfig(SgdSettings):
                                 "256). auto: the largest of 256, 128, 64, 32 (at most the feature size) with 100 "
                                 "clips clustered per dimension, else 0.", min=0, auto=True)
     kmeans_niter: int = option(20, "Lloyd iterations per clustering.", min=1)
+    kmeans_max_points_per_centroid: int = option(256, "k-means trains on a seeded sample of about clusters x this "
+                                                 "many clips (faiss's rule and default) and then assigns every clip "
+                                                 "in a stream; on fewer clips it trains on all of them. 0: always "
+                                                 "train on every clip.", min=0)
     kmeans_nredo: int | str = option("auto", "k-means restarts; each modality keeps its lowest objective. auto: 3 "
                                      "while clips x clusters stays under 5e7 (restarts are cheap there), else 1.",
                                      min=1, auto=True)

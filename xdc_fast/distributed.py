@@ -140,6 +140,42 @@ def all_gather_objects(obj) -> list:
     return gathered
 
 
+def _padded(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """``t`` (CPU) padded along dim 0 to the longest rank's length, and every rank's length."""
+    length = torch.tensor([t.shape[0]], dtype=torch.long)
+    lengths = [torch.zeros_like(length) for _ in range(world_size())]
+    with collective():
+        dist.all_gather(lengths, length)
+    sizes = [int(n) for n in lengths]
+    buf = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype)
+    buf[: t.shape[0]] = t.cpu()
+    return buf, sizes
+
+
+def all_gather_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``t`` (same dtype and trailing shape, any length along dim 0), in rank order, on every
+    rank: sent as tensors, not pickles, so a rank receives what the others hold and no more (a pickled
+    all-gather of full-length arrays receives N from each of W ranks)."""
+    if not is_distributed():
+        return [t]
+    buf, sizes = _padded(t)
+    out = [torch.empty_like(buf) for _ in sizes]
+    with collective():
+        dist.all_gather(out, buf)
+    return [o[:n] for o, n in zip(out, sizes)]
+
+
+def gather_tensors(t: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
+    """:func:`all_gather_tensors` received by rank ``dst`` only (None on the others)."""
+    if not is_distributed():
+        return [t]
+    buf, sizes = _padded(t)
+    out = [torch.empty_like(buf) for _ in sizes] if rank() == dst else None
+    with collective():
+        dist.gather(buf, out, dst=dst)
+    return None if out is None else [o[:n] for o, n in zip(out, sizes)]
+
+
 def barrier() -> None:
     if is_distributed():
         with collective():

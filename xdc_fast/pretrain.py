@@ -171,6 +171,8 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
 
     # ===== preparing data =====
     data = prepare_run_data(dataset, config, variant)
+    if config.labels_from is None:
+        _plan_rounds(config, variant, len(items), device, log)
 
     # ===== building networks =====
     torch.manual_seed(seed_for(config.seed, "encoders"))  # identical initial encoders on every rank
@@ -299,6 +301,24 @@ def prepare_run_data(dataset, config: PretrainConfig, variant: Variant) -> RunDa
                    samples_per_rank=samples_per_rank(config, len(items)))
 
 
+def _plan_rounds(config: PretrainConfig, variant: Variant, videos: int, device, log) -> None:
+    """Print what a clustering round will cost (xdc-fast plan) and refuse a run whose rounds would not fit
+    this machine's memory, before any work is done."""
+    import os
+
+    from .planner import check_fits, plan_round
+
+    figures = plan_round(videos, config.clips_per_video, xdist.world_size(), arch=config.arch, pca_dim=config.pca_dim,
+                         clusters=config.clusters, niter=config.kmeans_niter, modalities=len(variant.modalities),
+                         concat="concat" in variant.clusterings,
+                         max_points_per_centroid=config.kmeans_max_points_per_centroid or None,
+                         ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                         device=device.type, streamed=False)
+    for line in figures.lines():
+        log(line)
+    check_fits(figures)
+
+
 def build_encoders(variant: Variant, arch: str) -> nn.ModuleDict:
     from .models import build_audio_encoder, build_video_encoder
 
@@ -368,7 +388,8 @@ def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, 
                                          workers=config.workers, loader=config.loader, gather=False)
     t_extract = time.perf_counter() - t0
     t0 = time.perf_counter()
-    spec = ClusteringSpec(config.clusters, config.pca_dim, config.kmeans_niter, config.kmeans_nredo, cpv)
+    spec = ClusteringSpec(config.clusters, config.pca_dim, config.kmeans_niter, config.kmeans_nredo, cpv,
+                          config.kmeans_max_points_per_centroid or None)
     _check_finite(features, round_index)
     fit = fit_round(features, variant, spec, config.seed, round_index, rows)
     clip_labels = fit.labels
@@ -380,7 +401,7 @@ def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, 
         local[m][slots] = v
     per_video = {m: video_labels(v, cpv) for m, v in local.items()}
     everyone = gather_by_video(data.shard, per_video, len(data.items), 1)
-    everyone_clips = gather_by_video(data.shard, local, len(data.items), cpv)
+    everyone_clips = gather_by_video(data.shard, local, len(data.items), cpv, root_only=True)
     _check_unreadable(everyone, data, config, round_index, log)
     measures = round_measures(fit, rows, len(data.items), cpv)  # every rank takes part
     if out is not None:

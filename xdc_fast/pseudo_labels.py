@@ -27,6 +27,7 @@ class ClusteringSpec:
     niter: int
     nredo: int
     clips_per_video: int
+    max_points_per_centroid: int | None = None  # train on a sample of about k x this many clips; None: all
 
 
 class DatasetPermutationInit:
@@ -66,15 +67,17 @@ def fit_round(features: dict[str, np.ndarray], variant_: Variant, spec: Clusteri
 
     Both modalities go through one batched k-means call (they have the same dimension after PCA); the
     concatenation, when the variant learns it, through a second one."""
-    all_rows = np.sort(np.concatenate(xdist.all_gather_objects(np.asarray(rows, dtype=np.int64))))
+    all_rows = np.sort(torch.cat(xdist.all_gather_tensors(torch.from_numpy(np.asarray(rows, dtype=np.int64)))).numpy())
     if len(all_rows) < spec.clusters:
         raise XdcError(f"only {len(all_rows)} clips decoded, fewer than the {spec.clusters} clusters asked for")
     init = DatasetPermutationInit(rows, all_rows, spec.clusters)
 
     def fit(points: torch.Tensor, which: int) -> KMeans:
         # Objectives are all-reduced inside KMeans, so every rank keeps the same restart of each problem.
+        # The sample is drawn by the clips' global numbers: the same clips however the ranks share them.
         return KMeans(points.shape[-1], spec.clusters, niter=spec.niter, nredo=spec.nredo, init=init,
-                      seed=seed_for(seed, "kmeans", round_index, which)).fit(points)
+                      max_points_per_centroid=spec.max_points_per_centroid,
+                      seed=seed_for(seed, "kmeans", round_index, which)).fit(points, ids=rows)
 
     names = list(variant_.modalities)
     stacked = torch.stack([torch.from_numpy(features[m]) for m in names])
@@ -99,18 +102,30 @@ def fit_round(features: dict[str, np.ndarray], variant_: Variant, spec: Clusteri
 def video_labels(clip_labels: np.ndarray, clips_per_video: int) -> np.ndarray:
     """One label per video: the most frequent over its clips (the lowest on a tie), ignoring clips
     labelled -1 (not decoded); -1 for a video none of whose clips decoded."""
-    per_video = clip_labels.reshape(-1, clips_per_video)
-    return np.array([np.bincount(row[row >= 0]).argmax() if (row >= 0).any() else -1 for row in per_video],
-                    dtype=np.int64)
+    per_video = np.asarray(clip_labels, dtype=np.int64).reshape(-1, clips_per_video)
+    valid = per_video >= 0
+    # How many of its video's decoded clips share each clip's label (clips_per_video is small: C^2 per video).
+    votes = ((per_video[:, :, None] == per_video[:, None, :]) & valid[:, None, :]).sum(2)
+    # Most votes first, then the lowest label; a clip that did not decode never wins.
+    score = np.where(valid, votes * (int(per_video.max(initial=0)) + 2) - per_video, -1)
+    best = np.take_along_axis(per_video, score.argmax(1)[:, None], 1)[:, 0]
+    return np.where(valid.any(1), best, -1).astype(np.int64)
 
 
-def gather_by_video(videos: np.ndarray, labels: dict[str, np.ndarray], num_videos: int, rows_per_video: int) -> dict:
-    """Every rank's labels placed at their global positions (``rows_per_video`` rows per video)."""
+def gather_by_video(videos: np.ndarray, labels: dict[str, np.ndarray], num_videos: int, rows_per_video: int,
+                    *, root_only: bool = False) -> dict | None:
+    """Every rank's labels placed at their global positions (``rows_per_video`` rows per video). Each rank
+    sends its own videos' rows as tensors; with ``root_only`` only rank 0 receives them (None elsewhere)."""
+    gather = xdist.gather_tensors if root_only else xdist.all_gather_tensors
+    got_videos = gather(torch.from_numpy(np.asarray(videos, dtype=np.int64)))
+    got = {m: gather(torch.from_numpy(np.ascontiguousarray(v))) for m, v in labels.items()}
+    if got_videos is None:
+        return None
     full = {m: np.zeros(num_videos * rows_per_video, dtype=np.int64) for m in labels}
-    for other_videos, other in xdist.all_gather_objects((videos, labels)):
-        rows = (np.asarray(other_videos)[:, None] * rows_per_video + np.arange(rows_per_video)).ravel()
-        for m, v in other.items():
-            full[m][rows] = v
+    for r, other_videos in enumerate(got_videos):
+        rows = (other_videos.numpy()[:, None] * rows_per_video + np.arange(rows_per_video)).ravel()
+        for m in labels:
+            full[m][rows] = got[m][r].numpy()
     return full
 
 
@@ -185,21 +200,30 @@ def assignment_measures(points: torch.Tensor, centroids: torch.Tensor, positions
             "video_labels": per_video, "video_distance": means[0], "video_margin": means[1]}
 
 
-def round_measures(fit: RoundFit, rows: np.ndarray, num_videos: int, clips_per_video: int) -> dict[str, dict]:
-    """:func:`assignment_measures` of every clustering of a round, over every rank's clips (each rank
-    measures its own whole videos; the results are merged)."""
-    mine = {name: assignment_measures(fit.points[name], transform["centroids"], rows, num_videos, clips_per_video,
+def round_measures(fit: RoundFit, rows: np.ndarray, num_videos: int, clips_per_video: int) -> dict[str, dict] | None:
+    """:func:`assignment_measures` of every clustering of a round, over every rank's clips: each rank
+    measures its own whole videos, and rank 0 receives them as tensors of each rank's own videos (None on
+    the other ranks)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    videos = np.unique(rows // clips_per_video)  # this rank's videos with a decoded clip
+    local = np.searchsorted(videos, rows // clips_per_video) * clips_per_video + rows % clips_per_video
+    mine = {name: assignment_measures(fit.points[name], transform["centroids"], local, len(videos), clips_per_video,
                                       fit.labels[name])
             for name, transform in fit.transforms.items()}
-    everyone = xdist.all_gather_objects(mine)
+    got_videos = xdist.gather_tensors(torch.from_numpy(videos))
+    got = {name: {key: xdist.gather_tensors(torch.from_numpy(value)) for key, value in values.items()}
+           for name, values in mine.items()}
+    if got_videos is None:
+        return None
     merged = {}
-    for name in mine:
+    for name, values in mine.items():
         merged[name] = {}
-        for key in mine[name]:
-            parts = [other[name][key] for other in everyone]
-            combined = parts[0].copy()
-            for part in parts[1:]:  # ranks hold disjoint videos; the others' entries are -1 or NaN there
-                taken = part >= 0 if part.dtype.kind == "i" else ~np.isnan(part)
-                combined[taken] = part[taken]
-            merged[name][key] = combined
+        for key, value in values.items():
+            per_clip = key.startswith("clip_")
+            width = clips_per_video if per_clip else 1
+            full = np.full(num_videos * width, -1 if value.dtype.kind == "i" else np.nan, dtype=value.dtype)
+            for r, other_videos in enumerate(got_videos):
+                at = (other_videos.numpy()[:, None] * width + np.arange(width)).ravel()
+                full[at] = got[name][key][r].numpy()
+            merged[name][key] = full
     return merged
