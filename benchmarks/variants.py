@@ -33,13 +33,21 @@ CLASSES, VIDEOS_PER_CLASS, SECONDS, PROBE_CLIPS = 6, 16, 3.0, 4
 
 
 def dataset(work: Path, family: str, seed: int) -> Path:
+    """The data of one seed of a family: ``shapes`` or ``motion`` (the built-in ones), or ``familyNNN``, the
+    procedural family of seed NNN (xdc_fast.data.families)."""
+    from xdc_fast.data.families import FamilySpec, prepare_family
     from xdc_fast.data.synthetic import SyntheticSpec, prepare_synthetic
 
     data = work / "data" / f"{family}_{seed}"
     if not (data / "manifest.jsonl").exists():
         media = work / "media" / f"{family}_{seed}"
-        prepare_synthetic(media, data, SyntheticSpec(classes=CLASSES, videos_per_class=VIDEOS_PER_CLASS,
-                                                     seconds=SECONDS, seed=1000 + seed, family=family))
+        if family.startswith("family"):
+            prepare_family(media, data, FamilySpec(family_seed=int(family[len("family"):]), classes=CLASSES,
+                                                   videos_per_class=VIDEOS_PER_CLASS, seconds=SECONDS,
+                                                   seed=1000 + seed))
+        else:
+            prepare_synthetic(media, data, SyntheticSpec(classes=CLASSES, videos_per_class=VIDEOS_PER_CLASS,
+                                                         seconds=SECONDS, seed=1000 + seed, family=family))
     return data
 
 
@@ -97,12 +105,28 @@ def run_one(work: Path, family: str, seed: int, variant: str, overrides: dict, t
         config = from_dict(PretrainConfig, {"arch": "tiny", **overrides, "variant": variant, "seed": seed})
         history = pretrain(data, where / "pretrain", config, log=lambda *_: None)
         summary = {"final_loss": history[-1]["loss"], "final_pseudo_label_acc": history[-1]["pseudo_label_acc"],
-                   "epochs": len(history)}
+                   "epochs": len(history), "signals": label_free_signals(history)}
         for modality in VARIANTS[variant].modalities:
             scores[modality] = score(data, where, modality, str(where / "pretrain" / "checkpoints" / "last.pt"),
                                      seed)
     return {"family": family, "seed": seed, "variant": variant, "tag": tag, "overrides": overrides,
             "scores": scores, "seconds": time.perf_counter() - t0, **summary}
+
+
+def label_free_signals(history: list[dict]) -> dict:
+    """What a run can say about itself without labels, per round's last epoch: the video-vs-audio cluster
+    agreement (round 0 clusters the initial, random encoders' features, so it is the random baseline),
+    each clustering's agreement with the round before, and each head's held-out lift over chance."""
+    from xdc_fast.learning import round_signal
+
+    last = {}
+    for record in history:
+        last[record["round"]] = record
+    rounds = [last[r] for r in sorted(last)]
+    signals = {"nmi_video_audio": [r.get("nmi_video_audio") for r in rounds],
+               "nmi_to_previous": [r.get("nmi_to_previous") for r in rounds],
+               "lift": [{head: s["lift"] for head, s in round_signal(r).items()} for r in rounds]}
+    return signals
 
 
 def mean_std(values: list[float]) -> str:

@@ -1,0 +1,163 @@
+"""The study over families: XDC with the defaults (only ``--arch tiny``) against random encoders on
+procedural families that no setting was chosen on, and how well label-free signals predict the gain.
+
+    python benchmarks/families.py --out benchmarks/results/families.md                 # 10 evaluation families x 2 seeds
+    python benchmarks/families.py --families 0 1 2 --tuning --out /tmp/tuning.md       # tuning families only
+    python benchmarks/families.py --set clusters=16 --tag k16 --out /tmp/k16.md ...
+
+Each family (xdc_fast.data.families) draws which factor carries the class in each modality; a seed draws
+the videos and the run. Families 0-7 are for tuning; evaluation families (8 and above) are refused with
+``--tuning``, and a setting must never be chosen on a table of evaluation families. Resumable: every
+finished run is appended to ``WORK/results.jsonl`` (the same records as benchmarks/variants.py) and never
+recomputed. Not part of CI: a pretraining with the defaults takes minutes on a CPU.
+
+The table gives, per family, XDC's gain over the random encoder of the same seed (same videos, split
+and probe) in points of linear-probe video accuracy, then the mean over families (seeds averaged within
+a family), the standard deviation across families and a 95% interval (Student's t). Each candidate
+harm signal of the XDC run is set against the gain by Spearman's rank correlation over families x seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import numpy as np
+
+from variants import CLASSES, PROBE_CLIPS, SECONDS, VIDEOS_PER_CLASS, parse_overrides, run_one
+
+from xdc_fast.data.families import TUNING_FAMILIES, draw_family
+
+EVALUATION_FAMILIES = tuple(range(TUNING_FAMILIES, TUNING_FAMILIES + 10))
+
+
+def gains(records: list[dict], tag: str) -> dict[int, list[dict]]:
+    """Per family seed: per run seed, XDC's gain over random per modality, with the run's signals."""
+    random = {(r["family"], r["seed"]): r for r in records if r["variant"] == "random"}
+    out: dict[int, list[dict]] = {}
+    for r in records:
+        if r["tag"] != tag or r["variant"] != "xdc" or (r["family"], r["seed"]) not in random:
+            continue
+        base = random[(r["family"], r["seed"])]["scores"]
+        out.setdefault(int(r["family"][len("family"):]), []).append(
+            {"seed": r["seed"], "signals": r.get("signals", {}),
+             **{m: 100 * (r["scores"][m]["video_acc"] - base[m]["video_acc"]) for m in ("video", "audio")}})
+    return out
+
+
+def interval(values: list[float]) -> tuple[float, float, float, float]:
+    """Mean, std (ddof 1), and the 95% interval of the mean (Student's t)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan"), float("nan")
+    std = float(values.std(ddof=1))
+    half = float(stats.t.ppf(0.975, len(values) - 1) * std / np.sqrt(len(values)))
+    return mean, std, mean - half, mean + half
+
+
+def candidate_signals(run: dict) -> dict[str, float]:
+    """Label-free numbers of one XDC run that might foretell its gain."""
+    s = run["signals"]
+    agreement = [v for v in s.get("nmi_video_audio", []) if v is not None]
+    out = {}
+    if agreement:
+        out["video-audio agreement, last round"] = agreement[-1]
+        out["video-audio agreement, last minus random (round 0)"] = agreement[-1] - agreement[0]
+    stable = [np.mean(list(v.values())) for v in s.get("nmi_to_previous", []) if v]
+    if stable:
+        out["agreement with the previous round, last"] = float(stable[-1])
+    lifts = [np.mean(list(v.values())) for v in s.get("lift", []) if v]
+    if lifts:
+        out["mean head lift over chance, last round"] = float(lifts[-1])
+    return out
+
+
+def report(records: list[dict], tag: str) -> str:
+    from scipy import stats
+
+    by_family = gains(records, tag)
+    lines = ["| family | video factor | audio factor | seeds | XDC − random, video | XDC − random, audio |",
+             "|---|---|---|---|---|---|"]
+    for seed in sorted(by_family):
+        family, runs = draw_family(seed, CLASSES), by_family[seed]
+        cells = [f"{np.mean([r[m] for r in runs]):+.1f} (" + ", ".join(f"{r[m]:+.1f}" for r in runs) + ")"
+                 for m in ("video", "audio")]
+        lines.append(f"| {seed} | {family.video_factor} | {family.audio_factor} | "
+                     f"{','.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    if by_family:
+        text += "\nAcross families (each family's seeds averaged first):\n\n"
+        for m in ("video", "audio"):
+            per_family = [float(np.mean([r[m] for r in runs])) for runs in by_family.values()]
+            mean, std, low, high = interval(per_family)
+            text += (f"- {m}: mean {mean:+.1f}, std {std:.1f}, 95% interval [{low:+.1f}, {high:+.1f}], worst family "
+                     f"{min(per_family):+.1f} ({len(per_family)} families)\n")
+        runs = [r for family_runs in by_family.values() for r in family_runs]
+        names = sorted({name for r in runs for name in candidate_signals(r)})
+        if len(runs) >= 3 and names:
+            text += "\nLabel-free signals against the gain (Spearman's rank correlation over families x seeds):\n\n"
+            for name in names:
+                have = [r for r in runs if name in candidate_signals(r)]
+                values = [candidate_signals(r)[name] for r in have]
+                for m in ("video", "audio"):
+                    outcome = [r[m] for r in have]
+                    if np.ptp(values) == 0 or np.ptp(outcome) == 0:
+                        text += f"- {name} vs the {m} gain: ρ undefined (one of them is constant)\n"
+                        continue
+                    rho = stats.spearmanr(values, outcome).statistic
+                    text += f"- {name} vs the {m} gain: ρ = {rho:+.2f} ({len(have)} runs)\n"
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", type=int, default=list(EVALUATION_FAMILIES),
+                        help="family seeds (default: the first ten evaluation families)")
+    parser.add_argument("--tuning", action="store_true", help="refuse any evaluation family (for choosing settings)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="PretrainConfig override (default: none, the command's defaults)")
+    parser.add_argument("--tag", default="defaults", help="name of this configuration in the results")
+    parser.add_argument("--work", type=Path, default=Path("families-work"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/families.md"))
+    args = parser.parse_args()
+    if args.tuning and any(seed >= TUNING_FAMILIES for seed in args.families):
+        parser.error(f"--tuning takes only tuning families (below {TUNING_FAMILIES})")
+    overrides = parse_overrides(args.overrides)
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = args.work / "results.jsonl"
+    records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    done = {(r["family"], r["seed"], r["variant"], r["tag"]) for r in records}
+    for family_seed in args.families:
+        family = f"family{family_seed:03d}"
+        for seed in args.seeds:
+            for variant in ("random", "xdc"):
+                # A random encoder does not depend on the settings: one per family and seed serves every tag.
+                if (variant == "random" and any(d[:3] == (family, seed, "random") for d in done)) or \
+                        (family, seed, variant, args.tag) in done:
+                    continue
+                record = run_one(args.work, family, seed, variant, overrides, args.tag)
+                records.append(record)
+                done.add((family, seed, variant, args.tag))
+                with results.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(f"{family} seed {seed} {variant}: " + ", ".join(
+                    f"{m} {s['video_acc']:.1%}" for m, s in record["scores"].items()) + f" ({record['seconds']:.0f} s)",
+                    flush=True)
+    settings = ", ".join(f"`{k}: {v}`" for k, v in overrides.items()) or "the defaults"
+    text = (f"# XDC on families no setting was chosen on\n\n{datetime.date.today()}, `python benchmarks/families.py`: "
+            f"{CLASSES} classes x {VIDEOS_PER_CLASS} videos of {SECONDS:g} s per family and seed; `--arch tiny` and "
+            f"{settings} (tag `{args.tag}`); linear probe ({PROBE_CLIPS} clips per video) on a seeded stratified 30% "
+            f"test split, chance {1 / CLASSES:.1%}. Gains in points of video accuracy.\n\n" + report(records, args.tag))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

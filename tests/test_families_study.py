@@ -1,0 +1,62 @@
+"""The arithmetic of benchmarks/families.py: gains paired by family and seed, the interval across
+families, and the signals read off a run's history."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("families_study", BENCHMARKS / "families.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def record(family, seed, variant, video, audio, tag="defaults", signals=None):
+    return {"family": f"family{family:03d}", "seed": seed, "variant": variant, "tag": tag,
+            "scores": {"video": {"video_acc": video}, "audio": {"video_acc": audio}}, "signals": signals or {}}
+
+
+def test_gains_pair_each_xdc_run_with_the_random_encoder_of_its_family_and_seed(study):
+    records = [record(8, 0, "random", 0.30, 0.40), record(8, 1, "random", 0.20, 0.50),
+               record(8, 0, "xdc", 0.50, 0.45), record(8, 1, "xdc", 0.10, 0.55),
+               record(9, 0, "xdc", 0.9, 0.9),  # no random run of its own: left out
+               record(8, 0, "xdc", 0.99, 0.99, tag="other")]
+    got = study.gains(records, "defaults")
+    assert list(got) == [8]
+    assert [(r["seed"], round(r["video"], 6), round(r["audio"], 6)) for r in got[8]] == [(0, 20.0, 5.0), (1, -10.0, 5.0)]
+
+
+def test_the_interval_is_students_t_over_families(study):
+    values = [3.0, 7.0, -1.0, 10.0, 4.5]
+    mean, std, low, high = study.interval(values)
+    reference = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
+    assert (low, high) == pytest.approx(reference)
+
+
+def test_signals_of_a_run_and_their_rank_correlation_with_the_gain(study):
+    runs = [{"seed": s, "video": gain, "audio": -gain,
+             "signals": {"nmi_video_audio": [0.1, agreement], "nmi_to_previous": [None, {"video": 0.5}],
+                         "lift": [{}, {"video_0": 0.2}]}}
+            for s, (gain, agreement) in enumerate([(5.0, 0.3), (-3.0, 0.1), (12.0, 0.6)])]
+    signals = study.candidate_signals(runs[0])
+    assert signals["video-audio agreement, last minus random (round 0)"] == pytest.approx(0.2)
+    assert signals["agreement with the previous round, last"] == 0.5
+    records = [record(8, r["seed"], "random", 0.0, 0.5) for r in runs] + \
+              [record(8, r["seed"], "xdc", r["video"] / 100, 0.5 - r["video"] / 100, signals=r["signals"]) for r in runs]
+    text = study.report(records, "defaults")
+    assert "video-audio agreement, last round vs the video gain: ρ = +1.00 (3 runs)" in text
+    assert "vs the audio gain: ρ = -1.00" in text
