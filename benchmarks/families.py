@@ -95,8 +95,10 @@ def report(records: list[dict], tag: str) -> str:
         for m in ("video", "audio"):
             per_family = [float(np.mean([r[m] for r in runs])) for runs in by_family.values()]
             mean, std, low, high = interval(per_family)
-            text += (f"- {m}: mean {mean:+.1f}, std {std:.1f}, 95% interval [{low:+.1f}, {high:+.1f}], worst family "
-                     f"{min(per_family):+.1f} ({len(per_family)} families)\n")
+            spread = (f"std {std:.1f}, 95% interval [{low:+.1f}, {high:+.1f}]" if len(per_family) > 1 else
+                      "no spread from one family")
+            text += (f"- {m}: mean {mean:+.1f}, {spread}, worst family {min(per_family):+.1f} "
+                     f"({len(per_family)} families)\n")
         runs = [r for family_runs in by_family.values() for r in family_runs]
         names = sorted({name for r in runs for name in candidate_signals(r)})
         if len(runs) >= 3 and names:
