@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from .errors import XdcError
@@ -50,6 +51,7 @@ class Task:
     def __call__(self) -> int:
         import submitit
 
+        _exit_at_once_on_requeue(submitit.JobEnvironment._usr_sig())
         environment = submitit.helpers.TorchDistributedEnvironment()
         # Each rank picks its own GPU by LOCAL_RANK, as under torchrun.
         environment.export(set_cuda_visible_devices=False)
@@ -65,6 +67,28 @@ class Task:
         import submitit
 
         return submitit.helpers.DelayedSubmission(Task(self.argv))
+
+
+def _exit_at_once_on_requeue(signum) -> None:
+    """Wrap submitit's handler of the time-limit/preemption signal so that, once it has requeued the job,
+    the process ends with its exit status at once. Its own way out is a SystemExit raised from the
+    handler, which Python swallows when the signal lands in a weakref callback or a ``__del__``
+    ("Exception ignored in ..."): the run would then go on, unrequeued, until the scheduler killed it."""
+    import signal
+
+    requeue = signal.getsignal(signum)
+    if not callable(requeue):
+        return
+
+    def handler(number, frame):
+        try:
+            requeue(number, frame)
+        except SystemExit as stop:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(stop.code if isinstance(stop.code, int) else 1)
+
+    signal.signal(signum, handler)
 
 
 def submit(argv: list[str], *, nodes: int, gpus_per_node: int, tasks_per_node: int | None, time: str,
@@ -104,7 +128,7 @@ def submit(argv: list[str], *, nodes: int, gpus_per_node: int, tasks_per_node: i
         f"logs in {folder}/")
     if wait:
         try:
-            job.result()
+            job.results()
         except Exception as error:  # noqa: BLE001 - submitit wraps the task's failure; its log says more
             raise SubmitError(f"job {job.job_id} failed: {str(error).strip().splitlines()[-1][:300]} "
                               f"(logs: {folder}/{job.job_id}_*)") from None
