@@ -130,7 +130,7 @@ def test_every_cli_choice_is_a_table():
 
     tables = [tuple(t) for t in (VARIANTS, ARCHS, ("auto", *ARCHS), READERS, CODECS, CLUSTERINGS, protocols.PROTOCOLS,
                                  choices.LOADERS, choices.CONCRETE_LOADERS, choices.DEVICES, choices.CONCRETE_DEVICES,
-                                 choices.MODALITIES, choices.CPU_ISAS)]
+                                 choices.MODALITIES, choices.CPU_ISAS, choices.RESUMES)]
     # Choices of a configuration field are declared once, on the field.
     for cls in (config.PretrainConfig, config.FinetuneConfig, config.ExtractConfig, config.EvaluateConfig):
         tables += [tuple(f.metadata["choices"]) for f in dataclasses.fields(cls) if f.metadata.get("choices")]

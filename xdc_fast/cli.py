@@ -25,7 +25,7 @@ from .models.archs import ARCHS, default_arch
 from .protocols import PROTOCOLS, default_protocols, protocols_help, multilabel_names
 from .variants import CLUSTERINGS, VARIANTS
 from .files import AGAIN, DISK_FULL, output_error
-from .launch import RESUME_HELP, TRANSFER_RESUME_HELP
+from .launch import RESUME_CHOICES, RESUME_HELP, TRANSFER_RESUME_HELP
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -241,7 +241,7 @@ def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path, make_sh
 # ---- resuming (the rules live in xdc_fast.launch) --------------------------------------------------
 
 def _resume_option(text: str):
-    return click.option("--resume", type=click.Choice(["auto", "yes", "no"]), default="auto", is_flag=False,
+    return click.option("--resume", type=click.Choice(RESUME_CHOICES), default="auto", is_flag=False,
                         flag_value="yes", show_default=True, help=text)
 
 

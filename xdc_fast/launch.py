@@ -14,9 +14,9 @@ import json
 import os
 from pathlib import Path
 
-from .errors import XdcError
+from .choices import RESUMES as RESUME_CHOICES
+from .errors import ConfigError, XdcError
 
-RESUME_CHOICES = ("auto", "yes", "no")
 RESUME_HELP = ("Continue the run in --out from its last checkpoint: 'yes' (what --resume alone means), 'no' "
                "(refuse a folder that holds a run), or 'auto': yes when torchrun's elastic agent, SLURM or "
                "`xdc-fast submit` launched the process (a restarted or requeued job comes back with the same "
@@ -64,6 +64,6 @@ def finished_results(out: str | Path, settings: dict, resume: bool) -> dict | No
     differs = [f"{key}: {used.get(key)!r} in the run, {value!r} now" for key, value in settings.items()
                if key in used and used[key] != value and key not in ("device", "loader", "workers")]
     if differs:
-        raise XdcError(f"--resume into {out}, which holds results made with other settings ({'; '.join(differs)}); "
+        raise ConfigError(f"--resume into {out}, which holds results made with other settings ({'; '.join(differs)}); "
                        "choose another --out")
     return saved

@@ -20,11 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import XdcError
-
-
-class SubmitError(XdcError):
-    """A job that cannot be submitted: no submitit, no SLURM, a malformed time limit."""
+from .errors import SubmitError
 
 
 def minutes_of(limit: str) -> float:
