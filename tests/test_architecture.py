@@ -12,10 +12,12 @@ import pytest
 import xdc_fast
 
 PACKAGE = Path(xdc_fast.__file__).parent
-COMMANDS = {"pretrain", "finetune", "probe", "extract", "evaluate", "assign", "browse", "export", "demo", "bench", "cli"}
+COMMANDS = {"pretrain", "finetune", "probe", "extract", "evaluate", "assign", "browse", "export", "demo", "bench", "cli",
+            "submit"}
 SHARED = {"config", "seeds", "engine", "pseudo_labels", "rounds", "transfer", "protocols", "metrics", "report", "learning"}
-# demo and cli run whole commands by design (the demo is pretrain + probes; the CLI dispatches).
-MAY_CALL_COMMANDS = {"demo", "cli"}
+# demo, cli and submit run whole commands by design (the demo is pretrain + probes; the CLI dispatches;
+# a submitted job runs the CLI in each of its tasks).
+MAY_CALL_COMMANDS = {"demo", "cli", "submit"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -128,7 +130,7 @@ def test_every_cli_choice_is_a_table():
 
     tables = [tuple(t) for t in (VARIANTS, ARCHS, ("auto", *ARCHS), READERS, CODECS, CLUSTERINGS, protocols.PROTOCOLS,
                                  choices.LOADERS, choices.CONCRETE_LOADERS, choices.DEVICES, choices.CONCRETE_DEVICES,
-                                 choices.MODALITIES, choices.CPU_ISAS)]
+                                 choices.MODALITIES, choices.CPU_ISAS, choices.RESUMES)]
     # Choices of a configuration field are declared once, on the field.
     for cls in (config.PretrainConfig, config.FinetuneConfig, config.ExtractConfig, config.EvaluateConfig):
         tables += [tuple(f.metadata["choices"]) for f in dataclasses.fields(cls) if f.metadata.get("choices")]

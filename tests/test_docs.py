@@ -79,7 +79,11 @@ def command_lines(line: str) -> list[list[str]]:
     for part in re.split(r"&&|\|\||;", line):
         tokens = part.split()
         if "xdc-fast" in tokens:
-            found.append(tokens[tokens.index("xdc-fast") + 1:])
+            tokens = tokens[tokens.index("xdc-fast") + 1:]
+            while "--" in tokens:  # `xdc-fast submit ... -- COMMAND ...`: the command is an invocation too
+                found.append(tokens[: tokens.index("--")])
+                tokens = tokens[tokens.index("--") + 1:]
+            found.append(tokens)
     return found
 
 

@@ -265,3 +265,23 @@ def test_esc50_folds_linear_audio_probe(tmp_path):
     assert metrics["video_acc"] == 1.0 and metrics["classes"] == ["hum", "whistle"]
     with pytest.raises(FinetuneError, match="audio-only"):
         finetune(tmp_path / "ds", tmp_path / "ft2", FinetuneConfig(modality="video", **FAST), log=lambda *_: None)
+
+
+def test_a_restarted_finetune_keeps_its_results_and_refuses_other_settings(dataset, tmp_path, monkeypatch):
+    """Under a launcher (--resume auto) a job that had finished is not run again; other settings are refused,
+    and by hand the folder is refused as before."""
+    import yaml
+
+    (tmp_path / "fast.yaml").write_text(yaml.safe_dump(FAST))
+    args = ["finetune", "--data", str(dataset), "--out", str(tmp_path / "o"), "--modality", "audio", "--mode",
+            "linear", "--config", str(tmp_path / "fast.yaml")]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    written = (tmp_path / "o" / "metrics.json").read_text()
+    by_hand = CliRunner().invoke(main, args)
+    assert by_hand.exit_code == 2 and "already holds results" in by_hand.output
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "nothing to run" in again.output, again.output
+    assert (tmp_path / "o" / "metrics.json").read_text() == written
+    other = CliRunner().invoke(main, [*args, "--seed", "5"])
+    assert other.exit_code == 2 and other.output.count("Error:") == 1 and "other settings" in other.output

@@ -22,3 +22,7 @@ LOADER_HELP = "Decoding. " + "; ".join(f"{name}: {summary}" for name, summary in
 
 # The CPU k-means assignment engines, best first (the extension's run-time dispatch offers those the CPU has).
 CPU_ISAS = ("avx512", "avx2", "portable")
+
+# --resume of pretrain and finetune: "auto" says yes under torchrun's elastic agent, SLURM or submit
+# (the rules are xdc_fast.launch's).
+RESUMES = ("auto", "yes", "no")

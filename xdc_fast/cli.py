@@ -25,6 +25,7 @@ from .models.archs import ARCHS, default_arch
 from .protocols import PROTOCOLS, default_protocols, protocols_help, multilabel_names
 from .variants import CLUSTERINGS, VARIANTS
 from .files import AGAIN, DISK_FULL, output_error
+from .launch import RESUME_CHOICES, RESUME_HELP, TRANSFER_RESUME_HELP
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -237,6 +238,22 @@ def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path, make_sh
                    f"{done['folder']}/rejects.jsonl)")
 
 
+# ---- resuming (the rules live in xdc_fast.launch) --------------------------------------------------
+
+def _resume_option(text: str):
+    return click.option("--resume", type=click.Choice(RESUME_CHOICES), default="auto", is_flag=False,
+                        flag_value="yes", show_default=True, help=text)
+
+
+def _resume_asked(choice: str) -> bool:
+    from .launch import resolve_resume
+
+    resume, by = resolve_resume(choice)
+    if by is not None:
+        click.echo(f"--resume auto: launched by {by}, so a run in --out is continued", err=True)
+    return resume
+
+
 # ---- pretrain -----------------------------------------------------------------------------------------
 
 PRETRAIN_FLAGS = ("variant", "arch", "epochs", "clusters", "batch_size", "lr", "device", "loader", "workers", "seed",
@@ -250,7 +267,7 @@ EXISTING_FILE = click.Path(dir_okay=False, exists=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The run directory.")
 @config_options(PretrainConfig, PRETRAIN_FLAGS, {"init_checkpoint": EXISTING_FILE, "labels_from": EXISTING_FILE})
 @config_file_option(PretrainConfig, "", " or a preset (tiny, paper)")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@_resume_option(RESUME_HELP)
 def pretrain(dataset, out, config_values, resume, **flags):
     """Self-supervised pretraining by deep clustering (XDC and the paper's other variants).
 
@@ -262,7 +279,8 @@ def pretrain(dataset, out, config_values, resume, **flags):
     from .pretrain import pretrain as run
 
     _show_loader_choice()
-    run(dataset, out, build_config(PretrainConfig, config_values, flags), resume=resume, log=click.echo)
+    run(dataset, out, build_config(PretrainConfig, config_values, flags), resume=_resume_asked(resume),
+        log=click.echo)
     if xdist.is_main_process():
         _report_quietly(out)
     click.echo(f"done: {out}/metrics.jsonl, {out}/checkpoints/last.pt, {out}/report/")
@@ -306,14 +324,23 @@ FINETUNE_FLAGS = ("checkpoint", "modality", "mode", "arch", "split", "epochs", "
               help="Where metrics.json, confusion.png and checkpoints/last.pt go.")
 @config_options(FinetuneConfig, FINETUNE_FLAGS)
 @config_file_option(FinetuneConfig, "finetune_", " (clip geometry, train_clips, linear_c, bn_eps, ...)")
-def finetune(dataset, out, config_values, **flags):
+@_resume_option(TRANSFER_RESUME_HELP)
+def finetune(dataset, out, config_values, resume, **flags):
     """Transfer an encoder to a labelled dataset and report clip and video accuracy on its test split.
 
     Video accuracy averages the softmax over --test-clips uniformly spaced clips per video, at the final
     epoch. --mode linear freezes the encoder and fits a logistic regression on cached features (the
     linear probe). The same command runs under torchrun for several GPUs.
     """
+    from dataclasses import asdict
+
+    from .launch import finished_results
+
     config = build_config(FinetuneConfig, config_values, flags)
+    done = finished_results(out, asdict(config), _resume_asked(resume))
+    if done is not None:
+        click.echo(f"{out} already holds these results (video accuracy {done['video_acc']:.1%}); nothing to run")
+        return
     if config.mode == "linear":
         from .probe import probe as run
     else:
@@ -321,6 +348,49 @@ def finetune(dataset, out, config_values, **flags):
     _show_loader_choice()
     run(dataset, out, config, log=click.echo)
     click.echo(f"done: {out}/metrics.json, {out}/confusion.png, {out}/checkpoints/last.pt")
+
+
+# ---- submit -------------------------------------------------------------------------------------------
+
+@main.command(context_settings={**CONTEXT, "ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--nodes", type=click.IntRange(min=1), default=1, help="Nodes of the job.")
+@click.option("--gpus-per-node", type=click.IntRange(min=0), default=1,
+              help="GPUs asked for on each node; one task (one rank) runs per GPU.")
+@click.option("--tasks-per-node", type=click.IntRange(min=1), default=None,
+              show_default="--gpus-per-node, or 1 without GPUs", help="Ranks per node, when not one per GPU (CPU jobs).")
+@click.option("--partition", default=None, show_default="the cluster's default", help="SLURM partition.")
+@click.option("--time", "time_limit", default="01:00:00",
+              help="Time limit of each run of the job, HH:MM:SS or D-HH:MM:SS; at the limit the job is requeued "
+                   "and resumes, so a short limit that the scheduler fits in sooner costs only the checkpoint interval.")
+@click.option("--account", default=None, show_default="your default account", help="SLURM account to charge.")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=8,
+              help="CPU cores per rank (decoding workers live here: --workers should fit).")
+@click.option("--folder", type=click.Path(file_okay=False), default="xdc-fast-jobs",
+              help="Where submitit keeps each job's scripts and logs (JOBID_RANK_log.out/.err).")
+@click.option("--local", is_flag=True,
+              help="Run the job on this machine with submitit's local executor (no SLURM), requeues included; "
+                   "waits for it to end.")
+@click.option("--max-requeues", type=click.IntRange(min=0), default=10,
+              help="Requeues after a time limit before the job gives up (preemptions do not count).")
+@click.option("--signal-delay-s", type=click.IntRange(min=1), default=120,
+              help="Seconds before the time limit at which the job is signalled and requeued; leave room to "
+                   "start the requeue.")
+@click.option("--wait", is_flag=True, help="Wait for the job to end and fail if it fails (always with --local).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND [ARGS]...")
+def submit(command, nodes, gpus_per_node, tasks_per_node, partition, time_limit, account, cpus_per_task, folder,
+           local, max_requeues, signal_delay_s, wait):
+    """Run an xdc-fast command as a SLURM job through submitit, requeued at time limits and preemptions.
+
+    One task per GPU, with the rendezvous taken from SLURM's environment; the command resumes from its
+    last checkpoint after each requeue (--resume auto). Example: xdc-fast submit --nodes 2
+    --gpus-per-node 8 --partition gpu --time 24:00:00 -- pretrain --data D --out RUN. Needs the slurm
+    extra: pip install 'xdc-fast[slurm]'.
+    """
+    from .submit import submit as run
+
+    run(list(command), nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, time=time_limit,
+        partition=partition, account=account, cpus_per_task=cpus_per_task, folder=folder, local=local,
+        max_requeues=max_requeues, signal_delay_s=signal_delay_s, wait=wait or local, log=click.echo)
 
 
 # ---- evaluate -----------------------------------------------------------------------------------------

@@ -126,8 +126,20 @@ def init_from_torchrun(use_cuda: bool, timeout_s: float | None = None) -> bool:
     # On GPUs, CUDA tensors go over NCCL and the small CPU ones (counts, checks, objects) over gloo: NCCL
     # alone refuses a CPU tensor.
     backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
-    dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
+    dist.init_process_group(backend, store=_store_of_this_attempt(timeout), rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), **({"timeout": timeout} if timeout else {}))
     return True
+
+
+def _store_of_this_attempt(timeout: datetime.timedelta | None):
+    """torchrun's store, under a prefix of its own for each restart of the workers. torchrun's elastic
+    agent keeps one store across restarts, so without it a restarted rank may read the address a dead
+    rank of the previous attempt published, before its successor replaces it, and fail to connect
+    ("Gloo connectFullMesh failed ... Connection refused")."""
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://", **({"timeout": timeout} if timeout else {})))
+    return dist.PrefixStore(f"xdc-fast/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def all_gather_objects(obj) -> list:

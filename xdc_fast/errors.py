@@ -56,3 +56,7 @@ class LoaderError(XdcError):
 
 class StalledError(XdcError):
     """Another rank did not answer a collective within the timeout (raised by ``distributed``)."""
+
+
+class SubmitError(XdcError):
+    """A job that cannot be submitted: no submitit, no SLURM, a malformed time limit."""

@@ -30,6 +30,7 @@ from .files import RunLock, append_text, make_folder, save_atomic, write_text_at
 from .progress import progress
 from .config import AUTO, ConfigError, PretrainConfig, resolve_auto
 from .data.clips import geometry
+from .data.sampler import clip_sums, digest_text, global_order, share_of_rank
 from .data.splits import check_modality, check_sample_rate
 from .pseudo_labels import ClusteringSpec, balanced_indices, cluster_sizes, gather_by_video, video_labels
 from .rounds import checkpoint_path, load_saved_labels, metrics_path, round_checkpoints, round_file
@@ -61,8 +62,8 @@ class RunData:
     train_set: object  # random augmented clips of this rank's training videos
     fixed_clips: object  # the clips whose features are clustered (all videos; encode_clips shards them)
     heldout_set: object  # >= 4 fixed clips of each held-out video (encode_clips shards them)
-    shard: np.ndarray  # global indices of this rank's videos
-    train_shard: np.ndarray  # ... of those it trains on
+    shard: np.ndarray  # global indices of this rank's videos (for encoding the fixed clips)
+    training: np.ndarray  # global indices of every training video (ranks share out each epoch's draws)
     heldout: np.ndarray  # global indices of every held-out video
     samples_per_rank: int  # the same number of steps on every rank
 
@@ -292,12 +293,12 @@ def prepare_run_data(dataset, config: PretrainConfig, variant: Variant) -> RunDa
     # and in plateau mode when to re-cluster.
     held = np.zeros(len(items), dtype=bool)
     held[numpy_rng(config.seed, "heldout").permutation(len(items))[: heldout_count(config, len(items))]] = True
-    train_shard = shard[~held[shard]]
-    train_set.items = [items[i] for i in train_shard]
+    training = np.flatnonzero(~held)
+    train_set.items = [items[i] for i in training]
     heldout_set.items = [items[i] for i in np.flatnonzero(held)]
     return RunData(items=items, true_labels=np.array([-1 if r["label"] is None else r["label"] for r in items]),
                    train_set=train_set, fixed_clips=fixed_clips, heldout_set=heldout_set, shard=shard,
-                   train_shard=train_shard, heldout=np.flatnonzero(held),
+                   training=training, heldout=np.flatnonzero(held),
                    samples_per_rank=samples_per_rank(config, len(items)))
 
 
@@ -356,6 +357,12 @@ def _resume(saved: dict, encoders, optimizer, log) -> RunState:
     torch.set_rng_state(saved["torch_rng"])
     previous = {m: v.numpy() for m, v in saved["previous_labels"].items()} or None
     inside = saved.get("inside")
+    if inside is not None and len(inside["running"]) != xdist.world_size():
+        # The draws are world-size independent, but an epoch's steps are not: another world size takes
+        # over at the end of a round (where the next checkpoint without a step in progress is).
+        raise ConfigError(f"the run stopped in the middle of epoch {inside['epoch']} on {len(inside['running'])} "
+                          f"rank(s); resume it on {len(inside['running'])} (this is {xdist.world_size()}), or "
+                          "copy the last checkpoints/round_NNN.pt over last.pt to go on from that round's end")
     if inside is not None:  # killed mid-epoch: finish that epoch from its next step
         log(f"resuming round {saved['round']} at epoch {inside['epoch']}, step {inside['step']}")
         return RunState(saved["round"], inside["epoch"], saved["history"], previous, inside)
@@ -440,7 +447,7 @@ def _train_round(state: RunState, labels: RoundLabels, encoders, heads, optimize
                  config: PretrainConfig, variant: Variant, rates, steps_per_epoch: int, device, out: Path, log,
                  stop_after_steps: int | None) -> None:
     """The epochs of one round: train, score, log; in plateau mode, stop once the held-out loss stalls."""
-    targets = variant.targets({m: v[data.train_shard] for m, v in labels.everyone.items()})
+    targets = variant.targets({m: v[data.training] for m, v in labels.everyone.items()})
     heldout_targets = variant.targets({m: v[data.heldout] for m, v in labels.everyone.items()})
     model = engine.distributed(engine.EncodersWithHeads(encoders, heads), device)
     best, stale, in_round = state.inside["plateau"] if state.inside is not None else (float("inf"), 0, 0)
@@ -497,10 +504,13 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
                     rates: np.ndarray, device, start_step: int = 0, running: dict | None = None,
                     save_inside=None) -> dict:
     """One epoch of balanced draws; figures summed over ranks. A resumed epoch skips the steps the
-    interrupted one had done and sees the same batches after them: the whole order comes from
-    (seed, epoch, rank)."""
-    order = balanced_indices(targets[next(iter(targets))][0], data.samples_per_rank,
-                             numpy_rng(config.seed, "sampler", epoch, xdist.rank()))
+    interrupted one had done and sees the same batches after them: the epoch's order comes from
+    (seed, epoch) alone, whatever the world size (:mod:`xdc_fast.data.sampler`)."""
+    sampled = targets[next(iter(targets))][0]
+    order = share_of_rank(global_order(lambda n, rng: balanced_indices(sampled, n, rng), len(data.training),
+                                       xdist.world_size(), numpy_rng(config.seed, "sampler", epoch),
+                                       numpy_rng(config.seed, "sampler", epoch, 1)),
+                          xdist.rank(), xdist.world_size())
     data.train_set.set_epoch(epoch)
     total_steps = epoch_steps(config, len(data.items))
     loader = engine.make_loader(data.train_set, config.batch_size, loader=config.loader, workers=config.workers,
@@ -509,12 +519,12 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
     model.train()
     keys = [f"{m}_{h}" for m in targets for h in range(len(targets[m]))]
     run = running or {"loss_sum": {k: 0.0 for k in keys}, "loss_count": {k: 0 for k in keys},
-                      "correct": {k: 0 for k in keys}, "seen": 0, "skipped": 0}
+                      "correct": {k: 0 for k in keys}, "seen": 0, "skipped": 0, "clip_sums": [0, 0]}
     # One shift per clip of the dataset and epoch, so a resumed epoch (or a batch short of a clip that
     # failed to decode) gives every clip the shift it had.
     shifts = None
     if config.audio_shift and "audio" in targets:
-        shifts = torch.from_numpy(numpy_rng(config.seed, "audio_shift", epoch, xdist.rank()).integers(
+        shifts = torch.from_numpy(numpy_rng(config.seed, "audio_shift", epoch).integers(
             -config.audio_shift, config.audio_shift + 1, size=len(data.train_set)))
     for step, batch in enumerate(loader, start=start_step):
         engine.set_lr(optimizers, float(rates[min(step, len(rates) - 1)]))
@@ -535,6 +545,8 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
             run["loss_count"][key] += 1
             run["correct"][key] += correct
         run["seen"] += len(index)
+        run["clip_sums"] = clip_sums(index, batch["start"].tolist() if "start" in batch else None,
+                                     run.get("clip_sums", (0, 0)))
         done = step + 1
         if save_inside is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
                 and done < total_steps:
@@ -544,9 +556,10 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
                                               for k in keys] + [[0.0, run["seen"], run["skipped"]]],
                                              dtype=torch.float64))
     seen, skipped = int(sums[-1, 1]), int(sums[-1, 2])
+    clips_digest = digest_text(xdist.all_reduce_sum(torch.tensor(run.get("clip_sums", [0, 0]), dtype=torch.int64)))
     return {"loss": {k: float(sums[i, 0] / sums[i, 1]) if sums[i, 1] else None for i, k in enumerate(keys)},
             "pseudo_label_acc": {k: float(sums[i, 2]) / max(seen, 1) for i, k in enumerate(keys)}, "clips": seen,
-            "skipped": skipped, "lr": float(rates[0]) if len(rates) else None}
+            "skipped": skipped, "lr": float(rates[0]) if len(rates) else None, "clips_digest": clips_digest}
 
 
 def _heldout_scores(encoders, heads, targets, heldout_set, config, device) -> tuple[float, dict[str, dict]]:
