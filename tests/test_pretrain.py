@@ -161,7 +161,7 @@ def test_kill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(dataset, tmp_
     with pytest.raises(Interrupted):
         pretrain(dataset, tmp_path / "b", config, log=lambda *_: None, stop_after_steps=2)  # 2 of 3 steps done
     state = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
-    assert state["inside"]["step"] == 2 and state["inside"]["epoch"] == 0
+    assert state["mid_epoch"]["step"] == 2 and state["mid_epoch"]["epoch"] == 0
     resumed = pretrain(dataset, tmp_path / "b", config, resume=True, log=lambda *_: None)
     assert len(resumed) == len(straight) == 2
     for a, b in zip(straight, resumed):

@@ -50,7 +50,7 @@ class RunState:
     next_epoch: int = 0
     history: list[dict] = field(default_factory=list)  # one metrics record per finished epoch
     previous: dict[str, np.ndarray] | None = None  # the last finished round's per-video labels
-    inside: dict | None = None  # set while an epoch is in progress: its round, epoch, step, heads...
+    mid_epoch: dict | None = None  # set while an epoch is in progress: its round, epoch, step, heads...
 
 
 @dataclass
@@ -70,7 +70,7 @@ class RunData:
 
 @dataclass
 class RoundLabels:
-    everyone: dict[str, np.ndarray]  # per-video labels of every clustering, all videos
+    all_videos: dict[str, np.ndarray]  # per-video labels of every clustering, all videos
     k: int
     seconds: tuple[float, float]  # extracting, clustering
 
@@ -201,12 +201,13 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
 
     rounds_run = 0
     while state.next_epoch < config.epochs and (max_rounds is None or rounds_run < max_rounds):
-        resuming = state.inside is not None and state.inside["round"] == state.round
+        resuming = state.mid_epoch is not None and state.mid_epoch["round"] == state.round
 
         # ===== the round's pseudo-labels =====
         if resuming:
-            labels = RoundLabels({m: v.numpy() for m, v in state.inside["everyone"].items()},
-                                 state.inside["k"], tuple(state.inside["seconds"]))
+            saved_labels = state.mid_epoch.get("all_videos", state.mid_epoch.get("everyone"))  # earlier versions' key
+            labels = RoundLabels({m: v.numpy() for m, v in saved_labels.items()},
+                                 state.mid_epoch["k"], tuple(state.mid_epoch["seconds"]))
         elif transferred is not None:  # cluster transfer: the saved assignments are every round's targets
             labels = RoundLabels(transferred, 1 + max(int(v.max()) for v in transferred.values()), (0.0, 0.0))
         else:
@@ -221,8 +222,8 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
         heads.to(device)
         head_optimizer = torch.optim.SGD(heads.parameters(), lr=config.lr, momentum=config.momentum)
         if resuming:
-            heads.load_state_dict(state.inside["heads"])
-            head_optimizer.load_state_dict(state.inside["head_optimizer"])
+            heads.load_state_dict(state.mid_epoch["heads"])
+            head_optimizer.load_state_dict(state.mid_epoch["head_optimizer"])
 
         # ===== training =====
         _train_round(state, labels, encoders, heads, [optimizer, head_optimizer], data, config, variant, rates,
@@ -233,7 +234,7 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
             log(line)
 
         # ===== checkpoint =====
-        state.previous, state.inside = labels.everyone, None
+        state.previous, state.mid_epoch = labels.all_videos, None
         if writer:
             checkpoint = _checkpoint(state, encoders, optimizer, config)
             save_atomic(checkpoint, checkpoint_path(out, state.round))
@@ -356,22 +357,22 @@ def _resume(saved: dict, encoders, optimizer, log) -> RunState:
     optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["torch_rng"])
     previous = {m: v.numpy() for m, v in saved["previous_labels"].items()} or None
-    inside = saved.get("inside")
-    if inside is not None and len(inside["running"]) != xdist.world_size():
+    mid_epoch = saved.get("mid_epoch", saved.get("inside"))  # "inside": the key of earlier versions
+    if mid_epoch is not None and len(mid_epoch["running"]) != xdist.world_size():
         # The draws are world-size independent, but an epoch's steps are not: another world size takes
         # over at the end of a round (where the next checkpoint without a step in progress is).
-        raise ConfigError(f"the run stopped in the middle of epoch {inside['epoch']} on {len(inside['running'])} "
-                          f"rank(s); resume it on {len(inside['running'])} (this is {xdist.world_size()}), or "
+        raise ConfigError(f"the run stopped in the middle of epoch {mid_epoch['epoch']} on {len(mid_epoch['running'])} "
+                          f"rank(s); resume it on {len(mid_epoch['running'])} (this is {xdist.world_size()}), or "
                           "copy the last checkpoints/round_NNN.pt over last.pt to go on from that round's end")
-    if inside is not None:  # killed mid-epoch: finish that epoch from its next step
-        log(f"resuming round {saved['round']} at epoch {inside['epoch']}, step {inside['step']}")
-        return RunState(saved["round"], inside["epoch"], saved["history"], previous, inside)
+    if mid_epoch is not None:  # killed mid-epoch: finish that epoch from its next step
+        log(f"resuming round {saved['round']} at epoch {mid_epoch['epoch']}, step {mid_epoch['step']}")
+        return RunState(saved["round"], mid_epoch["epoch"], saved["history"], previous, mid_epoch)
     log(f"resuming after round {saved['round']}")
     return RunState(saved["round"] + 1, saved["next_epoch"], saved["history"], previous, None)
 
 
 def _checkpoint(state: RunState, encoders, optimizer, config: PretrainConfig) -> dict:
-    """The one checkpoint layout: at the end of a round (``inside`` None) or in the middle of an epoch."""
+    """The one checkpoint layout: at the end of a round (``mid_epoch`` None) or in the middle of an epoch."""
     from . import __version__
 
     return {"encoders": encoders.state_dict(), "optimizer": optimizer.state_dict(), "round": state.round,
@@ -379,7 +380,7 @@ def _checkpoint(state: RunState, encoders, optimizer, config: PretrainConfig) ->
             "clip": geometry(config.clip_config()), "code_version": __version__,
             "torch_rng": torch.get_rng_state(),
             "previous_labels": {m: torch.from_numpy(v) for m, v in (state.previous or {}).items()},
-            "inside": state.inside}
+            "mid_epoch": state.mid_epoch}
 
 
 def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, round_index: int, device,
@@ -407,17 +408,17 @@ def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, 
     for m, v in clip_labels.items():
         local[m][slots] = v
     per_video = {m: video_labels(v, cpv) for m, v in local.items()}
-    everyone = gather_by_video(data.shard, per_video, len(data.items), 1)
-    everyone_clips = gather_by_video(data.shard, local, len(data.items), cpv, root_only=True)
-    _check_unreadable(everyone, data, config, round_index, log)
+    all_videos = gather_by_video(data.shard, per_video, len(data.items), 1)
+    all_clips = gather_by_video(data.shard, local, len(data.items), cpv, root_only=True)
+    _check_unreadable(all_videos, data, config, round_index, log)
     measures = round_measures(fit, rows, len(data.items), cpv)  # every rank takes part
     if out is not None:
         saved = describe_fit(fit, measures, ids=[r["id"] for r in data.items], clips_per_video=cpv,
-                             clip_labels=everyone_clips, video_labels=everyone, variant_name=variant.name,
+                             clip_labels=all_clips, video_labels=all_videos, variant_name=variant.name,
                              round_index=round_index, clip=geometry(config.clip_config()), pca_dim=config.pca_dim,
                              fingerprint=encoder_fingerprint(encoders.state_dict()))
         saved.save(round_file(out, round_index))
-    return RoundLabels(everyone, config.clusters, (t_extract, t_cluster))
+    return RoundLabels(all_videos, config.clusters, (t_extract, t_cluster))
 
 
 def _check_finite(features: dict[str, np.ndarray], round_index: int) -> None:
@@ -428,10 +429,10 @@ def _check_finite(features: dict[str, np.ndarray], round_index: int) -> None:
                            "lower --lr")
 
 
-def _check_unreadable(everyone: dict[str, np.ndarray], data: RunData, config: PretrainConfig, round_index: int,
+def _check_unreadable(all_videos: dict[str, np.ndarray], data: RunData, config: PretrainConfig, round_index: int,
                       log) -> None:
     """Videos whose fixed clips all failed sit the round out; too many of them stop the run."""
-    failed = np.flatnonzero(next(iter(everyone.values())) < 0)
+    failed = np.flatnonzero(next(iter(all_videos.values())) < 0)
     if not len(failed):
         return
     ids = [data.items[i]["id"] for i in failed]
@@ -447,20 +448,20 @@ def _train_round(state: RunState, labels: RoundLabels, encoders, heads, optimize
                  config: PretrainConfig, variant: Variant, rates, steps_per_epoch: int, device, out: Path, log,
                  stop_after_steps: int | None) -> None:
     """The epochs of one round: train, score, log; in plateau mode, stop once the held-out loss stalls."""
-    targets = variant.targets({m: v[data.training] for m, v in labels.everyone.items()})
-    heldout_targets = variant.targets({m: v[data.heldout] for m, v in labels.everyone.items()})
+    targets = variant.targets({m: v[data.training] for m, v in labels.all_videos.items()})
+    heldout_targets = variant.targets({m: v[data.heldout] for m, v in labels.all_videos.items()})
     model = engine.distributed(engine.EncodersWithHeads(encoders, heads), device)
-    best, stale, in_round = state.inside["plateau"] if state.inside is not None else (float("inf"), 0, 0)
+    best, stale, in_round = state.mid_epoch["plateau"] if state.mid_epoch is not None else (float("inf"), 0, 0)
     while state.next_epoch < config.epochs and in_round < config.epochs_per_round:
         epoch = state.next_epoch
-        resumed = state.inside if state.inside is not None and state.inside["epoch"] == epoch else None
+        resumed = state.mid_epoch if state.mid_epoch is not None and state.mid_epoch["epoch"] == epoch else None
 
-        def save_inside(step: int, running: dict) -> None:
+        def save_mid_epoch(step: int, running: dict) -> None:
             # Everything an interrupted process needs to finish this epoch as if nothing had happened.
-            state.inside = {"round": state.round, "epoch": epoch, "step": step, "heads": heads.state_dict(),
+            state.mid_epoch = {"round": state.round, "epoch": epoch, "step": step, "heads": heads.state_dict(),
                             "head_optimizer": optimizers[1].state_dict(), "k": labels.k,
                             "running": xdist.all_gather_objects(running),
-                            "everyone": {m: torch.from_numpy(v) for m, v in labels.everyone.items()},
+                            "all_videos": {m: torch.from_numpy(v) for m, v in labels.all_videos.items()},
                             "seconds": list(labels.seconds), "plateau": [best, stale, in_round]}
             if xdist.is_main_process():
                 save_atomic(_checkpoint(state, encoders, optimizers[0], config), checkpoint_path(out))
@@ -474,7 +475,7 @@ def _train_round(state: RunState, labels: RoundLabels, encoders, heads, optimize
                                     engine.rates_of_epoch(rates, epoch, steps_per_epoch), device,
                                     start_step=resumed["step"] if resumed else 0,
                                     running=resumed["running"][xdist.rank()] if resumed else None,
-                                    save_inside=save_inside)
+                                    save_mid_epoch=save_mid_epoch)
         t_train = time.perf_counter() - t0
         last_of_round = in_round + 1 >= config.epochs_per_round or epoch + 1 >= config.epochs
         if len(data.heldout) and (config.recluster == "plateau" or last_of_round):
@@ -490,7 +491,7 @@ def _train_round(state: RunState, labels: RoundLabels, encoders, heads, optimize
             _tensorboard(out, record)
         log(_summary(record))
         state.next_epoch, in_round = state.next_epoch + 1, in_round + 1
-        state.inside = None
+        state.mid_epoch = None
         if config.recluster == "plateau":
             if stats["heldout_loss"] < best - 1e-4:
                 best, stale = stats["heldout_loss"], 0
@@ -502,7 +503,7 @@ def _train_round(state: RunState, labels: RoundLabels, encoders, heads, optimize
 
 def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], data: RunData, config, epoch: int,
                     rates: np.ndarray, device, start_step: int = 0, running: dict | None = None,
-                    save_inside=None) -> dict:
+                    save_mid_epoch=None) -> dict:
     """One epoch of balanced draws; figures summed over ranks. A resumed epoch skips the steps the
     interrupted one had done and sees the same batches after them: the epoch's order comes from
     (seed, epoch) alone, whatever the world size (:mod:`xdc_fast.data.sampler`)."""
@@ -548,9 +549,9 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
         run["clip_sums"] = clip_sums(index, batch["start"].tolist() if "start" in batch else None,
                                      run.get("clip_sums", (0, 0)))
         done = step + 1
-        if save_inside is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
+        if save_mid_epoch is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
                 and done < total_steps:
-            save_inside(done, run)
+            save_mid_epoch(done, run)
     # Every rank's figures, so the log describes the whole step, not rank 0's share.
     sums = xdist.all_reduce_sum(torch.tensor([[run["loss_sum"][k], run["loss_count"][k], run["correct"][k]]
                                               for k in keys] + [[0.0, run["seen"], run["skipped"]]],
@@ -588,35 +589,35 @@ def _heldout_scores(encoders, heads, targets, heldout_set, config, device) -> tu
 
 def _record(state: RunState, labels: RoundLabels, stats: dict, epoch: int, t_train: float, data: RunData,
             config: PretrainConfig) -> dict:
-    everyone = labels.everyone
+    all_videos = labels.all_videos
     record = {"round": state.round, "epoch": epoch, **stats,
-              "clusters": cluster_sizes(everyone, config.clusters if config.labels_from is None else 0),
+              "clusters": cluster_sizes(all_videos, config.clusters if config.labels_from is None else 0),
               "seconds": {"extract": labels.seconds[0], "cluster": labels.seconds[1], "train": t_train},
               "clips_per_s": stats["clips"] / t_train if t_train else None}
     # What a constant guess scores under the sampler, for the "is it learning?" verdict (xdc_fast.learning).
     variant = variant_named(config.variant)
     training = np.ones(len(data.items), dtype=bool)
     training[data.heldout] = False
-    on_training = {m: v[training] for m, v in everyone.items()}
+    on_training = {m: v[training] for m, v in all_videos.items()}
     sampled_by = variant.learns[next(iter(variant.learns))][0]  # the clustering balanced_indices draws over
     if sampled_by in on_training:
         record["chance"] = learning.chance_of_heads(variant.learns, on_training, on_training[sampled_by])
     if "heldout" in record:  # held-out clips are scored as they come: chance is their majority target
-        held = {m: v[data.heldout] for m, v in everyone.items()}
+        held = {m: v[data.heldout] for m, v in all_videos.items()}
         for key, chance in learning.chance_of_heads(variant.learns, held, None).items():
             record["heldout"][key].update(chance_accuracy=chance["accuracy"], chance_loss=chance["loss"])
-    labelled = next(iter(everyone.values())) >= 0  # videos that took part in the round
+    labelled = next(iter(all_videos.values())) >= 0  # videos that took part in the round
     if not labelled.all():
         record["unreadable"] = [data.items[i]["id"] for i in np.flatnonzero(~labelled)]
     if state.previous is not None:
-        record["nmi_to_previous"] = {m: metrics.nmi(everyone[m][both], state.previous[m][both])
-                                     for m in everyone if m in state.previous
+        record["nmi_to_previous"] = {m: metrics.nmi(all_videos[m][both], state.previous[m][both])
+                                     for m in all_videos if m in state.previous
                                      for both in [labelled & (state.previous[m] >= 0)]}
-    if "video" in everyone and "audio" in everyone:
-        record["nmi_video_audio"] = metrics.nmi(everyone["video"][labelled], everyone["audio"][labelled])
+    if "video" in all_videos and "audio" in all_videos:
+        record["nmi_video_audio"] = metrics.nmi(all_videos["video"][labelled], all_videos["audio"][labelled])
     if (data.true_labels >= 0).all():
         record["vs_true_labels"] = {m: metrics.cluster_quality(v[labelled], data.true_labels[labelled])
-                                    for m, v in everyone.items()}
+                                    for m, v in all_videos.items()}
     return record
 
 

@@ -66,14 +66,14 @@ class ChosenInit:
     def __init__(self, folder: Path, rank: int):
         self.folder, self.rank = folder, rank
 
-    def __call__(self, mine: np.ndarray, everyone: np.ndarray, k: int):
+    def __call__(self, mine: np.ndarray, all_rows: np.ndarray, k: int):
         from xdc_fast import distributed as xdist
 
         position = {int(g): i for i, g in enumerate(mine)}
-        everyone_t = torch.from_numpy(everyone)
+        all_rows_t = torch.from_numpy(all_rows)
 
         def init(points: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-            chosen = everyone_t[torch.randperm(len(everyone_t), generator=generator)[:k]]
+            chosen = all_rows_t[torch.randperm(len(all_rows_t), generator=generator)[:k]]
             if self.rank == 0:
                 np.save(self.folder / "init_ids.npy", chosen.numpy())
             out = torch.zeros(points.shape[0], k, points.shape[-1])

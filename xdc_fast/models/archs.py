@@ -33,7 +33,7 @@ class Arch:
 
 
 ARCHS = {a.name: a for a in (
-    Arch("tiny", "the same shapes with a quarter of the width and one block per stage (a CPU's size)",
+    Arch("tiny", "R(2+1)D and ResNet at a quarter of the width, one block per stage (a CPU's size)",
          (16, 32, 64, 128), (1, 1, 1, 1), 12, (16, 32, 64, 128), (1, 1, 1, 1),
          {"resize_short": 64, "crop": 56}, "cpu"),
     Arch("r2plus1d_18", "R(2+1)D-18 for video and ResNet-18 for audio, the paper's (a GPU job)",
