@@ -509,7 +509,7 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
     (seed, epoch) alone, whatever the world size (:mod:`xdc_fast.data.sampler`)."""
     sampled = targets[next(iter(targets))][0]
     order = share_of_rank(global_order(lambda n, rng: balanced_indices(sampled, n, rng), len(data.training),
-                                       xdist.world_size(), numpy_rng(config.seed, "sampler", epoch),
+                                       xdist.world_size(), numpy_rng(config.seed, "sampler", epoch, 0),
                                        numpy_rng(config.seed, "sampler", epoch, 1)),
                           xdist.rank(), xdist.world_size())
     data.train_set.set_epoch(epoch)
@@ -525,7 +525,7 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
     # failed to decode) gives every clip the shift it had.
     shifts = None
     if config.audio_shift and "audio" in targets:
-        shifts = torch.from_numpy(numpy_rng(config.seed, "audio_shift", epoch).integers(
+        shifts = torch.from_numpy(numpy_rng(config.seed, "audio_shift", epoch, 0).integers(
             -config.audio_shift, config.audio_shift + 1, size=len(data.train_set)))
     for step, batch in enumerate(loader, start=start_step):
         engine.set_lr(optimizers, float(rates[min(step, len(rates) - 1)]))

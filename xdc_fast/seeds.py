@@ -18,8 +18,9 @@ STREAMS = {
     "heldout": "which videos are clustered but held out of training (the learning signal, plateau mode)",
     "kmeans": "k-means of round r: initial centroids of each restart and the splits of empty clusters",
     "heads": "fresh classifier heads of round r (cluster ids permute between rounds, so heads restart)",
-    "sampler": "order of the balanced draws of epoch e, whatever the world size (key 1: the padding)",
-    "audio_shift": "pretraining: the mel shift of each training clip in epoch e",
+    "sampler": "order of the balanced draws of epoch e, whatever the world size (key 0; key 1: the padding). "
+               "Key 0 is the stream a single process always drew from, so one-process runs draw as they did",
+    "audio_shift": "pretraining: the mel shift of each training clip in epoch e (key 0, as for the sampler)",
     "split": "stratified train/test split of a dataset without official splits",
     "order": "finetuning: order of the training clips of epoch e",
     "probe": "linear probe: the logistic regression's solver",
