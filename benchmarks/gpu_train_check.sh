@@ -6,8 +6,8 @@
 # to $OUT/steps.log (the machine sends back 8 files at most).
 # Usage (from the repository root): OUT=/tmp/gpu bash benchmarks/gpu_train_check.sh
 # Where PyAV and DALI are not installed and the GPU machine has no network: bring their cp312 wheels (av, nvidia-dali-cuda130
-# and what DALI needs) in a folder and set WHEELS=that/folder, or unpack them beforehand into a folder on
-# PYTHONPATH (benchmarks/pack_gpu_wheels.sh); whatever does not import is skipped, said so. BUILT=1 skips the
+# and what DALI needs, `pip download` on a machine with network) in a folder and set WHEELS=that/folder, or
+# unpack them beforehand into a folder on PYTHONPATH; whatever does not import is skipped, said so. BUILT=1 skips the
 # build when an earlier call already built the package in the background (it saves a minute of the lease).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-results}

@@ -41,10 +41,9 @@ from .data.clips import geometry
 from .data.splits import DatasetError, Split, check_modality, choose_split, class_names, is_multilabel, label_matrix
 from .errors import XdcError
 from .files import atomic_path, make_folder, output_lock, write_text_atomic
+from .protocols import headline
 from .seeds import numpy_rng, seed_for
 from .transfer import open_transfer, train_full
-
-from .protocols import headline
 
 
 def sha256_file(path: str | Path) -> str:
