@@ -96,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--clips", type=int, default=48)
+    parser.add_argument("--clips", type=int, default=96)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--out", required=True, help="markdown file; the JSON goes beside it")
     args = parser.parse_args()
@@ -128,11 +128,13 @@ def main() -> None:
     by_name = {(r.name, r.workers): r.clips_per_second for r in rows if r.clips}
     ratios = {w: by_name[("pyav from clip shards", w)] / by_name[("pyav (seek + WAV window)", w)]
               for w in args.workers}
+    plan = sharding["plan"]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     summary = [
         f"{args.videos} videos of {args.seconds:.0f} s, 640x360 H.264 at 30 fps, keyframe every 250 frames, "
-        f"3 B-frames (CRF 23), with a 16 kHz tone track; sharded with the defaults (128 short side, GOP 16, "
-        f"no B-frames, CRF 20) in {shard_seconds:.0f} s on 2 processes.",
+        f"3 B-frames (CRF 23), with a 16 kHz tone track; sharded with the defaults ({plan['short_side']} short side, "
+        f"GOP {plan['gop']}, no B-frames, CRF {plan['crf']}, x264 tune {plan['tune'] or 'none'}) in "
+        f"{shard_seconds:.0f} s on 2 processes.",
         "",
         "| | files | shards |",
         "|---|---:|---:|",

@@ -126,11 +126,13 @@ def test_every_cli_choice_is_a_table():
     from xdc_fast import choices, config, protocols
     from xdc_fast.cli import main
     from xdc_fast.data.formats import READERS
+    from xdc_fast.data.shards import SHARD_CODECS
     from xdc_fast.data.synthetic import CODECS
     from xdc_fast.models.archs import ARCHS
     from xdc_fast.variants import CLUSTERINGS, VARIANTS
 
-    tables = [tuple(t) for t in (VARIANTS, ARCHS, ("auto", *ARCHS), READERS, CODECS, CLUSTERINGS, protocols.PROTOCOLS,
+    tables = [tuple(t) for t in (VARIANTS, ARCHS, ("auto", *ARCHS), READERS, CODECS, SHARD_CODECS, CLUSTERINGS,
+                                 protocols.PROTOCOLS,
                                  choices.LOADERS, choices.CONCRETE_LOADERS, choices.DEVICES, choices.CONCRETE_DEVICES,
                                  choices.MODALITIES, choices.CPU_ISAS, choices.RESUMES)]
     # Choices of a configuration field are declared once, on the field.

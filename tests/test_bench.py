@@ -77,13 +77,31 @@ def test_bench_train_times_each_encoder_with_flops_and_a_loader(tmp_path):
     assert shares == {}
     ceiling = {"dtype": "float32", "size": 64, "flops_per_s": 1e9}
     table = format_train_table(rows, shares, "cpu", ceiling)
-    assert "| tiny | video | synthetic tensors | 2 |" in table and "| tiny | audio | pyav (0 workers) | 2 |" in table
+    assert "| tiny | video | synthetic tensors | 2 |" in table and "| tiny | audio | pyav from files (0 workers) | 2 |" in table
     assert "float32" in table and "MFU is left out" in table
     record = train_json(rows, shares, "cpu", ceiling)
     assert record["bf16_tflops"] is None and all(r["mfu"] is None for r in record["rows"])  # MFU is a bf16 figure
     bf16 = train_json(rows, shares, "cuda", {"dtype": "bfloat16", "size": 64, "flops_per_s": 1e12})
     assert bf16["bf16_tflops"] == 1.0
     assert math.isclose(bf16["rows"][0]["mfu"], rows[0].flops_per_clip * rows[0].clips_per_second / 1e12)
+
+
+@pytest.mark.skipif(not __import__("xdc_fast.data.dali_backend", fromlist=["x"]).dali_available(),
+                    reason="nvidia-dali-cuda130 is not installed")
+def test_bench_train_times_each_loader_from_files_and_from_shards(tmp_path):
+    """On the CPU the data is VP9 and sharded as VP9, so DALI's CPU graph takes part from both sources,
+    once per pipeline count asked for."""
+    rows, _ = bench_train("cpu", ("tiny",), batch_size=2, steps=1, loaders=("pyav", "dali"), workers=1,
+                          shards=True, dali_pipelines=(1, 2))
+    fed = [(r.modality, r.loader, r.media, r.pipelines) for r in rows if r.loader]
+    assert fed == [(modality, loader, media, pipelines) for modality in ("video", "audio")
+                   for media in ("files", "shards")
+                   for loader, pipelines in (("pyav", None), ("dali", 1), ("dali", 2))]
+    assert all(r.measured and r.clips_per_second > 0 for r in rows), [r.note for r in rows if not r.measured]
+    table = format_train_table(rows, {}, "cpu")
+    assert "| tiny | video | dali from shards (1 workers, 2 pipeline(s)) | 2 |" in table
+    assert {(r["media"], r["pipelines"]) for r in train_json(rows, {}, "cpu")["rows"] if r["loader"] == "dali"} == {
+        ("files", 1), ("files", 2), ("shards", 1), ("shards", 2)}
 
 
 def test_a_loader_fed_row_is_seconds_per_full_batch(tmp_path, monkeypatch):

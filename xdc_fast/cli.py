@@ -19,6 +19,7 @@ import click
 from .choices import CONCRETE_DEVICES, CONCRETE_LOADERS, CPU_ISAS, DEVICE_HELP, DEVICES, LOADER_HELP, LOADERS
 from .config import EvaluateConfig, ExtractConfig, FinetuneConfig, PretrainConfig, from_dict, read_yaml
 from .data.formats import FORMAT_HELP, READERS
+from .data.shards import SHARD_CODEC_HELP
 from .data.synthetic import CODECS
 from .errors import StalledError, XdcError
 from .models.archs import ARCHS, default_arch
@@ -202,13 +203,17 @@ def main():
               help="--shards: short side of the transcoded video (never scaled up); at least the clip's resize.")
 @click.option("--gop", type=click.IntRange(min=1), default=16,
               help="--shards: frames between keyframes; the clip span (frames x stride) bounds a seek to one clip.")
+@click.option("--crf", type=click.IntRange(min=0, max=63), default=23,
+              help="--shards: the encoder's constant rate factor (lower: more bytes, closer to the source).")
+@click.option("--shard-codec", type=click.Choice(list(SHARD_CODEC_HELP)), default="libx264",
+              help="--shards: the video encoder. " + "; ".join(f"{k}: {v}" for k, v in SHARD_CODEC_HELP.items()) + ".")
 @click.option("--shard-mb", type=FiniteFloat(min=1), default=512.0, help="--shards: about this many MB per shard.")
 @click.option("--rank", type=click.IntRange(min=0), default=0,
               help="--shards: this process transcodes the shards s with s % WORLD == RANK (several machines or "
                    "processes into one dataset, once it is indexed).")
 @click.option("--world", type=click.IntRange(min=1), default=1, help="--shards: how many processes share the work.")
-def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path, make_shards, short_side, gop, shard_mb,
-            rank, world):
+def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path, make_shards, short_side, gop, crf,
+            shard_codec, shard_mb, rank, world):
     """Index the media under ROOT, extract each audio track once, and record every unusable file.
 
     Audio is averaged to mono and resampled once here, because DALI cannot read audio inside video
@@ -231,7 +236,7 @@ def prepare(root, out, fmt, sample_rate, workers, min_seconds, csv_path, make_sh
     if make_shards:
         from .data.shards import write_shards
 
-        done = write_shards(out, short_side=short_side, gop=gop, shard_mb=shard_mb, rank=rank, world=world,
+        done = write_shards(out, short_side=short_side, gop=gop, crf=crf, codec=shard_codec, shard_mb=shard_mb, rank=rank, world=world,
                             workers=workers, progress=True)
         click.echo(f"shards: {done['videos']} video(s) in {done['shards']} new shard(s) under {done['folder']} "
                    f"({done['shards_done_before']} were already done, {done['failed']} failed: see "
@@ -653,6 +658,14 @@ def bench_kmeans_command(device, b, n, d, k, repeats, threads, seed, engines, js
         click.echo(f"wrote {json_path}", err=True)
 
 
+def _pipelines(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"{value!r} is neither auto nor a count of at least 1")
+    return int(value)
+
+
 @bench.command("loader", context_settings=CONTEXT)
 @click.option("--data", "dataset", type=click.Path(file_okay=False, exists=True), default=None,
               show_default="a synthetic one, 320x240, written to a temporary folder", help="A prepared dataset.")
@@ -662,15 +675,19 @@ def bench_kmeans_command(device, b, n, d, k, repeats, threads, seed, engines, js
 @click.option("--seed", type=int, default=0, help="Seed of the clip positions (and of the synthetic data).")
 @click.option("--codec", type=click.Choice(list(CODECS)), default="h264",
               help="Codec of the synthetic data (vp9 lets DALI's CPU decoder take part).")
+@click.option("--dali-pipelines", "dali_pipelines", multiple=True, default=("auto",), show_default=True,
+              callback=lambda _ctx, _param, values: tuple(_pipelines(v) for v in values),
+              help="DALI pipeline counts to try (repeat the option); auto: one per NVDEC engine of the card.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the figures as JSON here.")
-def bench_loader_command(dataset, workers, clips, seed, codec, json_path):
+def bench_loader_command(dataset, workers, clips, seed, codec, dali_pipelines, json_path):
     """Clips/s of each decoding backend and worker count, against decoding each file from its start."""
     from .bench import loader as bench_module
     from .bench.timing import write_json
 
     rows = bench_module.bench_loader(dataset, tuple(workers), clips, seed, codec,
-                                     progress=lambda msg: click.echo(f"... {msg}", err=True))
+                                     progress=lambda msg: click.echo(f"... {msg}", err=True),
+                                     dali_pipelines=dali_pipelines)
     click.echo(bench_module.format_loader_table(rows))
     if json_path:
         write_json(bench_module.loader_json(rows), json_path)
@@ -726,10 +743,16 @@ def plan(videos, clips_per_video, world, ranks_per_node, arch, variant, pca_dim,
                    "VP9 when dali is asked for on the CPU.")
 @click.option("--workers", type=click.IntRange(min=0), default=2,
               help="Loader workers (PyAV DataLoader processes, DALI threads).")
+@click.option("--shards", is_flag=True,
+              help="Also shard that data (prepare --shards) and time each loader from the shards as well.")
+@click.option("--dali-pipelines", "dali_pipelines", multiple=True, default=("auto",), show_default=True,
+              callback=lambda _ctx, _param, values: tuple(_pipelines(v) for v in values),
+              help="DALI pipeline counts to time (repeat); auto: one per NVDEC engine of the card.")
 @click.option("--no-round", is_flag=True, help="Skip the tiny pretraining round that measures phase shares.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the figures as JSON here.")
-def bench_train_command(device, archs, batch_size, steps, loaders, workers, no_round, json_path):
+def bench_train_command(device, archs, batch_size, steps, loaders, workers, shards, dali_pipelines, no_round,
+                        json_path):
     """Clips/s, model FLOPs per clip (torch.utils.flop_counter) and MFU of a training step per encoder and
     arch, the same step fed by each --loader (and which bound holds), and the share of a round spent
     extracting, clustering and training.
@@ -752,7 +775,8 @@ def bench_train_command(device, archs, batch_size, steps, loaders, workers, no_r
     say("GEMM ceiling (bf16 on CUDA, fp32 on the CPU)")
     ceiling = gemm_rate(device)
     rows, shares = bench_module.bench_train(device, archs, batch_size, steps, None if no_round else one_round,
-                                            progress=say, loaders=tuple(loaders), workers=workers)
+                                            progress=say, loaders=tuple(loaders), workers=workers,
+                                            shards=shards, dali_pipelines=dali_pipelines)
     click.echo(bench_module.format_train_table(rows, shares, device, ceiling))
     if json_path:
         write_json(bench_module.train_json(rows, shares, device, ceiling, machine(device)), json_path)

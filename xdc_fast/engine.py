@@ -34,12 +34,14 @@ def _announce(line: str) -> None:
 # ---- loading ------------------------------------------------------------------------------------------
 
 def make_loader(dataset, batch_size: int, *, loader: str = "pyav", workers: int = 0,
-                device: str | torch.device = "cpu", indices: Iterable[int] | None = None):
+                device: str | torch.device = "cpu", indices: Iterable[int] | None = None,
+                dali_pipelines: int | str = "auto"):
     """Batches of ``dataset`` (a ClipDataset), in ``indices`` order (default: all samples).
 
     ``loader``: "pyav" decodes on the CPU in a torch DataLoader with ``workers`` processes; "dali" decodes
     with DALI (NVDEC on a GPU, its CPU graph otherwise); "auto" takes DALI on a CUDA device when it is
     installed and builds, else PyAV, and says in one log line (INFO, once per process) which and why.
+    ``dali_pipelines``: DALI pipelines taking batches in turn ("auto": one per NVDEC engine of the card).
     Batches are dicts of ``video [B,3,T,H,W]`` and/or ``audio [B,1,M,F]`` (the dataset's modalities), ``index``, ``label``,
     ``start`` and ``skipped`` (samples that failed to decode and were left out).
 
@@ -51,7 +53,7 @@ def make_loader(dataset, batch_size: int, *, loader: str = "pyav", workers: int 
         raise LoaderError(f"loader should be one of {', '.join(LOADERS)}, got {loader!r}")
     device = torch.device(device)
     if loader in ("auto", "dali"):
-        built, reason = _dali_loader(dataset, batch_size, loader, workers, device, indices)
+        built, reason = _dali_loader(dataset, batch_size, loader, workers, device, indices, dali_pipelines)
         if built is not None:
             if loader == "auto":
                 _announce("loader: DALI (auto), because the device is CUDA and DALI is installed and builds its "
@@ -66,7 +68,7 @@ def make_loader(dataset, batch_size: int, *, loader: str = "pyav", workers: int 
                                        pin_memory=device.type == "cuda" and torch.cuda.is_available())
 
 
-def _dali_loader(dataset, batch_size, loader, workers, device: torch.device, indices):
+def _dali_loader(dataset, batch_size, loader, workers, device: torch.device, indices, pipelines="auto"):
     """(a DaliClipLoader, None), or (None, why not) where ``auto`` falls back; ``dali`` raises LoaderError
     for a codec or a pipeline that does not build."""
     from .data import dali_backend
@@ -79,7 +81,8 @@ def _dali_loader(dataset, batch_size, loader, workers, device: torch.device, ind
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
     try:
         return dali_backend.DaliClipLoader(dataset, batch_size, device="gpu" if cuda else "cpu",
-                                           num_threads=max(1, workers), device_id=device_id, indices=indices), None
+                                           num_threads=max(1, workers), device_id=device_id, indices=indices,
+                                           pipelines=pipelines), None
     except LoaderError:
         raise
     except Exception as error:  # noqa: BLE001 - a missing NVDEC or driver surfaces here

@@ -191,7 +191,7 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
                                 weight_decay=config.weight_decay)
     steps_per_epoch = epoch_steps(config, len(data.items))
     rates = engine.lr_schedule(config.lr, config.epochs, steps_per_epoch, config.warmup_epochs, config.schedule)
-    transferred = load_saved_labels(config.labels_from, [r["id"] for r in data.items]) if config.labels_from else None
+    transferred = load_saved_labels(config.labels_from, data.items.strings("id")) if config.labels_from else None
 
     # ===== resuming =====
     state = _resume(saved, encoders, optimizer, log) if saved is not None else RunState()
@@ -295,9 +295,9 @@ def prepare_run_data(dataset, config: PretrainConfig, variant: Variant) -> RunDa
     held = np.zeros(len(items), dtype=bool)
     held[numpy_rng(config.seed, "heldout").permutation(len(items))[: heldout_count(config, len(items))]] = True
     training = np.flatnonzero(~held)
-    train_set.items = [items[i] for i in training]
-    heldout_set.items = [items[i] for i in np.flatnonzero(held)]
-    return RunData(items=items, true_labels=np.array([-1 if r["label"] is None else r["label"] for r in items]),
+    train_set.items = items.take(training)
+    heldout_set.items = items.take(np.flatnonzero(held))
+    return RunData(items=items, true_labels=np.nan_to_num(items.field("label"), nan=-1).astype(np.int64),
                    train_set=train_set, fixed_clips=fixed_clips, heldout_set=heldout_set, shard=shard,
                    training=training, heldout=np.flatnonzero(held),
                    samples_per_rank=samples_per_rank(config, len(items)))
@@ -413,7 +413,7 @@ def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, 
     _check_unreadable(all_videos, data, config, round_index, log)
     measures = round_measures(fit, rows, len(data.items), cpv)  # every rank takes part
     if out is not None:
-        saved = describe_fit(fit, measures, ids=[r["id"] for r in data.items], clips_per_video=cpv,
+        saved = describe_fit(fit, measures, ids=data.items.strings("id"), clips_per_video=cpv,
                              clip_labels=all_clips, video_labels=all_videos, variant_name=variant.name,
                              round_index=round_index, clip=geometry(config.clip_config()), pca_dim=config.pca_dim,
                              fingerprint=encoder_fingerprint(encoders.state_dict()))

@@ -1,4 +1,5 @@
 import logging
+import numpy as np
 
 import pytest
 import torch
@@ -81,3 +82,16 @@ def test_target_fps_picks_the_frames_shown_at_that_rate(prepared):
     assert plan.frame_indices == (3, 5, 7, 9, 11)  # every other source frame from 0.25 s
     faster = plan_clip(record, ClipConfig(frames=4, fps=24.0), start=0.0, rng=None)
     assert faster.frame_indices == (0, 0, 1, 1)  # above the source rate, frames repeat
+
+
+def test_video_to_tensor_crops_flips_and_normalises_as_a_float64_reference():
+    from xdc_fast.data.clips import video_to_tensor
+
+    frames = np.random.default_rng(4).integers(0, 256, size=(5, 20, 30, 3), dtype=np.uint8)
+    for top, left, flip in [(0, 0, False), (3, 11, True), (4, 14, False)]:
+        got = video_to_tensor(frames, 16, top, left, flip).double().numpy()
+        patch = frames[:, top:top + 16, left:left + 16].astype(np.float64) / 255.0
+        if flip:
+            patch = patch[:, :, ::-1]
+        expected = (patch - np.array(VIDEO_MEAN)) / np.array(VIDEO_STD)  # [T, H, W, C]
+        np.testing.assert_allclose(got, expected.transpose(3, 0, 1, 2), atol=1e-6)

@@ -109,6 +109,45 @@ def test_audio_in_a_shard_is_the_extracted_wav_sample_for_sample(sharded):
         assert json.load(reader.member(record["id"], "json"))["id"] == record["id"]
 
 
+def test_members_read_in_place_are_the_bytes_tarfile_extracts(sharded):
+    import tarfile
+
+    dataset, _ = sharded
+    reader = shards.ShardReader.open(dataset)
+    for record in load_manifest(dataset):
+        tar_path = dataset / "shards" / f"{shards.shard_name(reader.plan.shard_of(record['id']))}.tar"
+        with tarfile.open(tar_path) as tar:
+            for extension in ("mp4", "wav", "json"):
+                expected = tar.extractfile(f"{shards.key_of(record['id'])}.{extension}").read()
+                member = reader.member(record["id"], extension)
+                assert member.read() == expected
+                member.seek(-10, os.SEEK_END)
+                assert member.read(4) == expected[-10:-6] and member.tell() == len(expected) - 6
+                member.seek(3)
+                assert member.read(5) == expected[3:8]
+
+
+def test_shards_are_encoded_for_decoding_speed(sharded):
+    """x264's fastdecode: CAVLC entropy coding and no deblocking filter, as the H.264 headers say."""
+    import av
+
+    dataset, _ = sharded
+    assert shards.read_plan(dataset).tune == "fastdecode"
+    record = load_manifest(dataset)[0]
+    with av.open(shards.ShardReader.open(dataset).member(record["id"], "mp4")) as container:
+        # x264 writes its settings into the stream as an SEI message: the cabac and deblock flags.
+        first = next(p for p in container.demux(video=0) if p.size)
+        settings = bytes(first).split(b"x264 - core", 1)[1][:2000].decode("ascii", "replace")
+    assert " cabac=0 " in settings and " deblock=0:" in settings
+
+
+def test_a_plan_written_before_tunes_reads_as_encoded_without_one(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "plan.json").write_text(json.dumps(
+        {"short_side": 128, "gop": 16, "crf": 20, "codec": "libx264", "shards": 3}))
+    assert shards.read_plan(tmp_path) == shards.ShardPlan(crf=20, shards=3, tune="")
+
+
 def test_shards_are_keyframed_every_gop_without_b_frames(sharded):
     import av
 

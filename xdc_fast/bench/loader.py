@@ -14,6 +14,7 @@ from ..data.clips import ClipConfig
 from ..data.dataset import ClipDataset
 from ..data.shards import ShardReader
 from ..engine import make_loader
+from ..errors import LoaderError
 from .timing import synchronize
 
 
@@ -65,7 +66,8 @@ def _time_loader(loader, device: str = "cpu") -> tuple[float, int]:
 
 def bench_loader(dataset: str | None = None, workers: tuple[int, ...] = (0, 2), clips: int = 48, seed: int = 0,
                  codec: str = "h264", progress: Callable[[str], None] | None = None,
-                 config: ClipConfig | None = None) -> list[LoaderRow]:
+                 config: ClipConfig | None = None,
+                 dali_pipelines: tuple[int | str, ...] = ("auto",)) -> list[LoaderRow]:
     """Clips/s of each available backend and worker count, and of decoding from the file's start; where
     the dataset has clip shards (``prepare --shards``), PyAV from the shards too, on the same clips.
 
@@ -102,28 +104,42 @@ def bench_loader(dataset: str | None = None, workers: tuple[int, ...] = (0, 2), 
             record, plan = data.plan(i)
             _naive_clip(record, plan, config.sample_rate, config.audio_seconds)
         rows.append(LoaderRow("naive (decode from start)", 0, clips, time.perf_counter() - t0))
-        rows.append(_dali_row(data, order, say))
+        rows += _dali_rows((("from files", data), ("from clip shards", sharded)), order, say, dali_pipelines)
         return rows
     finally:
         if workdir is not None:
             workdir.cleanup()
 
 
-def _dali_row(data, order: list[int], say) -> LoaderRow:
-    """DALI's row, or a row that says why it could not take part (clips=0, so the table shows dashes)."""
-    from ..data.dali_backend import dali_available
+def _dali_rows(views, order: list[int], say, pipelines: tuple[int | str, ...] = ("auto",)) -> list[LoaderRow]:
+    """DALI's rows for each (name, dataset view) and pipeline count, or a row that says why it could not
+    take part (clips=0, so the table shows dashes)."""
+    from ..data.dali_backend import check_cpu_codecs, dali_available, default_pipelines
 
     if not dali_available():
-        return LoaderRow("dali: not installed (pip install nvidia-dali-cuda130)", 0, 0, float("nan"))
+        return [LoaderRow("dali: not installed (pip install nvidia-dali-cuda130)", 0, 0, float("nan"))]
     gpu = torch.cuda.is_available()
-    if not gpu and not all(r["video_codec"] in ("vp8", "vp9", "mjpeg") for r in data.items):
-        return LoaderRow("dali: H.264 needs NVDEC on a GPU (DALI's CPU decoder reads VP8/VP9/MJPEG)", 0, 0,
-                         float("nan"))
-    say(f"dali backend on the {'gpu' if gpu else 'cpu'}")
     device = "cuda" if gpu else "cpu"
-    seconds, skipped = _time_loader(make_loader(data, 8, loader="dali", workers=2, device=device, indices=order),
-                                    device)
-    return LoaderRow(f"dali ({'NVDEC + GPU' if gpu else 'CPU graph'})", 2, len(order), seconds, skipped)
+    rows = []
+    for name, view in views:
+        if view is None:
+            continue
+        if not gpu:
+            try:
+                check_cpu_codecs(view.items, view.shards)
+            except LoaderError:
+                codec = view.shards.video_codec if view.shards is not None else "H.264"
+                rows.append(LoaderRow(f"dali {name}: {codec} needs NVDEC on a GPU (DALI's CPU decoder reads "
+                                      "VP8/VP9/MJPEG)", 0, 0, float("nan")))
+                continue
+        for count in pipelines:
+            resolved = default_pipelines("gpu" if gpu else "cpu", 0) if count == "auto" else int(count)
+            label = f"dali {name} ({'NVDEC + GPU' if gpu else 'CPU graph'}, {resolved} pipeline(s))"
+            say(label)
+            seconds, skipped = _time_loader(make_loader(view, 8, loader="dali", workers=2, device=device,
+                                                        indices=order, dali_pipelines=resolved), device)
+            rows.append(LoaderRow(label, 2, len(order), seconds, skipped))
+    return rows
 
 
 def format_loader_table(rows: list[LoaderRow]) -> str:

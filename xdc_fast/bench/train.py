@@ -48,6 +48,15 @@ class TrainRow:
     workers: int | None = None
     bound: str | None = None  # loader rows: "loader" or "compute"
     note: str = ""  # a loader that could not run says why here (seconds_per_step is then nan)
+    media: str = "files"  # loader rows: what the loader decoded, the original files or the clip shards
+    pipelines: int | None = None  # DALI rows: pipelines taking the batches in turn
+
+    @property
+    def fed_by(self) -> str:
+        if self.loader is None:
+            return "synthetic tensors"
+        pipelines = f", {self.pipelines} pipeline(s)" if self.pipelines else ""
+        return f"{self.loader} from {self.media} ({self.workers} workers{pipelines})"
 
     @property
     def clips_per_second(self) -> float:
@@ -103,17 +112,20 @@ def _compute_row(arch: str, modality: str, batch_size: int, steps: int, dev: tor
 
 
 def _loader_row(arch: str, modality: str, batch_size: int, steps: int, dev: torch.device, dataset_dir: str,
-                loader: str, workers: int, flops: float | None) -> TrainRow:
-    """The same step fed by ``loader`` decoding real clips: the first batch (worker start-up, pipeline
-    build) is a warm-up, then ``steps`` batches are timed end to end, loading included."""
+                loader: str, workers: int, flops: float | None, media: str = "files",
+                pipelines: int | None = None) -> TrainRow:
+    """The same step fed by ``loader`` decoding real clips (from the original files or the clip shards):
+    the first batch (worker start-up, pipeline build) is a warm-up, then ``steps`` batches are timed end
+    to end, loading included."""
     from ..data.dataset import ClipDataset
 
-    data = ClipDataset(dataset_dir, ClipConfig(), modalities=(modality,))
+    data = ClipDataset(dataset_dir, ClipConfig(), modalities=(modality,), media=media)
     order = [i % len(data) for i in range(batch_size * (steps + 1))]
-    row = TrainRow(arch, modality, batch_size, float("nan"), flops, loader, workers)
+    row = TrainRow(arch, modality, batch_size, float("nan"), flops, loader, workers, media=media,
+                   pipelines=pipelines)
     try:
         batches = iter(engine.make_loader(data, batch_size, loader=loader, workers=workers, device=dev,
-                                          indices=order))
+                                          indices=order, dali_pipelines=pipelines or "auto"))
     except LoaderError as error:
         row.note = str(error)
         return row
@@ -163,15 +175,18 @@ def _run_round(round_runner: RoundRunner, say: Callable[[str], None]) -> dict:
 
 def bench_train(device: str = "cpu", archs: tuple[str, ...] = ("tiny",), batch_size: int = 4, steps: int = 3,
                 round_runner: RoundRunner | None = None, progress: Callable[[str], None] | None = None,
-                loaders: tuple[str, ...] = (), workers: int = 2) -> tuple[list[TrainRow], dict[str, float]]:
+                loaders: tuple[str, ...] = (), workers: int = 2, shards: bool = False,
+                dali_pipelines: tuple[int | str, ...] = ("auto",)) -> tuple[list[TrainRow], dict[str, float]]:
     """Clips/s and model FLOPs per clip of one SGD step (forward, backward, update) per encoder and arch on
     ``device``; for each of ``loaders`` (pyav, dali) the same step fed by that loader with real clips, and
     the bound that holds; and the share of one tiny pretraining round on synthetic data that each phase
     takes.
 
     The loader-fed steps read a small synthetic dataset written to a temporary folder: H.264, or VP9 when
-    DALI is asked for on the CPU (its CPU graph does not decode H.264). ``round_runner(dataset_dir,
-    run_dir) -> record`` runs the round (see ``RoundRunner``); without one the shares come back empty."""
+    DALI is asked for on the CPU (its CPU graph does not decode H.264). With ``shards``, that dataset is
+    also sharded (``prepare --shards``, same codec) and every loader is timed from the files and from the
+    shards; DALI once per entry of ``dali_pipelines``. ``round_runner(dataset_dir, run_dir) -> record``
+    runs the round (see ``RoundRunner``); without one the shares come back empty."""
     say = progress or (lambda _msg: None)
     dev = torch.device(device)
     rows = []
@@ -185,20 +200,37 @@ def bench_train(device: str = "cpu", archs: tuple[str, ...] = ("tiny",), batch_s
         codec = "vp9" if "dali" in loaders and dev.type != "cuda" else "h264"
         with tempfile.TemporaryDirectory(prefix="xdc-fast-train-loader-") as work:
             dataset_dir = _write_dataset(work, codec, say)
+            media = ("files",)
+            if shards:
+                from ..data.shards import write_shards
+
+                say("sharding it (prepare --shards)")
+                write_shards(dataset_dir, codec="libvpx-vp9" if codec == "vp9" else "libx264", progress=False)
+                media = ("files", "shards")
             for arch in archs:
                 for modality in ("video", "audio"):
                     base = computed[arch, modality]
-                    for loader in loaders:
-                        say(f"{arch} {modality} encoder fed by {loader} ({workers} workers)")
-                        row = _loader_row(arch, modality, batch_size, steps, dev, dataset_dir, loader, workers,
-                                          base.flops_per_clip)
-                        if row.measured:
-                            row.bound = ("loader" if row.clips_per_second < LOADER_BOUND * base.clips_per_second
-                                         else "compute")
-                        rows.append(row)
+                    for source in media:
+                        for loader in loaders:
+                            for pipelines in (_resolve_pipelines(dali_pipelines, dev) if loader == "dali" else (None,)):
+                                row = _loader_row(arch, modality, batch_size, steps, dev, dataset_dir, loader,
+                                                  workers, base.flops_per_clip, source, pipelines)
+                                say(f"{arch} {modality} encoder fed by {row.fed_by}")
+                                if row.measured:
+                                    row.bound = ("loader" if row.clips_per_second < LOADER_BOUND * base.clips_per_second
+                                                 else "compute")
+                                rows.append(row)
     if round_runner is None:
         return rows, {}
     return rows, phase_shares(_run_round(round_runner, say))
+
+
+def _resolve_pipelines(counts: tuple[int | str, ...], dev: torch.device) -> tuple[int, ...]:
+    from ..data.dali_backend import default_pipelines
+
+    gpu = dev.type == "cuda"
+    return tuple(default_pipelines("gpu" if gpu else "cpu", dev.index if gpu else None) if c == "auto" else int(c)
+                 for c in counts)
 
 
 def _mfu(row: TrainRow, ceiling: dict | None) -> float | None:
@@ -224,7 +256,7 @@ def format_train_table(rows: list[TrainRow], shares: dict, device: str, ceiling:
     lines += ["| arch | encoder | fed by | batch | s/step | clips/s | GFLOP/clip | TFLOP/s | MFU | of GEMM | bound |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        fed = "synthetic tensors" if r.loader is None else f"{r.loader} ({r.workers} workers)"
+        fed = r.fed_by
         if not r.measured:
             lines.append(f"| {r.arch} | {r.modality} | {fed} | {r.batch_size} | – | – | "
                          f"{_fmt(r.flops_per_clip, 1e9, '.2f')} | – | – | – | {r.note or 'not run'} |")
@@ -256,6 +288,7 @@ def train_json(rows: list[TrainRow], shares: dict, device: str, ceiling: dict | 
         achieved = r.flops_per_second()
         out["rows"].append({
             "arch": r.arch, "encoder": r.modality, "loader": r.loader, "workers": r.workers,
+            "media": r.media if r.loader else None, "pipelines": r.pipelines,
             "batch_size": r.batch_size, "seconds_per_step": r.seconds_per_step if r.measured else None,
             "clips_per_s": r.clips_per_second if r.measured else None, "flops_per_clip": r.flops_per_clip,
             "flops_per_s": achieved, "mfu": _mfu(r, ceiling),

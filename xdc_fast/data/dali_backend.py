@@ -46,10 +46,14 @@ def dali_available() -> bool:
     return True
 
 
-def check_cpu_codecs(items: list[dict]) -> None:
-    """Refuse, in one line, a dataset whose videos DALI's CPU graph cannot decode."""
-    other = sorted({str(r.get("video_codec")) for r in items
-                    if r.get("fps") and r.get("video_codec") not in CPU_CODECS})
+def check_cpu_codecs(items, shards=None) -> None:
+    """Refuse, in one line, a dataset whose videos DALI's CPU graph cannot decode (the shards' codec
+    when the dataset reads clip shards)."""
+    if shards is not None:
+        other = [] if shards.video_codec in CPU_CODECS else [shards.video_codec]
+    else:
+        other = sorted({str(r.get("video_codec")) for r in items
+                        if r.get("fps") and r.get("video_codec") not in CPU_CODECS})
     if other:
         raise LoaderError(f"DALI's CPU decoder reads {'/'.join(CPU_CODECS)} only, and this dataset holds "
                           f"{', '.join(other)} video: use --loader pyav (or auto) on the CPU, or --device cuda "
@@ -89,8 +93,9 @@ class _PlanSource:
         if self.video:
             room_w = max(1, plan.size[0] - config.crop)
             room_h = max(1, plan.size[1] - config.crop)
+            shards = self.dataset.shards
             values += [
-                _read(record["path"]),
+                _read(record["path"]) if shards is None else shards.member_array(record["id"], "mp4"),
                 np.asarray(plan.frame_indices, dtype=np.int32),
                 np.array([plan.size[0]], dtype=np.float32),
                 np.array([plan.size[1]], dtype=np.float32),
@@ -99,8 +104,9 @@ class _PlanSource:
                 np.array([int(plan.flip)], dtype=np.int32),
             ]
         if self.audio:
+            shards = self.dataset.shards
             values += [
-                _read(self.dataset.root / record["audio"]),
+                _read(self.dataset.root / record["audio"]) if shards is None else shards.member_array(record["id"], "wav"),
                 np.array([int(round(plan.audio_start * config.sample_rate)), plan.gain], dtype=np.float32),
             ]
         return values
@@ -165,29 +171,68 @@ def build_pipeline(source: _PlanSource, config, batch_size: int, device: str, nu
     return clip_pipeline()
 
 
+# NVDEC engines per card (NVIDIA's video codec support matrix): one DALI pipeline drives about one, so
+# a card is fed by as many pipelines as it has engines. Cards not listed get one pipeline.
+NVDEC_ENGINES = {"H200": 7, "H100": 7, "GH200": 7, "A100": 5, "A800": 5, "A30": 4, "L4": 4, "L40": 3, "L40S": 3,
+                 "A40": 2, "A10": 1, "T4": 2, "V100": 1}
+
+
+def default_pipelines(device: str, device_id: int | None) -> int:
+    """One pipeline per NVDEC engine of the card (see NVDEC_ENGINES); one on the CPU."""
+    if device != "gpu" or not torch.cuda.is_available():
+        return 1
+    words = torch.cuda.get_device_name(device_id or 0).upper().replace("-", " ").split()
+    return max((engines for card, engines in NVDEC_ENGINES.items() if card in words), default=1)
+
+
+class _Lane:
+    """One pipeline and its share of the batches (every ``pipelines``-th, from its ``first``)."""
+
+    def __init__(self, loader: "DaliClipLoader", indices: list[int]):
+        self.loader = loader
+        self.rest = indices  # the samples this lane has not yet delivered
+        self.source, self.pipeline = loader._build(indices)
+        self.produced = 0  # batches delivered by the current pipeline
+
+
 class DaliClipLoader:
     """Batches ``{video [B,3,T,H,W], audio [B,1,n_mels,frames], index, label, start, skipped}`` decoded
     by DALI (the dataset's modalities only), for the samples of ``dataset`` (a ClipDataset) in
-    ``indices`` order. A batch DALI fails to decode is decoded by PyAV instead (see the module's notes);
-    if DALI fails on each of the first ``GIVE_UP`` batches of a pass (a decoder that does not work here,
-    not a bad file), PyAV decodes the rest of that pass and every later one, said once in the log."""
+    ``indices`` order, from the dataset's clip shards where it has them.
+
+    ``pipelines`` DALI pipelines take the batches in turn (batch b to pipeline b % pipelines) and decode
+    ahead concurrently, so a card's NVDEC engines work in parallel; batches come out in order. "auto":
+    one per NVDEC engine of the card, one on the CPU.
+
+    A batch DALI fails to decode is decoded by PyAV instead (see the module's notes); if DALI fails on
+    each of the first ``GIVE_UP`` batches of a pass (a decoder that does not work here, not a bad file),
+    PyAV decodes the rest of that pass and every later one, said once in the log."""
 
     GIVE_UP = 3
 
     def __init__(self, dataset, batch_size: int = 8, *, device: str = "gpu", num_threads: int = 2,
-                 device_id: int | None = 0, indices: Iterable[int] | None = None):
+                 device_id: int | None = 0, indices: Iterable[int] | None = None, pipelines: int | str = "auto"):
         if device == "cpu" and "video" in dataset.modalities:
-            check_cpu_codecs(dataset.items)
+            check_cpu_codecs(dataset.items, dataset.shards)
         self.dataset = dataset
         self.batch_size = batch_size
         self.device = device
         self.num_threads = num_threads
         self.device_id = device_id
         self.indices = list(range(len(dataset))) if indices is None else list(indices)
+        wanted = default_pipelines(device, device_id) if pipelines == "auto" else int(pipelines)
+        if wanted < 1:
+            raise LoaderError(f"DALI pipelines should be at least 1, got {pipelines}")
+        self.pipelines = max(1, min(wanted, len(self)))
         self.fallbacks = 0  # batches DALI failed on, decoded by PyAV instead
         self.gave_up: str | None = None  # why PyAV decodes everything, once DALI failed systematically
-        self.source, self.pipeline = self._build(self.indices)
-        self._fresh = True  # the pipeline has not run yet (else it is rebuilt before the next pass)
+        self.lanes = self._lanes()
+        self._fresh = True  # the pipelines have not run yet (else they are rebuilt before the next pass)
+
+    def _lanes(self) -> list[_Lane]:
+        batches = [self.indices[i:i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
+        return [_Lane(self, [i for batch in batches[lane::self.pipelines] for i in batch])
+                for lane in range(self.pipelines)]
 
     def _build(self, indices: list[int]):
         source = _PlanSource(self.dataset, indices, self.batch_size)
@@ -204,41 +249,46 @@ class DaliClipLoader:
             yield from self._pyav_batches(self.indices)
             return
         if not self._fresh:
-            self.source, self.pipeline = self._build(self.indices)
+            self.lanes = self._lanes()
         self._fresh = False
-        rest, produced, failures, successes = self.indices, 0, 0, 0
-        while True:
+        failures = successes = 0
+        for number in range(len(self)):
+            lane = self.lanes[number % self.pipelines]
             try:
-                outputs = self.pipeline.run()
+                outputs = lane.pipeline.run()
             except StopIteration:
                 break
             except Exception as error:  # noqa: BLE001 - DALI reports a bad file as an error of its batch
-                if produced >= len(self.source.batches):
+                if lane.produced >= len(lane.source.batches):
                     raise
-                failed = self.source.batches[produced]
+                failed = lane.source.batches[lane.produced]
                 failures += 1
                 self.fallbacks += 1
                 first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 log.warning("DALI could not decode a batch of %d clips (%s, e.g. %s); decoding them with PyAV",
                             len(failed), first_line, self.dataset.plan(failed[0])[0].get("path"))
-                rest = rest[sum(len(b) for b in self.source.batches[: produced + 1]):]
+                lane.rest = lane.rest[sum(len(b) for b in lane.source.batches[: lane.produced + 1]):]
                 yield self._pyav_batch(failed)
                 if successes == 0 and failures >= self.GIVE_UP:
                     self.gave_up = f"DALI failed on each of the first {failures} batches ({first_line})"
                     log.warning("%s; PyAV decodes the rest of this pass", self.gave_up)
-                    yield from self._pyav_batches(rest)
+                    later = [i for batch_number in range(number + 1, len(self))
+                             for i in self._batch_of(batch_number)]
+                    yield from self._pyav_batches(later)
                     return
-                if not rest:
-                    return
-                # The pipeline is unusable after an error: a new one takes the samples after the batch.
-                self.source, self.pipeline = self._build(rest)
-                produced = 0
+                if lane.rest:  # the pipeline is unusable after an error: a new one takes the lane's rest
+                    lane.source, lane.pipeline = self._build(lane.rest)
+                    lane.produced = 0
                 continue
-            chosen = self.source.batches[produced]
-            produced += 1
+            chosen = lane.source.batches[lane.produced]
+            lane.produced += 1
             successes += 1
             yield self._dali_batch(chosen, outputs)
-        self.pipeline.reset()
+        for lane in self.lanes:
+            lane.pipeline.reset()
+
+    def _batch_of(self, number: int) -> list[int]:
+        return self.indices[number * self.batch_size:(number + 1) * self.batch_size]
 
     def _dali_batch(self, chosen: list[int], outputs) -> dict:
         plans = [self.dataset.plan(i) for i in chosen]
@@ -273,4 +323,4 @@ def _to_torch(batch) -> torch.Tensor:
     return torch.from_numpy(np.array(dense))
 
 
-__all__ = ["DaliClipLoader", "dali_available", "check_cpu_codecs", "CPU_CODECS"]
+__all__ = ["DaliClipLoader", "dali_available", "check_cpu_codecs", "default_pipelines", "CPU_CODECS", "NVDEC_ENGINES"]

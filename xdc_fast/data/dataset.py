@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from . import pyav_backend
 from .clips import ClipConfig, ClipPlan, LogMel, eval_starts, plan_clip, train_start, video_to_tensor
+from .manifest import Manifest
 from .prepare import load_manifest
 from .shards import ShardError, ShardReader
 
@@ -72,6 +73,15 @@ class ClipDataset(Dataset):
                 items = [r for r in items if r["id"] in self.shards.ids]
         self.items = items
         self.log_mel = LogMel(config) if "audio" in self.modalities else None
+
+    @property
+    def items(self) -> Manifest:
+        """The dataset's items, held column by column: DataLoader workers read them without copying."""
+        return self._items
+
+    @items.setter
+    def items(self, records) -> None:
+        self._items = Manifest.of(records)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
