@@ -191,3 +191,21 @@ def test_two_ranks_on_clip_shards_cluster_as_on_the_files_and_survive_a_kill(dat
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after a kill at step {kill_at}"
+
+
+def test_two_ranks_with_their_features_on_disk_cluster_as_one_process_in_memory(dataset, tmp_path):
+    """Each rank writes its own clips' features and the sampled fit reads them back; the round's clusters
+    are those of one process holding every feature in memory."""
+    from xdc_fast import metrics
+    from xdc_fast.rounds import read_round, round_file
+
+    config = _config_file(tmp_path, epochs=1)
+    two = _torchrun(tmp_path, ["pretrain", "--data", str(dataset), "--config", str(config), "--out",
+                               str(tmp_path / "disk"), "--round-features", "disk"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    pretrain(dataset, tmp_path / "memory", PretrainConfig(**{**FAST, "epochs": 1, "round_features": "memory"}), **QUIET)
+    assert not (tmp_path / "disk" / "features").exists()
+    for clustering in ("video", "audio"):
+        labels = [read_round(round_file(tmp_path / run, 0)).assignments[clustering]["clip_labels"]
+                  for run in ("memory", "disk")]
+        assert metrics.nmi(*labels) >= 0.9, clustering

@@ -97,3 +97,27 @@ def test_assignment_measures_against_float64_by_hand():
         others = np.delete(d[mine], label, axis=1).min(1)
         assert got["video_distance"][v] == pytest.approx(d[mine, label].mean(), rel=1e-5)
         assert got["video_margin"][v] == pytest.approx((others - d[mine, label]).mean(), rel=1e-4, abs=1e-6)
+
+
+def test_measures_read_in_chunks_of_whole_videos_equal_the_measures_in_memory(tmp_path):
+    """Chunks far smaller than the data, ending where a video ends; videos whose clips partly failed."""
+    from xdc_fast.features import RowFile
+    from xdc_fast.pseudo_labels import _measures_in_chunks, assignment_measures
+
+    rng = np.random.default_rng(5)
+    cpv, videos = 3, 40
+    positions = np.sort(rng.choice(videos * cpv, size=100, replace=False))  # some clips did not decode
+    points = torch.nn.functional.normalize(torch.randn(len(positions), 8, generator=torch.Generator().manual_seed(1)))
+    centroids = torch.nn.functional.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(2)))
+    labels = torch.cdist(points, centroids).argmin(1).numpy()
+    labels[::7] = (labels[::7] + 1) % 5  # some clips held in a cluster other than their nearest
+    local_videos = np.unique(positions // cpv)
+    local = np.searchsorted(local_videos, positions // cpv) * cpv + positions % cpv
+    stored = RowFile.create(tmp_path / "points.npy", len(points), 8, np.float32)
+    stored.write(0, points.numpy())
+    expected = assignment_measures(points, centroids, local, len(local_videos), cpv, labels)
+    for chunk_rows in (1, 4, 7, 1000):
+        got = _measures_in_chunks(stored, centroids, local, len(local_videos), cpv, labels, chunk_rows=chunk_rows)
+        assert set(got) == set(expected)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{key}, chunks of {chunk_rows}")

@@ -262,7 +262,7 @@ def _resume_asked(choice: str) -> bool:
 # ---- pretrain -----------------------------------------------------------------------------------------
 
 PRETRAIN_FLAGS = ("variant", "arch", "epochs", "clusters", "batch_size", "lr", "device", "loader", "workers", "seed",
-                  "init_checkpoint", "labels_from")
+                  "init_checkpoint", "labels_from", "round_features")
 EXISTING_FILE = click.Path(dir_okay=False, exists=True)
 
 

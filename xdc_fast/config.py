@@ -306,6 +306,11 @@ class PretrainConfig(SgdSettings):
                                                  "many clips (faiss's rule and default) and then assigns every clip "
                                                  "in a stream; on fewer clips it trains on all of them. 0: always "
                                                  "train on every clip.", min=0)
+    round_features: str = option("auto", "Where a round keeps the clips' features: memory (each rank holds its "
+                                 "own), disk (each rank writes them to the run folder chunk by chunk and k-means "
+                                 "reads them back, for rounds larger than memory; stored in float16 after the "
+                                 "whitening), or auto: memory where the plan printed at start fits this machine, "
+                                 "else disk.", choices=("auto", "memory", "disk"))
     kmeans_nredo: int | str = option("auto", "k-means restarts; each modality keeps its lowest objective. auto: 3 "
                                      "while clips x clusters stays under 5e7 (restarts are cheap there), else 1.",
                                      min=1, auto=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -137,23 +138,12 @@ def encode_clips(encoders: Mapping[str, nn.Module], dataset, batch_size: int, de
     The videos are shared out across ranks; with ``gather`` every rank gets everyone's features (rank
     order), without it only its own. Clips that failed to decode are missing from both results.
     ``loader`` and ``workers`` choose the decoding backend (see :func:`make_loader`)."""
-    shard, positions = shard_items(dataset, xdist.rank(), xdist.world_size())
-    batches = progress(make_loader(shard, batch_size, loader=loader, workers=workers, device=device), description)
-    for encoder in encoders.values():
-        encoder.eval()
     chunks = {m: [np.zeros((0, encoders[m].feature_dim), np.float32)] for m in encoders}
     videos = [np.zeros(0, np.int64)]
-    with torch.no_grad():
-        for batch in batches:
-            if "index" not in batch:
-                continue
-            inputs = to_device(batch, encoders, device)
-            for m, encoder in encoders.items():
-                with autocast(device):
-                    chunks[m].append(encoder(inputs[m]).float().cpu().numpy())
-            index = batch["index"].numpy()
-            per_video = dataset.config.eval_clips
-            videos.append(positions[index // per_video] * per_video + index % per_video)
+    for features, clip_position in _encoded_batches(encoders, dataset, batch_size, device, workers, loader, description):
+        for m, values in features.items():
+            chunks[m].append(values)
+        videos.append(clip_position)
     features, clip_position = {m: np.concatenate(v) for m, v in chunks.items()}, np.concatenate(videos)
     if not gather:
         return features, clip_position  # the caller checks them, with every rank (pretrain's clustering)
@@ -162,6 +152,50 @@ def encode_clips(encoders: Mapping[str, nn.Module], dataset, batch_size: int, de
     clip_position = np.concatenate([p[1] for p in parts])
     refuse_non_finite_features(features, clip_position, dataset)
     return features, clip_position
+
+
+def _encoded_batches(encoders, dataset, batch_size, device, workers, loader, description):
+    """(features per modality, clip positions) of each batch of this rank's share of ``dataset``."""
+    shard, positions = shard_items(dataset, xdist.rank(), xdist.world_size())
+    batches = progress(make_loader(shard, batch_size, loader=loader, workers=workers, device=device), description)
+    for encoder in encoders.values():
+        encoder.eval()
+    per_video = dataset.config.eval_clips
+    with torch.no_grad():
+        for batch in batches:
+            if "index" not in batch:
+                continue
+            inputs = to_device(batch, encoders, device)
+            features = {}
+            for m, encoder in encoders.items():
+                with autocast(device):
+                    features[m] = encoder(inputs[m]).float().cpu().numpy()
+            index = batch["index"].numpy()
+            yield features, positions[index // per_video] * per_video + index % per_video
+
+
+def encode_clips_to_files(encoders: Mapping[str, nn.Module], dataset, batch_size: int, device: torch.device,
+                          folder: str | Path, *, workers: int = 0, loader: str = "pyav",
+                          description: str | None = None) -> tuple[dict, np.ndarray]:
+    """:func:`encode_clips` of this rank's clips (``gather`` False) written batch by batch to one float32
+    row file per modality under ``folder`` (``rank{R}_{modality}.npy``), so no process holds them all.
+    Returns the files (``xdc_fast.features.RowFile``, as many rows as clips decoded) and the positions."""
+    from .features import RowFile
+
+    rank = xdist.rank()
+    shard, _ = shard_items(dataset, rank, xdist.world_size())
+    most = len(shard)  # an upper bound on the rows: every clip of this rank's videos decodes
+    files = {m: RowFile.create(Path(folder) / f"rank{rank}_{m}.npy", most, encoders[m].feature_dim, np.float32)
+             for m in encoders}
+    written, videos = 0, [np.zeros(0, np.int64)]
+    for features, clip_position in _encoded_batches(encoders, dataset, batch_size, device, workers, loader, description):
+        for m, values in features.items():
+            files[m].write(written, values)
+        written += len(clip_position)
+        videos.append(clip_position)
+    # The files keep their full size on disk; the rows past ``written`` (clips that did not decode) are
+    # never read.
+    return {m: RowFile(f.path, written, f.cols, f.dtype, f.offset) for m, f in files.items()}, np.concatenate(videos)
 
 
 def refuse_non_finite_features(features: dict[str, np.ndarray], clip_position: np.ndarray, dataset) -> None:

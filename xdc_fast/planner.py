@@ -167,7 +167,8 @@ def check_fits(plan: Plan, available: int | None = None) -> None:
     more = plan.peak_per_node - plan.ranks_on_node * plan.baseline
     if available is not None and more > available:
         raise XdcError(f"a clustering round needs about {more / 2**30:.1f} GiB more per node (see the plan above), "
-                       f"more than the {available / 2**30:.1f} GiB available; lower clips_per_video (or "
+                       f"more than the {available / 2**30:.1f} GiB available; keep the features on disk "
+                       "(--round-features disk, if not already), lower clips_per_video (or "
                        "kmeans_max_points_per_centroid), or run on more nodes")
 
 

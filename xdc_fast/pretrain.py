@@ -172,8 +172,7 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
 
     # ===== preparing data =====
     data = prepare_run_data(dataset, config, variant)
-    if config.labels_from is None:
-        _plan_rounds(config, variant, len(items), device, log)
+    store = _plan_rounds(config, variant, len(items), device, log) if config.labels_from is None else "memory"
 
     # ===== building networks =====
     torch.manual_seed(seed_for(config.seed, "encoders"))  # identical initial encoders on every rank
@@ -212,8 +211,7 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
             labels = RoundLabels(transferred, 1 + max(int(v.max()) for v in transferred.values()), (0.0, 0.0))
         else:
             with xdist.phase(f"extracting and clustering the features of round {state.round}"):
-                labels = _cluster(encoders, data, config, variant, state.round, device, out if writer else None,
-                                  log)
+                labels = _cluster(encoders, data, config, variant, state.round, device, out, writer, log, store)
 
         # ===== fresh heads (cluster ids permute between rounds, so old heads mean nothing) =====
         generator = torch_generator(config.seed, "heads", state.round)
@@ -303,22 +301,35 @@ def prepare_run_data(dataset, config: PretrainConfig, variant: Variant) -> RunDa
                    samples_per_rank=samples_per_rank(config, len(items)))
 
 
-def _plan_rounds(config: PretrainConfig, variant: Variant, videos: int, device, log) -> None:
-    """Print what a clustering round will cost (xdc-fast plan) and refuse a run whose rounds would not fit
-    this machine's memory, before any work is done."""
+def _plan_rounds(config: PretrainConfig, variant: Variant, videos: int, device, log) -> str:
+    """Print what a clustering round will cost (xdc-fast plan), choose where a round keeps its features
+    (``round_features``: auto takes memory where it fits, else disk) and refuse a run whose rounds would
+    not fit this machine's memory, before any work is done. Returns "memory" or "disk"."""
     import os
 
     from .planner import check_fits, plan_round
 
-    figures = plan_round(videos, config.clips_per_video, xdist.world_size(), arch=config.arch, pca_dim=config.pca_dim,
-                         clusters=config.clusters, niter=config.kmeans_niter, modalities=len(variant.modalities),
-                         concat="concat" in variant.clusterings,
-                         max_points_per_centroid=config.kmeans_max_points_per_centroid or None,
-                         ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                         device=device.type, streamed=False)
+    def plan(streamed: bool):
+        return plan_round(videos, config.clips_per_video, xdist.world_size(), arch=config.arch,
+                          pca_dim=config.pca_dim, clusters=config.clusters, niter=config.kmeans_niter,
+                          modalities=len(variant.modalities), concat="concat" in variant.clusterings,
+                          max_points_per_centroid=config.kmeans_max_points_per_centroid or None,
+                          ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device=device.type,
+                          streamed=streamed)
+
+    store = "memory" if config.round_features == "auto" else config.round_features
+    figures = plan(store == "disk")
+    if config.round_features == "auto":
+        try:
+            check_fits(figures)
+        except XdcError:
+            store, figures = "disk", plan(True)
     for line in figures.lines():
         log(line)
+    if config.round_features == "auto" and store == "disk":
+        log("  the features do not fit in memory: each rank writes them to the run folder (round_features disk)")
     check_fits(figures)
+    return store
 
 
 def build_encoders(variant: Variant, arch: str) -> nn.ModuleDict:
@@ -384,22 +395,34 @@ def _checkpoint(state: RunState, encoders, optimizer, config: PretrainConfig) ->
 
 
 def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, round_index: int, device,
-             out: Path | None, log) -> RoundLabels:
-    """Encode this rank's fixed clips, cluster them with every rank's, and save the assignments. A clip
-    that does not decode is left out (label -1); a video none of whose clips decode sits the round out."""
-    from .pseudo_labels import fit_round, round_measures
+             out: Path, writer: bool, log, store: str = "memory") -> RoundLabels:
+    """Encode this rank's fixed clips, cluster them with every rank's, and save the assignments (``writer``).
+    A clip that does not decode is left out (label -1); a video none of whose clips decode sits the round
+    out. ``store`` "disk" keeps the features in per-rank files under ``OUT/features`` for the round (see
+    ``fit_round_files``), removed once the round is saved."""
+    import shutil
+
+    from .pseudo_labels import fit_round, fit_round_files, round_measures
     from .rounds import describe_fit, encoder_fingerprint
 
     cpv = config.clips_per_video
-    t0 = time.perf_counter()
-    features, rows = engine.encode_clips(encoders, data.fixed_clips, config.batch_size, device,
-                                         workers=config.workers, loader=config.loader, gather=False)
-    t_extract = time.perf_counter() - t0
-    t0 = time.perf_counter()
     spec = ClusteringSpec(config.clusters, config.pca_dim, config.kmeans_niter, config.kmeans_nredo, cpv,
                           config.kmeans_max_points_per_centroid or None)
+    folder = out / "features" / f"round_{round_index:03d}"
+    t0 = time.perf_counter()
+    if store == "disk":
+        features, rows = engine.encode_clips_to_files(encoders, data.fixed_clips, config.batch_size, device, folder,
+                                                      workers=config.workers, loader=config.loader)
+    else:
+        features, rows = engine.encode_clips(encoders, data.fixed_clips, config.batch_size, device,
+                                             workers=config.workers, loader=config.loader, gather=False)
+    t_extract = time.perf_counter() - t0
+    t0 = time.perf_counter()
     _check_finite(features, round_index)
-    fit = fit_round(features, variant, spec, config.seed, round_index, rows)
+    if store == "disk":
+        fit = fit_round_files(features, variant, spec, config.seed, round_index, rows, folder)
+    else:
+        fit = fit_round(features, variant, spec, config.seed, round_index, rows)
     clip_labels = fit.labels
     t_cluster = time.perf_counter() - t0
     # This rank's clips in shard order, -1 where a clip did not decode.
@@ -412,7 +435,13 @@ def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, 
     all_clips = gather_by_video(data.shard, local, len(data.items), cpv, root_only=True)
     _check_unreadable(all_videos, data, config, round_index, log)
     measures = round_measures(fit, rows, len(data.items), cpv)  # every rank takes part
-    if out is not None:
+    if store == "disk":
+        for path in folder.glob(f"rank{xdist.rank()}_*.npy"):
+            path.unlink()
+        xdist.barrier()
+        if writer:
+            shutil.rmtree(out / "features", ignore_errors=True)
+    if writer:
         saved = describe_fit(fit, measures, ids=data.items.strings("id"), clips_per_video=cpv,
                              clip_labels=all_clips, video_labels=all_videos, variant_name=variant.name,
                              round_index=round_index, clip=geometry(config.clip_config()), pca_dim=config.pca_dim,
@@ -421,9 +450,12 @@ def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, 
     return RoundLabels(all_videos, config.clusters, (t_extract, t_cluster))
 
 
-def _check_finite(features: dict[str, np.ndarray], round_index: int) -> None:
+def _check_finite(features: dict, round_index: int) -> None:
+    """Features as arrays, or as row files read chunk by chunk."""
     for m, v in features.items():
-        if not torch.isfinite(xdist.all_reduce_sum(torch.tensor([float(np.abs(v).sum())]))).all():
+        total = (float(np.abs(v).sum()) if isinstance(v, np.ndarray)
+                 else sum(float(np.abs(block).sum()) for _, block in v.chunks()))
+        if not torch.isfinite(xdist.all_reduce_sum(torch.tensor([total]))).all():
             raise XdcError(f"the {m} encoder gives non-finite features in round {round_index} (its weights diverged); "
                            "resume from an earlier checkpoints/round_NNN.pt copied to checkpoints/last.pt with a "
                            "lower --lr")

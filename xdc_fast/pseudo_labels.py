@@ -99,6 +99,49 @@ def fit_round(features: dict[str, np.ndarray], variant_: Variant, spec: Clusteri
     return RoundFit(labels, [km.centroids for km in fitted], transforms, points)
 
 
+def fit_round_files(files: dict, variant_: Variant, spec: ClusteringSpec, seed: int, round_index: int,
+                    rows: np.ndarray, folder) -> RoundFit:
+    """:func:`fit_round` out of core: ``files`` hold this rank's raw features (one
+    ``xdc_fast.features.RowFile`` per modality, ``rows`` order). Each whitening is fitted from all-reduced
+    moments read chunk by chunk, the whitened points are written to float16 files under ``folder`` (the
+    RoundFit's ``points``), and k-means trains on the seeded sample of about ``clusters x
+    max_points_per_centroid`` clips and then assigns every clip in a stream. No pass holds more than the
+    sample and one chunk; the planner (``xdc-fast plan``) counts these buffers."""
+    from pathlib import Path
+
+    from .features import fit_streamed, fit_whitening_files, whiten_files
+
+    count = int(xdist.all_reduce_sum(torch.tensor([len(rows)], dtype=torch.long))[0])
+    if count < spec.clusters:
+        raise XdcError(f"only {count} clips decoded, fewer than the {spec.clusters} clusters asked for")
+    folder = Path(folder)
+    rank = xdist.rank()
+    names = list(variant_.modalities)
+
+    def fit(points: list, which: int):
+        return fit_streamed(points, np.asarray(rows, dtype=np.int64), spec.clusters, niter=spec.niter, nredo=spec.nredo,
+                            seed=seed_for(seed, "kmeans", round_index, which),
+                            max_points_per_centroid=spec.max_points_per_centroid, init=DatasetPermutationInit)
+
+    whitenings = {m: fit_whitening_files([files[m]], spec.pca_dim) for m in names}
+    points = {m: whiten_files([files[m]], whitenings[m], folder / f"rank{rank}_{m}_white.npy") for m in names}
+    if len({p.cols for p in points.values()}) != 1:
+        raise XdcError(f"the encoders' whitened widths differ ({', '.join(str(p.cols) for p in points.values())}); "
+                       "set pca_dim to at most the narrower encoder's width")
+    fitted = [fit([points[m] for m in names], 0)]
+    labels = {m: fitted[0].labels[i] for i, m in enumerate(names)}
+    transforms = {m: {"inputs": [m], "whitening": whitenings[m], "centroids": fitted[0].centroids[i]}
+                  for i, m in enumerate(names)}
+    if "concat" in variant_.clusterings:
+        joint_whitening = fit_whitening_files([files[m] for m in names], spec.pca_dim)
+        points["concat"] = whiten_files([files[m] for m in names], joint_whitening,
+                                        folder / f"rank{rank}_concat_white.npy")
+        fitted.append(fit([points["concat"]], 1))
+        labels["concat"] = fitted[1].labels[0]
+        transforms["concat"] = {"inputs": names, "whitening": joint_whitening, "centroids": fitted[1].centroids[0]}
+    return RoundFit(labels, [f.centroids for f in fitted], transforms, points)
+
+
 def video_labels(clip_labels: np.ndarray, clips_per_video: int) -> np.ndarray:
     """One label per video: the most frequent over its clips (the lowest on a tie), ignoring clips
     labelled -1 (not decoded); -1 for a video none of whose clips decoded."""
@@ -200,6 +243,40 @@ def assignment_measures(points: torch.Tensor, centroids: torch.Tensor, positions
             "video_labels": per_video, "video_distance": means[0], "video_margin": means[1]}
 
 
+def _measures_in_chunks(points, centroids: torch.Tensor, positions: np.ndarray, num_videos: int,
+                        clips_per_video: int, clip_labels: np.ndarray, chunk_rows: int | None = None) -> dict:
+    """:func:`assignment_measures` of points in a row file (``xdc_fast.features.RowFile``), read a chunk
+    of whole videos at a time: a video's measures need all its clips, which lie next to each other."""
+    from .features import CHUNK_ROWS
+
+    chunk_rows = chunk_rows or CHUNK_ROWS
+    positions = np.asarray(positions, dtype=np.int64)
+    if len(positions) > 1 and not (np.diff(positions) > 0).all():
+        raise ValueError("_measures_in_chunks: the clips should be in position order")
+    if not len(positions):  # a rank none of whose clips decoded
+        return assignment_measures(torch.zeros(0, points.cols), centroids, positions, num_videos, clips_per_video,
+                                   np.asarray(clip_labels))
+    video = positions // clips_per_video
+    out: dict[str, np.ndarray] = {}
+    start = 0
+    while start < len(positions):
+        stop = min(start + chunk_rows, len(positions))
+        if stop < len(positions):  # end the chunk where a video ends
+            stop = max(int(np.searchsorted(video, video[stop], side="left")), start + 1)
+            stop = int(np.searchsorted(video, video[stop - 1], side="right"))
+        first, last = int(video[start]), int(video[stop - 1])
+        part = assignment_measures(torch.from_numpy(points.read(start, stop).astype(np.float32)), centroids,
+                                   positions[start:stop] - first * clips_per_video, last - first + 1, clips_per_video,
+                                   np.asarray(clip_labels)[start:stop])
+        for key, value in part.items():
+            width = clips_per_video if key.startswith("clip_") else 1
+            if key not in out:
+                out[key] = np.full(num_videos * width, -1 if value.dtype.kind == "i" else np.nan, dtype=value.dtype)
+            out[key][first * width:(last + 1) * width] = value
+        start = stop
+    return out
+
+
 def round_measures(fit: RoundFit, rows: np.ndarray, num_videos: int, clips_per_video: int) -> dict[str, dict] | None:
     """:func:`assignment_measures` of every clustering of a round, over every rank's clips: each rank
     measures its own whole videos, and rank 0 receives them as tensors of each rank's own videos (None on
@@ -207,8 +284,10 @@ def round_measures(fit: RoundFit, rows: np.ndarray, num_videos: int, clips_per_v
     rows = np.asarray(rows, dtype=np.int64)
     videos = np.unique(rows // clips_per_video)  # this rank's videos with a decoded clip
     local = np.searchsorted(videos, rows // clips_per_video) * clips_per_video + rows % clips_per_video
-    mine = {name: assignment_measures(fit.points[name], transform["centroids"], local, len(videos), clips_per_video,
-                                      fit.labels[name])
+    measure = lambda points, *args: (assignment_measures(points, *args) if isinstance(points, torch.Tensor)  # noqa: E731
+                                     else _measures_in_chunks(points, *args))
+    mine = {name: measure(fit.points[name], transform["centroids"], local, len(videos), clips_per_video,
+                          fit.labels[name])
             for name, transform in fit.transforms.items()}
     got_videos = xdist.gather_tensors(torch.from_numpy(videos))
     got = {name: {key: xdist.gather_tensors(torch.from_numpy(value)) for key, value in values.items()}

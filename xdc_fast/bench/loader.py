@@ -128,7 +128,8 @@ def _dali_rows(views, order: list[int], say, pipelines: tuple[int | str, ...] = 
             try:
                 check_cpu_codecs(view.items, view.shards)
             except LoaderError:
-                codec = view.shards.video_codec if view.shards is not None else "H.264"
+                codec = {"h264": "H.264"}.get(view.shards.video_codec, view.shards.video_codec) \
+                    if view.shards is not None else "H.264"
                 rows.append(LoaderRow(f"dali {name}: {codec} needs NVDEC on a GPU (DALI's CPU decoder reads "
                                       "VP8/VP9/MJPEG)", 0, 0, float("nan")))
                 continue
