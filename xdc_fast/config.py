@@ -239,6 +239,15 @@ def loader_option():
     return option("auto", LOADER_HELP, choices=tuple(LOADERS))
 
 
+def clip_order_option():
+    return option("global", "Order of an epoch's training clips. global: one sequence of the seed and epoch that "
+                  "ranks take in turn, the same whatever their number; shards (a dataset read from its clip "
+                  "shards, prepare --shards): the same clips regrouped so that each rank reads whole shards one "
+                  "after another, for storage that reads large runs faster than scattered records (network file "
+                  "systems, object stores); what a rank reads then depends on the number of ranks.",
+                  choices=("global", "shards"))
+
+
 def compile_option():
     return option(False, "Compile the encoders with torch.compile before training: on an H200, 1.4x the "
                   "training clips/s of R(2+1)D-18 after about a minute of compiling "
@@ -339,6 +348,7 @@ class PretrainConfig(SgdSettings):
                         "n_mels, ...) on top of the arch's.", default_factory=dict)
     workers: int = workers_option()
     loader: str = loader_option()
+    clip_order: str = clip_order_option()
     compile: bool = compile_option()
     device: str = device_option()
     dist_timeout_s: float = option(600.0, "Under torchrun: seconds a rank waits for the others before every rank "
@@ -436,6 +446,7 @@ class FinetuneConfig(SgdSettings):
     bn_eps: float = bn_eps_option()
     workers: int = workers_option()
     loader: str = loader_option()
+    clip_order: str = clip_order_option()
     compile: bool = compile_option()
     device: str = device_option()
     dist_timeout_s: float = dist_timeout_option()

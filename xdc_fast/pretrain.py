@@ -30,7 +30,7 @@ from .files import RunLock, append_text, make_folder, save_atomic, write_text_at
 from .progress import progress
 from .config import AUTO, ConfigError, PretrainConfig, resolve_auto
 from .data.clips import geometry
-from .data.sampler import clip_sums, digest_text, global_order, share_of_rank
+from .data.sampler import clip_sums, digest_text, global_order, share_by_shard, share_of_rank
 from .data.splits import check_modality, check_sample_rate
 from .pseudo_labels import ClusteringSpec, balanced_indices, cluster_sizes, gather_by_video, video_labels
 from .rounds import checkpoint_path, load_saved_labels, metrics_path, round_checkpoints, round_file
@@ -282,6 +282,9 @@ def prepare_run_data(dataset, config: PretrainConfig, variant: Variant) -> RunDa
     clip = replace(config.clip_config(), eval_clips=config.clips_per_video)
     train_set = ClipDataset(dataset, clip, train=True, seed=seed_for(config.seed, "clips"),
                             modalities=variant.modalities)
+    if config.clip_order == "shards" and train_set.shards is None:
+        raise ConfigError(f"clip_order shards reads clips shard by shard, and {dataset} has no complete clip shards: "
+                          f"run `xdc-fast prepare ROOT --out {dataset} --shards` first, or use clip_order global")
     items = train_set.items
     fixed_clips = ClipDataset(dataset, clip, train=False, modalities=variant.modalities)
     # At least 4 clips per held-out video: on small data there are few of them, and each clip is a sample.
@@ -540,10 +543,13 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
     interrupted one had done and sees the same batches after them: the epoch's order comes from
     (seed, epoch) alone, whatever the world size (:mod:`xdc_fast.data.sampler`)."""
     sampled = targets[next(iter(targets))][0]
-    order = share_of_rank(global_order(lambda n, rng: balanced_indices(sampled, n, rng), len(data.training),
-                                       xdist.world_size(), numpy_rng(config.seed, "sampler", epoch, 0),
-                                       numpy_rng(config.seed, "sampler", epoch, 1)),
-                          xdist.rank(), xdist.world_size())
+    drawn = global_order(lambda n, rng: balanced_indices(sampled, n, rng), len(data.training), xdist.world_size(),
+                         numpy_rng(config.seed, "sampler", epoch, 0), numpy_rng(config.seed, "sampler", epoch, 1))
+    if config.clip_order == "shards":
+        order = share_by_shard(drawn, data.train_set.shard_numbers(), xdist.rank(), xdist.world_size(),
+                               numpy_rng(config.seed, "shards", epoch))
+    else:
+        order = share_of_rank(drawn, xdist.rank(), xdist.world_size())
     data.train_set.set_epoch(epoch)
     total_steps = epoch_steps(config, len(data.items))
     loader = engine.make_loader(data.train_set, config.batch_size, loader=config.loader, workers=config.workers,

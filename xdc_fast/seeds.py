@@ -23,6 +23,7 @@ STREAMS = {
     "audio_shift": "pretraining: the mel shift of each training clip in epoch e (key 0, as for the sampler)",
     "split": "stratified train/test split of a dataset without official splits",
     "order": "finetuning: order of the training clips of epoch e",
+    "shards": "clip_order shards: the order of the clip shards in epoch e, and of the draws within each",
     "probe": "linear probe: the logistic regression's solver",
 }
 __doc__ += "\n" + "\n".join(f"    {name:<9} {what}" for name, what in STREAMS.items()) + "\n"

@@ -28,6 +28,7 @@ from .progress import progress
 from .config import ConfigError, FinetuneConfig, clip_config
 from .errors import XdcError
 from .data.clips import ClipConfig, geometry
+from .data.sampler import share_by_shard
 from .data.splits import Split, check_modality, choose_split, class_names, refuse_multilabel
 from .seeds import numpy_rng, seed_for, torch_generator
 
@@ -174,6 +175,10 @@ def train_full(transfer: Transfer) -> tuple[nn.Linear, dict, list[dict]]:
     config = transfer.config
     train_set = ClipDataset(transfer.dataset, transfer.clip, train=True, seed=seed_for(config.seed, "clips"),
                             modalities=(config.modality,))
+    if config.clip_order == "shards" and train_set.shards is None:
+        raise ConfigError(f"clip_order shards reads clips shard by shard, and {transfer.dataset} has no complete clip "
+                          f"shards: run `xdc-fast prepare ROOT --out {transfer.dataset} --shards` first, or use "
+                          "clip_order global")
     train_set.items = transfer.split.train * config.clips_per_video  # repeats draw different random clips
     train_labels = np.array([r["label"] for r in train_set.items])
 
@@ -211,7 +216,12 @@ def train_epoch(model, optimizer, train_set, labels: np.ndarray, config: Finetun
     """One pass over the training clips in a seeded order, the same number of steps on every rank."""
     order = numpy_rng(config.seed, "order", epoch).permutation(len(train_set))
     per_rank = math.ceil(len(order) / xdist.world_size())
-    order = np.resize(order, per_rank * xdist.world_size())[xdist.rank() :: xdist.world_size()]
+    order = np.resize(order, per_rank * xdist.world_size())
+    if config.clip_order == "shards":
+        order = share_by_shard(order, train_set.shard_numbers(), xdist.rank(), xdist.world_size(),
+                               numpy_rng(config.seed, "shards", epoch))
+    else:
+        order = order[xdist.rank() :: xdist.world_size()]
     train_set.set_epoch(epoch)
     loader = engine.make_loader(train_set, config.batch_size, loader=config.loader, workers=config.workers,
                                 device=device, indices=order.tolist())

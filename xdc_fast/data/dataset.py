@@ -82,6 +82,18 @@ class ClipDataset(Dataset):
     @items.setter
     def items(self, records) -> None:
         self._items = Manifest.of(records)
+        self._shard_numbers = None
+
+    def shard_numbers(self) -> np.ndarray:
+        """The clip shard of every sample (train: one per item; evaluation: ``eval_clips`` per item)."""
+        if self.shards is None:
+            raise ShardError(f"{self.root} is not read from clip shards: run `xdc-fast prepare ROOT --out "
+                             f"{self.root} --shards` first")
+        if self._shard_numbers is None:
+            self._shard_numbers = np.array([self.shards.plan.shard_of(i) for i in self.items.strings("id")],
+                                           dtype=np.int64)
+        per_item = 1 if self.train else self.config.eval_clips
+        return np.repeat(self._shard_numbers, per_item)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -32,6 +32,28 @@ def share_of_rank(order: np.ndarray, rank: int, world: int) -> np.ndarray:
     return order[rank::world]
 
 
+def share_by_shard(order: np.ndarray, shard_of: np.ndarray, rank: int, world: int, rng: np.random.Generator
+                   ) -> np.ndarray:
+    """Rank ``rank``'s part of an epoch's draws when clips are read shard by shard (``clip_order: shards``):
+    the same draws as :func:`share_of_rank` hands out, regrouped so that each rank reads a run of whole
+    shards one after another, each shard's draws in a random order, instead of every shard every step.
+
+    The shards' order comes from ``rng`` (a named stream of the seed and epoch), and so does the order
+    within each shard; the regrouped sequence is cut into ``world`` equal contiguous parts, so every rank
+    takes as many steps however uneven the shards are (``len(order)`` is a multiple of ``world``, as
+    :func:`global_order` makes it). Unlike the global order, what a rank reads depends on the world size.
+    ``shard_of`` maps each sample index to its shard."""
+    order = np.asarray(order)
+    shard_of = np.asarray(shard_of)
+    shards = int(shard_of.max(initial=-1)) + 1
+    position = np.empty(shards, dtype=np.int64)
+    position[rng.permutation(shards)] = np.arange(shards)
+    within = rng.random(len(order))
+    regrouped = order[np.lexsort((within, position[shard_of[order]]))]
+    part = len(order) // world
+    return regrouped[rank * part:(rank + 1) * part]
+
+
 _PRIME = (1 << 31) - 1
 
 
