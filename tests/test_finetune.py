@@ -285,3 +285,39 @@ def test_a_restarted_finetune_keeps_its_results_and_refuses_other_settings(datas
     assert (tmp_path / "o" / "metrics.json").read_text() == written
     other = CliRunner().invoke(main, [*args, "--seed", "5"])
     assert other.exit_code == 2 and other.output.count("Error:") == 1 and "other settings" in other.output
+
+
+def test_a_finetuning_stopped_after_an_epoch_resumes_and_ends_as_the_uninterrupted_run(dataset, tmp_path, monkeypatch):
+    """Stopped as epoch 2 of 3 begins (a crash, a preemption): --resume goes on after epoch 1 from
+    checkpoints/epoch.pt and ends with the uninterrupted run's weights and scores; other settings are
+    refused, and the epoch checkpoint is gone once the results are written."""
+    from xdc_fast import transfer
+    from xdc_fast.config import ConfigError
+
+    config = FinetuneConfig(mode="full", epochs=3, lr=0.05, **FAST)
+    straight = finetune_full(dataset, tmp_path / "straight", config, log=lambda *_: None)
+    real = transfer.train_epoch
+
+    def stopping(*args, **kwargs):
+        if args[5] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transfer, "train_epoch", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_full(dataset, tmp_path / "stopped", config, log=lambda *_: None)
+    monkeypatch.setattr(transfer, "train_epoch", real)
+    saved = torch.load(tmp_path / "stopped" / "checkpoints" / "epoch.pt", weights_only=True)
+    assert saved["epoch"] == 1 and len(saved["history"]) == 2
+    with pytest.raises(ConfigError, match="other settings"):
+        finetune_full(dataset, tmp_path / "stopped", FinetuneConfig(mode="full", epochs=3, lr=0.1, **FAST),
+                      log=lambda *_: None, resume=True)
+    lines = []
+    resumed = finetune_full(dataset, tmp_path / "stopped", config, log=lines.append, resume=True)
+    assert any("resuming after epoch 1" in line for line in lines)
+    assert resumed["video_acc"] == straight["video_acc"] and resumed["history"] == straight["history"]
+    a, b = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True) for run in ("straight", "stopped"))
+    for key in a["encoders"]:
+        assert torch.equal(a["encoders"][key], b["encoders"][key]), key
+    assert torch.equal(a["head"]["weight"], b["head"]["weight"])
+    assert not (tmp_path / "stopped" / "checkpoints" / "epoch.pt").exists()

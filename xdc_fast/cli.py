@@ -34,7 +34,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 INTERRUPTED = {
     "prepare": "everything finished so far is kept; run the same command again to resume",
     "pretrain": "the last checkpoint is kept; continue with the same command and --resume",
-    "finetune": "metrics.json was not written; run the command again",
+    "finetune": "metrics.json was not written; the last finished epoch is kept: run the same command with --resume to go on",
     "demo": "run the same command again to start it over",
 }
 
@@ -346,12 +346,15 @@ def finetune(dataset, out, config_values, resume, **flags):
     if done is not None:
         click.echo(f"{out} already holds these results (video accuracy {done['video_acc']:.1%}); nothing to run")
         return
+    _show_loader_choice()
     if config.mode == "linear":
-        from .probe import probe as run
+        from .probe import probe
+
+        probe(dataset, out, config, log=click.echo)
     else:
         from .finetune import finetune as run
-    _show_loader_choice()
-    run(dataset, out, config, log=click.echo)
+
+        run(dataset, out, config, log=click.echo, resume=_resume_asked(resume))
     click.echo(f"done: {out}/metrics.json, {out}/confusion.png, {out}/checkpoints/last.pt")
 
 

@@ -22,10 +22,13 @@ RESUME_HELP = ("Continue the run in --out from its last checkpoint: 'yes' (what 
                "`xdc-fast submit` launched the process (a restarted or requeued job comes back with the same "
                "command), no otherwise. A run made with other settings is refused either way.")
 TRANSFER_RESUME_HELP = ("A job restarted into its --out: 'yes' (what --resume alone means) keeps results already "
-                        "there when they were made with these settings (nothing runs again) and otherwise starts "
-                        "from the beginning (finetuning keeps no checkpoint mid-way); 'no' refuses a folder that "
-                        "holds results; 'auto': yes when torchrun's elastic agent, SLURM or `xdc-fast submit` "
-                        "launched the process, no otherwise.")
+                        "there when they were made with these settings (nothing runs again), and otherwise goes on "
+                        "after the last finished epoch of full finetuning (checkpoints/epoch.pt; the linear probe "
+                        "starts over); 'no' refuses a folder that holds results and starts a finetuning from its "
+                        "beginning; 'auto': yes when torchrun's elastic agent, SLURM or `xdc-fast submit` launched "
+                        "the process, no otherwise.")
+# Settings a transfer resumed from its epoch checkpoint may change: where and how fast it runs.
+TRANSFER_RESUMABLE = ("device", "loader", "workers", "dist_timeout_s")
 
 # The variables each launcher sets in every process it starts.
 LAUNCHERS = (("torchrun", "TORCHELASTIC_RUN_ID"), ("SLURM", "SLURM_JOB_ID"), ("xdc-fast submit", "SUBMITIT_EXECUTOR"))
@@ -47,11 +50,18 @@ def resolve_resume(choice: str, environ=None) -> tuple[bool, str | None]:
     return by is not None, by
 
 
+def settings_differ(used: dict, settings: dict) -> list[str]:
+    """What ``settings`` change in the settings a transfer was made with, beyond TRANSFER_RESUMABLE."""
+    settings = json.loads(json.dumps(settings))  # tuples as the files hold them: lists
+    return [f"{key}: {used.get(key)!r} in the run, {value!r} now" for key, value in settings.items()
+            if key in used and used[key] != value and key not in TRANSFER_RESUMABLE]
+
+
 def finished_results(out: str | Path, settings: dict, resume: bool) -> dict | None:
     """A transfer (finetune) resumed into a folder that holds its results: those results when they were
     made with ``settings`` (the job finished before its restart; nothing is run again), None when there
-    are none yet (the run starts from its beginning: a transfer keeps no checkpoint mid-way). Other
-    settings are refused; without ``resume`` the folder is left to the command's own check."""
+    are none yet (full finetuning then goes on from its epoch checkpoint, see :func:`settings_differ`).
+    Other settings are refused; without ``resume`` the folder is left to the command's own check."""
     path = Path(out) / "metrics.json"
     if not resume or not path.exists():
         return None
@@ -59,10 +69,7 @@ def finished_results(out: str | Path, settings: dict, resume: bool) -> dict | No
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise XdcError(f"cannot resume: {path} is unreadable ({error}); choose another --out") from None
-    used = saved.get("config", {}) if isinstance(saved, dict) else {}
-    settings = json.loads(json.dumps(settings))  # tuples as the file holds them: lists
-    differs = [f"{key}: {used.get(key)!r} in the run, {value!r} now" for key, value in settings.items()
-               if key in used and used[key] != value and key not in ("device", "loader", "workers")]
+    differs = settings_differ(saved.get("config", {}) if isinstance(saved, dict) else {}, settings)
     if differs:
         raise ConfigError(f"--resume into {out}, which holds results made with other settings ({'; '.join(differs)}); "
                        "choose another --out")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import distributed as xdist, engine, metrics
-from .checkpoint import load_encoder
+from .checkpoint import load_encoder, read_checkpoint
 from .files import atomic_path, make_folder, save_atomic, write_text_atomic
 from .progress import progress
 from .config import ConfigError, FinetuneConfig, clip_config
@@ -165,12 +165,19 @@ def write_results(transfer: Transfer, head: nn.Linear, final: dict, history: lis
 
 # ===== full finetuning =====
 
-def train_full(transfer: Transfer) -> tuple[nn.Linear, dict, list[dict]]:
+def train_full(transfer: Transfer, checkpoint: Path | None = None, resume: bool = False
+               ) -> tuple[nn.Linear, dict, list[dict]]:
     """Train ``transfer.encoder`` and a new linear layer end to end with SGD (warm-up, then the schedule)
     on ``clips_per_video`` random clips of every training video per epoch; score the test split at the
     final epoch (and every ``eval_every`` epochs). Returns the layer, the final scores (with their epoch)
-    and one record per epoch."""
+    and one record per epoch.
+
+    With ``checkpoint``, the encoder, the layer, the optimizer and the records are saved there after
+    every epoch, and ``resume`` goes on after the epoch saved (refusing one made with other settings):
+    every epoch's clips and order come from the seed and the epoch, so the resumed run ends as the
+    uninterrupted one would."""
     from .data.dataset import ClipDataset
+    from .launch import settings_differ
 
     config = transfer.config
     train_set = ClipDataset(transfer.dataset, transfer.clip, train=True, seed=seed_for(config.seed, "clips"),
@@ -182,19 +189,32 @@ def train_full(transfer: Transfer) -> tuple[nn.Linear, dict, list[dict]]:
     train_set.items = transfer.split.train * config.clips_per_video  # repeats draw different random clips
     train_labels = np.array([r["label"] for r in train_set.items])
 
-    engine.compile_encoders({config.modality: transfer.encoder}, config.compile)
     head = engine.new_head(transfer.encoder.feature_dim, len(transfer.classes),
                            torch_generator(config.seed, "heads", 0))
     head.to(transfer.device)
-    model = engine.distributed(engine.EncodersWithHeads({config.modality: transfer.encoder},
-                                                        {config.modality: [head]}), transfer.device)
     optimizer = torch.optim.SGD(list(transfer.encoder.parameters()) + list(head.parameters()), lr=config.lr,
                                 momentum=config.momentum, weight_decay=config.weight_decay)
+    history, final, first_epoch = [], None, 0
+    if checkpoint is not None and resume and checkpoint.exists():
+        saved = read_checkpoint(checkpoint)
+        differs = settings_differ(saved["config"], asdict(config))
+        if differs:
+            raise ConfigError(f"--resume into {transfer.out}, whose finetuning was made with other settings "
+                              f"({'; '.join(differs)}); choose another --out, or --resume no to start over")
+        transfer.encoder.load_state_dict(saved["encoder"])
+        head.load_state_dict(saved["head"])
+        optimizer.load_state_dict(saved["optimizer"])
+        history, first_epoch = list(saved["history"]), int(saved["epoch"]) + 1
+        transfer.log(f"resuming after epoch {saved['epoch']} ({checkpoint})")
+    engine.compile_encoders({config.modality: transfer.encoder}, config.compile)
+    model = engine.distributed(engine.EncodersWithHeads({config.modality: transfer.encoder},
+                                                        {config.modality: [head]}), transfer.device)
     steps = math.ceil(math.ceil(len(train_set) / xdist.world_size()) / config.batch_size)
     rates = engine.lr_schedule(config.lr, config.epochs, steps, config.warmup_epochs, config.schedule)
 
-    history, final = [], None
-    for epoch in range(config.epochs):
+    if first_epoch >= config.epochs:  # stopped after its last epoch, before the results were written
+        final = {**transfer.test_scores(head), "epoch": config.epochs - 1}
+    for epoch in range(first_epoch, config.epochs):
         record = train_epoch(model, optimizer, train_set, train_labels, config, epoch,
                              engine.rates_of_epoch(rates, epoch, steps), transfer.device)
         if record["clips"] == 0:
@@ -208,6 +228,11 @@ def train_full(transfer: Transfer) -> tuple[nn.Linear, dict, list[dict]]:
                 final = {**scored, "epoch": epoch}
         history.append(record)
         transfer.log(_epoch_line(record))
+        if checkpoint is not None and xdist.is_main_process():
+            make_folder(checkpoint.parent)
+            save_atomic({"encoder": transfer.encoder.state_dict(), "head": head.state_dict(),
+                         "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
+                         "config": asdict(config)}, checkpoint)
     return head, final, history
 
 
