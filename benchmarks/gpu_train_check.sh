@@ -64,6 +64,15 @@ LOADERS=()
 [ $HAVE_DALI = 1 ] && [ $HAVE_AV = 1 ] && [ $HAVE_NVDEC = 1 ] && LOADERS+=(--loader dali)
 step bench-train 150 xdc-fast bench train --device cuda --arch r2plus1d_18 --arch tiny --batch-size 32 \
   --steps 10 --workers 16 --no-round "${LOADERS[@]}" --json "$OUT/train.json"
+# R(2+1)D-18 fed from clip shards as well as from files, DALI with one pipeline and with one per NVDEC
+# engine (7 on an H100/H200): the share of the compute-only clips/s the loaders reach.
+if [ $HAVE_DALI = 1 ] && [ $HAVE_AV = 1 ] && [ $HAVE_NVDEC = 1 ]; then
+  step bench-train-shards 240 xdc-fast bench train --device cuda --arch r2plus1d_18 --batch-size 32 --steps 10 \
+    --workers 16 --no-round --loader pyav --loader dali --shards --dali-pipelines 1 --dali-pipelines auto \
+    --json "$OUT/train_shards.json"
+else
+  skip bench-train-shards "needs PyAV, DALI and NVDEC"
+fi
 
 if [ $HAVE_AV = 0 ]; then
   for s in data pretrain pretrain-torchrun finetune extract; do skip "$s" "PyAV is not installed"; done
