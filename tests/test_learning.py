@@ -85,9 +85,21 @@ def test_a_round_at_chance_warns_with_the_settings_to_change():
     assert len(describe_round(record(2, 0.6), steps_per_round=36, lr=0.01)) == 1
 
 
-def test_the_run_summary_says_which_heads_ended_at_chance():
+def test_the_run_summary_says_which_heads_ended_at_chance_weak_or_fitting():
     assert "video_0 ended at chance" in run_summary([record(0, 0.5), record(1, 0.1)])
-    assert "every head ended above chance" in run_summary([record(0, 0.1), record(1, 0.5)])
+    assert "every head fit its targets" in run_summary([record(0, 0.1), record(1, 0.5)])
+    weak = run_summary([record(0, 0.5), record(1, 0.2)])  # a lift of 9% of the way from chance to 1
+    assert "video_0 ended weak" in weak and "every head" not in weak
+
+
+def test_the_run_summary_says_how_far_the_modalities_clusters_agree():
+    first, last = record(0, 0.5), record(1, 0.5)
+    plain = run_summary([first, last])
+    assert "video vs audio" not in plain
+    agreeing = run_summary([{**first, "nmi_video_audio": 0.12}, {**last, "nmi_video_audio": 0.55}])
+    assert "NMI 0.55 in round 1, against 0.12 in round 0" in agreeing and "nuisance" not in agreeing
+    flat = run_summary([{**first, "nmi_video_audio": 0.15}, {**last, "nmi_video_audio": 0.12}])
+    assert "no more than at the start" in flat and "nuisance" in flat
 
 
 # ---- real runs ----------------------------------------------------------------------------------------
@@ -142,5 +154,5 @@ def test_noise_targets_are_flagged_and_learnable_ones_are_not(pitched, tmp_path)
 
     history, lines = run_on_targets(dataset, items, classes, tmp_path / "classes")
     assert not any(line.startswith("warning") for line in lines), lines
-    assert "every head ended above chance" in lines[-1]
+    assert "every head fit its targets" in lines[-1]
     assert "on the held-out clips: audio_0 fits" in next(line for line in lines if line.startswith("is it learning?"))
