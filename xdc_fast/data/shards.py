@@ -4,7 +4,8 @@ its manifest record, into WebDataset tar files (``DATASET/shards/shard-NNNNN.tar
 Why: footage as it is collected (640x360 to 720p, H.264 with keyframes seconds apart and B-frames)
 makes every random clip decode from the previous keyframe, ~90 full-size frames for the 16 a clip
 spans. Transcoded to a 128-pixel short side with a keyframe every clip span and no B-frames, a seek
-lands at most one clip span before the clip, and each decoded frame is ~20x smaller.
+lands at most one clip span before the clip, each decoded frame is ~8x smaller, and x264's fastdecode
+tune halves the work per frame again (benchmarks/results/loader_cpu.md: 7x the clips/s of the files).
 
 Layout and guarantees:
 
@@ -14,8 +15,8 @@ Layout and guarantees:
 - A shard is written under a temporary name and renamed when complete; its sidecar
   ``shard-NNNNN.json`` (member ids, keys, bytes) is written after it and marks it done. A killed run
   leaves no partial shard; a re-run transcodes only the shards without a sidecar.
-- Members: ``{key}.mp4`` (H.264, constant frame rate at the source's rate, so frame n of the shard is
-  frame n of the source), ``{key}.wav`` (the audio prepare extracted, byte for byte) and ``{key}.json``
+- Members: ``{key}.mp4`` (H.264, or VP9 for DALI's CPU decoder; constant frame rate at the source's
+  rate, so frame n of the shard is frame n of the source), ``{key}.wav`` (the audio prepare extracted, byte for byte) and ``{key}.json``
   (the manifest record). Keys are hashes of the ids: ids may hold dots and slashes, keys may not.
 - A video that fails to transcode goes to ``shards/rejects.jsonl`` with the reason, never into a shard.
 
