@@ -109,3 +109,15 @@ def test_the_kernel_compiles_for_hopper_with_wgmma_and_no_spills(precision):
     assert report["ptxas_ok"] and report["cuobjdump_ok"], report
     assert report["ptx_wgmma"] > 0 and report["sass_hgmma"] > 0, report
     assert report["spill_bytes"] == 0, report
+
+
+def test_row_offsets_hold_the_10m_shape_in_64_bits(kernel):
+    """N = 10M rows of D = 256, two problems: offsets reach 5.1e9, past 32-bit integers (the kernel once
+    multiplied in int32 and read wrong rows there). Checked on the kernel's own arithmetic, without
+    allocating the 20 GB such inputs take."""
+    n, d = 10_000_000, 256
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    got = kernel.row_offsets(1, n * d, n - 8, d, count=8, device=device).cpu()
+    expected = torch.tensor([n * d + row * d for row in range(n - 8, n)], dtype=torch.int64)
+    assert torch.equal(got, expected)
+    assert int(expected.max()) > 2**32  # the shape does exceed what 32 bits hold

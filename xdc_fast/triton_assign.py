@@ -39,6 +39,12 @@ def interpreted() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _row_offsets(problem, stride_problem, rows, stride_row):
+        """Element offsets of ``rows`` of one problem, in 64 bits: at N = 10M rows of D = 256 a row offset
+        reaches 2.6e9, and a second problem starts past it, both beyond 32-bit integers."""
+        return problem.to(tl.int64) * stride_problem + rows.to(tl.int64) * stride_row
+
+    @triton.jit
     def _top2_kernel(x_ptr, c_ptr, c_sq_ptr, winner_ptr, best_ptr, second_ptr, finite_ptr,
                      n, k, d,
                      stride_xb, stride_xn, stride_cb, stride_ck, stride_sqb, stride_ob,
@@ -53,8 +59,8 @@ if triton is not None:
         second = tl.full((BLOCK_N,), float("inf"), tl.float32)
         winner = tl.zeros((BLOCK_N,), tl.int32)
         finite = tl.full((BLOCK_N,), 1, tl.int1)
-        x_base = x_ptr + problem * stride_xb
-        c_base = c_ptr + problem * stride_cb
+        x_rows = x_ptr + _row_offsets(problem, stride_xb, rows, stride_xn)
+        c_base = c_ptr + problem.to(tl.int64) * stride_cb
         for k_tile in range(0, K_TILES):
             cols = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
             col_ok = cols < k
@@ -62,7 +68,7 @@ if triton is not None:
             for d_tile in range(0, D_TILES):
                 dims = d_tile * BLOCK_D + tl.arange(0, BLOCK_D)
                 dim_ok = dims < d
-                x_tile = tl.load(x_base + rows[:, None] * stride_xn + dims[None, :],
+                x_tile = tl.load(x_rows[:, None] + dims[None, :],
                                  mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
                 c_tile = tl.load(c_base + cols[None, :] * stride_ck + dims[:, None],
                                  mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
@@ -81,11 +87,29 @@ if triton is not None:
             second = tl.where(takes, tl.minimum(best, tile_second), tl.minimum(second, tile_best))
             winner = tl.where(takes, tile_winner, winner)
             best = tl.where(takes, tile_best, best)
-        out = problem * stride_ob + rows
+        out = _row_offsets(problem, stride_ob, rows, 1)
         tl.store(winner_ptr + out, winner, mask=row_ok)
         tl.store(best_ptr + out, best, mask=row_ok)
         tl.store(second_ptr + out, second, mask=row_ok)
         tl.store(finite_ptr + out, finite.to(tl.int8), mask=row_ok)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_offsets_probe(out_ptr, problem, stride_problem, first_row, stride_row, BLOCK: tl.constexpr):
+        """The kernel's row offsets for rows ``first_row + [0, BLOCK)``, stored: what a test checks at
+        shapes too large to allocate."""
+        rows = first_row + tl.arange(0, BLOCK)
+        tl.store(out_ptr + tl.arange(0, BLOCK), _row_offsets(problem, stride_problem, rows, stride_row))
+
+
+def row_offsets(problem: int, stride_problem: int, first_row: int, stride_row: int, count: int = 8,
+                device: str = "cpu") -> torch.Tensor:
+    """``count`` row offsets as the kernel computes them (int64), for checking its addressing."""
+    out = torch.empty(count, dtype=torch.int64, device=device)
+    _row_offsets_probe[(1,)](out, problem, stride_problem, first_row, stride_row, BLOCK=count)
+    return out
 
 
 def _kernel_inputs(problem: RoundedProblem, precision: str, device: torch.device):
