@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The one script for a GPU machine: build there, run the CUDA tests (the Triton kernel and the
-# certified epilogue on the GPU included), memcheck a small case, measure the card's ceilings, time the
-# tensor-core pass (benchmarks/tensor_core_assign.py), the streamed assignment of a round
+# The one script for a GPU machine. First what needs no build (PYTHONPATH=.): the tensor-core pass of the
+# certified assignment against the same-run GEMM ceilings (benchmarks/tensor_core_assign.py: Triton and
+# PyTorch only, one JSON line per row, 1M before 10M, a deadline). Then build there, run the CUDA tests
+# (the Triton kernel and the certified epilogue on the GPU included) under timeouts, memcheck a small
+# case, measure the card's ceilings, time the streamed assignment of a round
 # (benchmarks/gpu_stream_assign.py), then the k-means benchmarks. Results go under $OUT (8 files at most
 # come back). Usage (from the repository root): OUT=/tmp/gpu bash benchmarks/gpu_check.sh [SIZES...]
 set -uo pipefail
@@ -18,6 +20,10 @@ step machine
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; nvcc --version | tail -2; } \
   2>&1 | tee "$OUT/machine.txt"
 
+step tensor-cores  # the Triton pass of the certified assignment against the same-run ceilings; no build
+PYTHONPATH=$PWD timeout 330 python3 benchmarks/tensor_core_assign.py --json "$OUT/tensor_cores.json" \
+  --deadline-s 270 2>&1 | tail -40
+
 step build
 if ! python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"; exit 1
@@ -25,8 +31,8 @@ fi
 python3 -c "import xdc_fast.ops as o; print('extension', o.HAS_EXTENSION, 'cuda kernels', o.HAS_CUDA_KERNELS)" | tee -a "$OUT/machine.txt"
 
 step tests
-python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_cluster.py tests/test_triton_assign.py \
-  tests/test_certified_epilogue.py 2>&1 | tee "$OUT/tests.log" | tail -25
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_assign.py tests/test_certified_epilogue.py \
+  tests/test_ops.py tests/test_cluster.py 2>&1 | tee "$OUT/tests.log" | tail -25
 
 step memcheck
 timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize_case.py > "$OUT/memcheck.log" 2>&1
@@ -35,9 +41,6 @@ grep -E "ERROR SUMMARY|sanitize case done" "$OUT/memcheck.log"
 
 step ceilings
 python3 benchmarks/gpu_ceilings.py --json "$OUT/ceilings.json" 2>&1 | tee -a "$OUT/machine.txt"
-
-step tensor-cores  # the Triton pass of the certified assignment against the same-run ceilings
-timeout 300 python3 benchmarks/tensor_core_assign.py --json "$OUT/tensor_cores.json" 2>&1 | tail -30
 
 step stream-assign  # a round's streamed assignment: 20M x 256 float16 rows resident, k = 1024 and 8192
 # Its JSON lines join machine.txt: $OUT already holds the 8 files that come back.
