@@ -219,3 +219,27 @@ def test_bench_kmeans_names_the_cpu_engine_and_times_each_forced_one():
         assert result.fma_peak_gflops > 0 and "FMA peak of that engine" in table
         assert result.flops / rows["xdc-fast"].assign_s / 1e9 < 1.2 * result.fma_peak_gflops
     assert os.environ.get(ops.CPU_ISA_VARIABLE) == before  # the forced engine does not outlive its row
+
+
+def test_the_gpu_training_check_runs_every_section_on_the_cpu(tmp_path):
+    """benchmarks/train_check.py, which a GPU machine runs once: here with the tiny arch, to know that
+    every section writes its row (timings are not judged) and that each (2+1)D convolution's 2-D form
+    computes what the Conv3d computes."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "check.jsonl"
+    done = subprocess.run([sys.executable, "benchmarks/train_check.py", "--device", "cpu", "--arch", "tiny",
+                           "--batch-size", "2", "--steps", "1", "--no-compile", "--deadline-s", "300",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "PYTHONPATH": "."})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    sections = [r["section"] for r in rows]
+    assert sections[0] == "ceiling" and sections[-1] == "done"
+    assert {"joint", "video", "reference", "audio", "profile", "conv"} <= set(sections)
+    assert not any("error" in r or "skipped" in r for r in rows), [r for r in rows if "error" in r or "skipped" in r]
+    assert [r["form"] for r in rows if r["section"] == "joint"] == ["eager", "eager_autotuned"]
+    convs = [r for r in rows if r["section"] == "conv"]
+    assert convs and all(r["same_output"] in (True, None) for r in convs)
+    assert sum(r["same_output"] is True for r in convs) >= len(convs) - 3  # only the shortcuts lack a 2-D form
