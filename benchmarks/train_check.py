@@ -36,7 +36,7 @@ from torch import nn
 
 from xdc_fast import engine
 from xdc_fast.bench.timing import gemm_rate, interleaved_best_times, machine
-from xdc_fast.bench.train import _synthetic, count_flops
+from xdc_fast.bench.train import _model, _synthetic, count_flops
 
 
 class Run:
@@ -70,22 +70,11 @@ class Run:
 
 
 def encoders(arch: str, modalities, dev):
-    from xdc_fast.models import build_audio_encoder, build_video_encoder
-
-    build = {"video": build_video_encoder, "audio": build_audio_encoder}
-    nets = {m: build[m](arch) for m in modalities}
-    model = engine.EncodersWithHeads(nets, {m: [engine.new_head(nets[m].feature_dim, 256)] for m in modalities})
-    model = model.to(dev)
-    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return _model(arch, "+".join(modalities), dev)
 
 
 def inputs_of(modalities, batch_size, dev, clip):
-    inputs, targets = {}, {}
-    for m in modalities:
-        i, t = _synthetic(m, batch_size, dev, clip)
-        inputs.update(i)
-        targets.update(t)
-    return inputs, targets
+    return _synthetic("+".join(modalities), batch_size, dev, clip)
 
 
 def step_rows(run: Run, name: str, arch: str, modalities, batch_size: int, steps: int, dev, clip, ceiling,

@@ -68,12 +68,15 @@ def test_bench_train_times_each_encoder_with_flops_and_a_loader(tmp_path):
     rows, shares = bench_train("cpu", ("tiny",), batch_size=2, steps=1, round_runner=None, loaders=("pyav",),
                                workers=0)
     assert [(r.arch, r.modality, r.loader) for r in rows] == [
-        ("tiny", "video", None), ("tiny", "audio", None), ("tiny", "video", "pyav"), ("tiny", "audio", "pyav")]
+        ("tiny", "video", None), ("tiny", "audio", None), ("tiny", "video+audio", None), ("tiny", "video", "pyav"),
+        ("tiny", "audio", "pyav")]
+    # The joint step (what XDC pretraining runs) costs what its two encoders' steps cost together.
+    assert rows[2].flops_per_clip == pytest.approx(rows[0].flops_per_clip + rows[1].flops_per_clip, rel=1e-6)
     assert all(math.isfinite(r.clips_per_second) and r.clips_per_second > 0 for r in rows)  # each was measured
     assert all(r.flops_per_clip > 0 for r in rows)
     assert rows[0].flops_per_clip > 10 * rows[1].flops_per_clip  # a video clip costs far more than 1 s of log-mel
-    assert [r.bound for r in rows] == [None, None] + [r.bound for r in rows[2:]]
-    assert all(r.bound in ("loader", "compute") for r in rows[2:])
+    assert [r.bound for r in rows] == [None, None, None] + [r.bound for r in rows[3:]]
+    assert all(r.bound in ("loader", "compute") for r in rows[3:])
     assert shares == {}
     ceiling = {"dtype": "float32", "size": 64, "flops_per_s": 1e9}
     table = format_train_table(rows, shares, "cpu", ceiling)
@@ -137,8 +140,8 @@ def test_bench_train_cli_writes_json(tmp_path):
     assert "clips/s" in result.output and "GEMM ceiling" in result.output
     record = json.loads(out.read_text())
     assert record["gemm_ceiling"]["dtype"] == "float32" and record["gemm_ceiling"]["flops_per_s"] > 0
-    assert [(r["arch"], r["encoder"], r["loader"]) for r in record["rows"]] == [("tiny", "video", None),
-                                                                              ("tiny", "audio", None)]
+    assert [(r["arch"], r["encoder"], r["loader"]) for r in record["rows"]] == [
+        ("tiny", "video", None), ("tiny", "audio", None), ("tiny", "video+audio", None)]
     for r in record["rows"]:
         assert {"clips_per_s", "flops_per_clip", "mfu", "bound"} <= set(r)
         assert r["clips_per_s"] > 0 and r["flops_per_clip"] > 0 and r["mfu"] is None

@@ -751,10 +751,12 @@ def plan(videos, clips_per_video, world, ranks_per_node, arch, variant, pca_dim,
 @click.option("--dali-pipelines", "dali_pipelines", multiple=True, default=("auto",), show_default=True,
               callback=lambda _ctx, _param, values: tuple(_pipelines(v) for v in values),
               help="DALI pipeline counts to time (repeat); auto: one per NVDEC engine of the card.")
+@click.option("--joint/--no-joint", default=True,
+              help="Also time the step XDC pretraining runs: both encoders and their heads together.")
 @click.option("--no-round", is_flag=True, help="Skip the tiny pretraining round that measures phase shares.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the figures as JSON here.")
-def bench_train_command(device, archs, batch_size, steps, loaders, workers, shards, dali_pipelines, no_round,
+def bench_train_command(device, archs, batch_size, steps, loaders, workers, shards, dali_pipelines, joint, no_round,
                         json_path):
     """Clips/s, model FLOPs per clip (torch.utils.flop_counter) and MFU of a training step per encoder and
     arch, the same step fed by each --loader (and which bound holds), and the share of a round spent
@@ -779,7 +781,7 @@ def bench_train_command(device, archs, batch_size, steps, loaders, workers, shar
     ceiling = gemm_rate(device)
     rows, shares = bench_module.bench_train(device, archs, batch_size, steps, None if no_round else one_round,
                                             progress=say, loaders=tuple(loaders), workers=workers,
-                                            shards=shards, dali_pipelines=dali_pipelines)
+                                            shards=shards, dali_pipelines=dali_pipelines, joint=joint)
     click.echo(bench_module.format_train_table(rows, shares, device, ceiling))
     if json_path:
         write_json(bench_module.train_json(rows, shares, device, ceiling, machine(device)), json_path)

@@ -70,20 +70,29 @@ class TrainRow:
         return self.flops_per_clip * self.clips_per_second if self.flops_per_clip and self.measured else None
 
 
+# The step XDC pretraining runs: both encoders and their heads, one SGD step on the summed losses.
+JOINT = "video+audio"
+
+
 def _model(arch: str, modality: str, dev: torch.device):
-    encoder = build_video_encoder(arch) if modality == "video" else build_audio_encoder(arch)
-    model = engine.EncodersWithHeads({modality: encoder}, {modality: [engine.new_head(encoder.feature_dim, 256)]})
+    """Encoders (``modality``: "video", "audio" or JOINT) with a 256-way head each, and their SGD."""
+    build = {"video": build_video_encoder, "audio": build_audio_encoder}
+    nets = {m: build[m](arch) for m in modality.split("+")}
+    model = engine.EncodersWithHeads(nets, {m: [engine.new_head(net.feature_dim, 256)] for m, net in nets.items()})
     model = model.to(dev)
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
 def _synthetic(modality: str, batch_size: int, dev: torch.device, clip: ClipConfig = ClipConfig()):
-    if modality == "video":
-        shape = (batch_size, 3, clip.frames, clip.crop, clip.crop)
-    else:
-        shape = (batch_size, 1, clip.n_mels, int(clip.audio_seconds * 1000 / clip.hop_ms) + 1)
-    return ({modality: engine.device_layout(torch.randn(shape, device=dev))},
-            {modality: [torch.randint(0, 256, (batch_size,), device=dev)]})
+    inputs, targets = {}, {}
+    for m in modality.split("+"):
+        if m == "video":
+            shape = (batch_size, 3, clip.frames, clip.crop, clip.crop)
+        else:
+            shape = (batch_size, 1, clip.n_mels, int(clip.audio_seconds * 1000 / clip.hop_ms) + 1)
+        inputs[m] = engine.device_layout(torch.randn(shape, device=dev))
+        targets[m] = [torch.randint(0, 256, (batch_size,), device=dev)]
+    return inputs, targets
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -176,9 +185,11 @@ def _run_round(round_runner: RoundRunner, say: Callable[[str], None]) -> dict:
 def bench_train(device: str = "cpu", archs: tuple[str, ...] = ("tiny",), batch_size: int = 4, steps: int = 3,
                 round_runner: RoundRunner | None = None, progress: Callable[[str], None] | None = None,
                 loaders: tuple[str, ...] = (), workers: int = 2, shards: bool = False,
-                dali_pipelines: tuple[int | str, ...] = ("auto",)) -> tuple[list[TrainRow], dict[str, float]]:
+                dali_pipelines: tuple[int | str, ...] = ("auto",), joint: bool = True
+                ) -> tuple[list[TrainRow], dict[str, float]]:
     """Clips/s and model FLOPs per clip of one SGD step (forward, backward, update) per encoder and arch on
-    ``device``; for each of ``loaders`` (pyav, dali) the same step fed by that loader with real clips, and
+    ``device``, and with ``joint`` of the step XDC pretraining runs (both encoders and their heads, the
+    row "video+audio"); for each of ``loaders`` (pyav, dali) the same step fed by that loader with real clips, and
     the bound that holds; and the share of one tiny pretraining round on synthetic data that each phase
     takes.
 
@@ -192,8 +203,8 @@ def bench_train(device: str = "cpu", archs: tuple[str, ...] = ("tiny",), batch_s
     rows = []
     computed = {}
     for arch in archs:
-        for modality in ("video", "audio"):
-            say(f"{arch} {modality} encoder, synthetic tensors")
+        for modality in ("video", "audio") + ((JOINT,) if joint else ()):
+            say(f"{arch} {modality} encoder{'s' if modality == JOINT else ''}, synthetic tensors")
             computed[arch, modality] = _compute_row(arch, modality, batch_size, steps, dev)
             rows.append(computed[arch, modality])
     if loaders and archs:
