@@ -182,9 +182,9 @@ def encode_clips_to_files(encoders: Mapping[str, nn.Module], dataset, batch_size
     Returns the files (``xdc_fast.features.RowFile``, as many rows as clips decoded) and the positions."""
     from .features import RowFile
 
-    rank = xdist.rank()
-    shard, _ = shard_items(dataset, rank, xdist.world_size())
-    most = len(shard)  # an upper bound on the rows: every clip of this rank's videos decodes
+    rank, world = xdist.rank(), xdist.world_size()
+    # An upper bound on the rows, every clip of this rank's videos decoding (shard_items gives it those).
+    most = len(range(rank, len(dataset.items), world)) * dataset.config.eval_clips
     files = {m: RowFile.create(Path(folder) / f"rank{rank}_{m}.npy", most, encoders[m].feature_dim, np.float32)
              for m in encoders}
     written, videos = 0, [np.zeros(0, np.int64)]
