@@ -320,17 +320,17 @@ def _plan_rounds(config: PretrainConfig, variant: Variant, videos: int, device, 
                           ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device=device.type,
                           streamed=streamed)
 
-    store = "memory" if config.round_features == "auto" else config.round_features
-    figures = plan(store == "disk")
-    if config.round_features == "auto":
+    store, chose = config.round_features, None
+    if store == "auto":
         try:
-            check_fits(figures)
+            check_fits(plan(False))
+            store = "memory"
         except XdcError:
-            store, figures = "disk", plan(True)
-    for line in figures.lines():
+            store, chose = "disk", "  the features do not fit in memory: each rank writes them to the run folder " \
+                                   "(round_features disk)"
+    figures = plan(store == "disk")
+    for line in figures.lines() + ([chose] if chose else []):
         log(line)
-    if config.round_features == "auto" and store == "disk":
-        log("  the features do not fit in memory: each rank writes them to the run folder (round_features disk)")
     check_fits(figures)
     return store
 
