@@ -186,10 +186,9 @@ def default_pipelines(device: str, device_id: int | None) -> int:
 
 
 class _Lane:
-    """One pipeline and its share of the batches (every ``pipelines``-th, from its ``first``)."""
+    """One pipeline and its share of the batches (every ``pipelines``-th batch of the pass)."""
 
     def __init__(self, loader: "DaliClipLoader", indices: list[int]):
-        self.loader = loader
         self.rest = indices  # the samples this lane has not yet delivered
         self.source, self.pipeline = loader._build(indices)
         self.produced = 0  # batches delivered by the current pipeline
