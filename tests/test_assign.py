@@ -63,6 +63,20 @@ def test_assign_on_the_training_videos_gives_back_the_rounds_assignments(run, tm
     assert json.loads((tmp_path / "a.json").read_text()) == result
 
 
+def test_a_balanced_rounds_assignments_come_back_from_assign(tmp_path):
+    """A round labelled by the balanced assignment keeps its offsets: assign reproduces its labels, which
+    the nearest centroid alone need not."""
+    dataset = prepared_synthetic(tmp_path / "data", **MEDIA, seed=2)
+    run_dir = tmp_path / "run"
+    pretrain(dataset, run_dir, PretrainConfig(**{**RUN, "epochs": 1, "assignment": "balanced"}), log=lambda *_: None)
+    saved = saved_round(run_dir, 0)
+    result = assign(run_dir, dataset, tmp_path / "a.json", 0, device="cpu", log=lambda *_: None)
+    for name in result["clusterings"]:
+        assert saved["clusterings"][name]["offsets"].shape == (RUN["clusters"],)
+        assert result["clips"][name]["cluster"] == saved[f"{name}_clip_labels"].tolist(), name
+        assert max(np.bincount(saved[f"{name}_clip_labels"].numpy())) <= 5  # 12 clips in 3 clusters of about 4
+
+
 def test_assign_on_new_videos_equals_nearest_centroids_of_extracted_features(run, new_videos, tmp_path):
     """The oracle: per-clip features from `extract` with the round's encoder checkpoint, whitened with the
     saved mean and projection and assigned to the saved centroids in float64 numpy."""

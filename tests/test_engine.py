@@ -75,6 +75,41 @@ def test_shift_log_mel_moves_each_clip_along_the_mel_axis():
     assert np.array_equal(shifted[0], x[0])
 
 
+def _colour_jitter_oracle(rgb: np.ndarray, brightness, contrast, saturation, hue) -> np.ndarray:
+    """float64, pixel by pixel with colorsys: [T,H,W,3] in [0, 1] through torchvision's jitter order."""
+    import colorsys
+
+    grey = lambda x: x @ np.array([0.2989, 0.587, 0.114])  # noqa: E731  (ITU-R 601, as torchvision)
+    x = np.clip(rgb * brightness, 0, 1)
+    x = np.clip(contrast * x + (1 - contrast) * grey(x).mean(axis=(1, 2))[:, None, None, None], 0, 1)
+    x = np.clip(saturation * x + (1 - saturation) * grey(x)[..., None], 0, 1)
+    out = np.empty_like(x)
+    for index in np.ndindex(x.shape[:3]):
+        h, s, v = colorsys.rgb_to_hsv(*x[index])
+        out[index] = colorsys.hsv_to_rgb((h + hue) % 1.0, s, v)
+    return out
+
+
+def test_jitter_colours_matches_a_pixelwise_float64_oracle_and_keeps_each_clip_consistent():
+    from xdc_fast.data.clips import VIDEO_MEAN, VIDEO_STD
+
+    generator = torch.Generator().manual_seed(5)
+    rgb = torch.rand(3, 2, 4, 5, 3, generator=generator, dtype=torch.float64)  # [B,T,H,W,3] in [0, 1]
+    mean, std = np.array(VIDEO_MEAN), np.array(VIDEO_STD)
+    video = torch.from_numpy((rgb.numpy() - mean) / std).permute(0, 4, 1, 2, 3).float()  # [B,3,T,H,W]
+    draws = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.9, 0.1, 0.3, 0.8], [0.0, 1.0, 0.99, 0.02]])
+    strength = 0.4
+    jittered = engine.jitter_colours(video, draws, strength)
+    assert jittered.shape == video.shape and jittered.dtype == video.dtype
+    got = jittered.permute(0, 2, 3, 4, 1).double().numpy() * std + mean
+    for b, (u_brightness, u_contrast, u_saturation, u_hue) in enumerate(draws.double().tolist()):
+        factor = lambda u: 1 + strength * (2 * u - 1)  # noqa: E731
+        expected = _colour_jitter_oracle(rgb[b].numpy(), factor(u_brightness), factor(u_contrast),
+                                         factor(u_saturation), strength / 2 * (2 * u_hue - 1))
+        assert np.abs(got[b] - expected).max() < 2e-5, b
+    assert np.abs(got[0] - rgb[0].numpy()).max() < 1e-5  # the middle draw changes nothing
+
+
 def test_shards_cover_every_video_once():
     class Items:
         items = list(range(7))

@@ -286,3 +286,31 @@ def test_auto_keeps_a_round_in_memory_when_it_fits_and_says_so_when_it_does_not(
     pretrain(dataset, tmp_path / "tight", PretrainConfig(**FAST), log=lines.append)
     assert any("round_features disk" in line for line in lines)
     assert (tmp_path / "tight" / "clusters" / "round_000.pt").exists()
+
+
+def test_colour_jitter_changes_the_training_clips_colours_and_nothing_else(dataset, tmp_path, monkeypatch):
+    """Every training step of a jittered run sees the clips of the plain run with each clip's colours
+    changed by its own seeded draw (the stream colour_jitter, epoch 0), and the same audio."""
+    from xdc_fast import engine
+    from xdc_fast.seeds import numpy_rng
+
+    seen = {}
+    step = engine.supervised_step
+
+    def recording(model, optimizers, inputs, targets, **kwargs):
+        seen.setdefault(current, []).append({m: x.clone() for m, x in inputs.items()})
+        return step(model, optimizers, inputs, targets, **kwargs)
+
+    monkeypatch.setattr(engine, "supervised_step", recording)
+    for current in (0.0, 0.5):
+        pretrain(dataset, tmp_path / f"run{current}", PretrainConfig(variant="xdc", colour_jitter=current,
+                                                                      audio_shift=0, **FAST), log=lambda *_: None)
+    draws = torch.from_numpy(numpy_rng(0, "colour_jitter", 0, 0).random((6, 4)))
+    assert len(seen[0.0]) == len(seen[0.5]) >= 2
+    for plain, jittered in zip(seen[0.0], seen[0.5]):
+        assert torch.equal(plain["audio"], jittered["audio"])
+        assert not torch.allclose(plain["video"], jittered["video"], atol=1e-3)
+        # which draw each clip took: the one that maps its plain clip onto its jittered one
+        for b in range(len(plain["video"])):
+            assert any(torch.allclose(engine.jitter_colours(plain["video"][b:b + 1], draws[i:i + 1], 0.5),
+                                      jittered["video"][b:b + 1], atol=1e-5) for i in range(len(draws)))

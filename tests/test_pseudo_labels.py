@@ -121,3 +121,72 @@ def test_measures_read_in_chunks_of_whole_videos_equal_the_measures_in_memory(tm
         assert set(got) == set(expected)
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{key}, chunks of {chunk_rows}")
+
+
+# ---- the balanced assignment -----------------------------------------------------------------------------
+
+def _unbalanced_mixture(seed=0, sizes=(110, 50, 30, 10), width=8):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(sizes), width))
+    x = np.concatenate([centres[j] + 0.4 * rng.normal(size=(n, width)) for j, n in enumerate(sizes)])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    bounds = np.cumsum((0, *sizes))
+    c = np.stack([x[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])
+    return x, c
+
+
+def test_balanced_labels_are_near_the_exact_equal_size_transport():
+    """Oracle: the exact assignment of the clips to K equal shares at least total squared distance
+    (scipy's linear_sum_assignment over K copies of each centroid), in float64."""
+    from scipy.optimize import linear_sum_assignment
+
+    from xdc_fast.pseudo_labels import balanced_offsets, offset_labels
+
+    x, c = _unbalanced_mixture()
+    n, k = x.shape[0], c.shape[0]
+    offsets = balanced_offsets(torch.from_numpy(x).float(), torch.from_numpy(c).float())
+    labels = offset_labels(torch.from_numpy(x).float(), torch.from_numpy(c).float(), offsets)
+    d64 = ((x[:, None] - c[None]) ** 2).sum(-1)
+    _, column = linear_sum_assignment(np.repeat(d64, n // k, axis=1))
+    exact = column // (n // k)
+    assert np.bincount(d64.argmin(1), minlength=k).max() > 2 * n // k  # the nearest centroid is far from balanced
+    sizes = np.bincount(labels, minlength=k)
+    assert sizes.min() >= 0.85 * n / k and sizes.max() <= 1.15 * n / k, sizes
+    assert (labels == exact).mean() >= 0.9
+    assert d64[np.arange(n), labels].sum() <= 1.05 * d64[np.arange(n), exact].sum()
+    # the labels follow from the offsets alone: distance plus offset, argmin, in float64
+    assert np.array_equal(labels, (d64 + offsets.double().numpy()[None]).argmin(1))
+
+
+def test_balanced_assignment_reads_row_files_as_it_reads_memory(tmp_path):
+    from xdc_fast.features import RowFile
+    from xdc_fast.pseudo_labels import _chunks_of, balanced_offsets, offset_labels
+
+    x, c = _unbalanced_mixture(seed=1)
+    points = torch.from_numpy(x.astype(np.float16).astype(np.float32))
+    stored = RowFile.create(tmp_path / "points.npy", len(x), x.shape[1])
+    stored.write(0, x.astype(np.float16))
+    centroids = torch.from_numpy(c).float()
+    in_memory = balanced_offsets(points, centroids)
+    from_disk = balanced_offsets(stored, centroids)
+    assert torch.allclose(in_memory, from_disk, atol=1e-5)
+    assert np.array_equal(offset_labels(points, centroids, in_memory), offset_labels(stored, centroids, from_disk))
+    assert sum(len(block) for block in _chunks_of(stored, rows=7)) == len(x)
+
+
+def test_a_balanced_round_keeps_its_offsets_and_its_labels_follow_them():
+    from xdc_fast.cluster import apply_whitening
+    from xdc_fast.pseudo_labels import assignment_measures
+
+    rng = np.random.default_rng(4)
+    features = {m: np.concatenate([rng.normal(size=(90, 6)), rng.normal(size=(10, 6)) + 4]).astype(np.float32)
+                for m in ("video", "audio")}
+    spec = ClusteringSpec(clusters=4, pca_dim=0, niter=10, nredo=1, clips_per_video=2, balanced=True)
+    fit = fit_round(features, VARIANTS["xdc"], spec, 0, 0, np.arange(100))
+    for name, transform in fit.transforms.items():
+        sizes = np.bincount(fit.labels[name], minlength=4)
+        assert sizes.min() >= 20 and sizes.max() <= 30, sizes
+        points = apply_whitening(torch.from_numpy(features[name]), transform["whitening"])
+        again = assignment_measures(points, transform["centroids"], np.arange(100), 50, 2,
+                                    offsets=transform["offsets"])
+        assert np.array_equal(again["clip_labels"], fit.labels[name])

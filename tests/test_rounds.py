@@ -33,7 +33,8 @@ def test_a_round_file_reads_back_as_written(tmp_path):
               "video_distance": rng.random(10, dtype=np.float32), "video_margin": rng.random(10, dtype=np.float32)}
     written = RoundFile([f"v{i}" for i in range(10)], 2, [torch.randn(1, 4, 3)], {"video": labels}, 3, "sdc-video",
                         {"frames": 8}, 3, encoders_of_round(3), "ab" * 32,
-                        {"video": {"inputs": ["video"], "whitening": whitening, "centroids": torch.randn(4, 3)}})
+                        {"video": {"inputs": ["video"], "whitening": whitening, "centroids": torch.randn(4, 3),
+                                   "offsets": torch.rand(4)}})
     path = round_file(tmp_path, 3)
     path.parent.mkdir()
     written.save(path)
@@ -45,6 +46,7 @@ def test_a_round_file_reads_back_as_written(tmp_path):
         assert np.array_equal(back.assignments["video"][key], value)
     again = back.clusterings["video"]["whitening"]
     assert torch.equal(again.projection, whitening.projection) and torch.equal(again.mean, whitening.mean)
+    assert torch.equal(back.clusterings["video"]["offsets"], written.clusterings["video"]["offsets"])
     assert read_round(path).to_dict().keys() == written.to_dict().keys()
 
 

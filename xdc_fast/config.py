@@ -320,6 +320,10 @@ class PretrainConfig(SgdSettings):
                                  "reads them back, for rounds larger than memory; stored in float16 after the "
                                  "whitening), or auto: memory where the plan printed at start fits this machine, "
                                  "else disk.", choices=("auto", "memory", "disk"))
+    assignment: str = option("nearest", "How a round labels its clips once k-means has its centroids: nearest (each "
+                             "clip its nearest centroid, DeepCluster's and XDC's rule) or balanced (the clusters "
+                             "made about equal in size at the least cost in distance: Sinkhorn-Knopp's optimal "
+                             "transport, as SeLa, SwAV and SeLaVi label).", choices=("nearest", "balanced"))
     kmeans_nredo: int | str = option("auto", "k-means restarts; each modality keeps its lowest objective. auto: 3 "
                                      "while clips x clusters stays under 5e7 (restarts are cheap there), else 1.",
                                      min=1, auto=True)
@@ -342,6 +346,11 @@ class PretrainConfig(SgdSettings):
                               "so a pitch of its own no longer identifies a video and the audio encoder must "
                               "learn what clips share rather than memorise its videos' targets. 0: off.",
                               min=0)
+    colour_jitter: float = option(0.0, "Training augmentation: each training clip's brightness, contrast and "
+                                  "saturation scaled by a factor drawn in [1 - x, 1 + x] and its hue turned by up "
+                                  "to x / 2 of a turn, the same over its frames, so a video's colours no longer "
+                                  "identify it and the video encoder must learn what its cluster shares rather "
+                                  "than memorise its videos' targets. 0: off.", min=0, max=1)
     max_unreadable: float = option(0.05, "Share of videos whose fixed clips may all fail to decode in a round "
                                    "(they sit it out, listed in metrics.jsonl); more stops the run.", min=0, max=1)
     clip: dict = option(None, "Clip geometry overrides (frames, stride, resize_short, crop, audio_seconds, "

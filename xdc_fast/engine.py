@@ -114,6 +114,30 @@ def shift_log_mel(log_mel: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     return torch.gather(log_mel, 2, index)
 
 
+def jitter_colours(video: torch.Tensor, draws: torch.Tensor, strength: float) -> torch.Tensor:
+    """Each clip of a normalised ``video [B,3,T,H,W]`` with its colours changed by one draw ``draws[b]`` of
+    four uniforms in [0, 1), the same for all its frames: brightness, contrast and saturation scaled by a
+    factor in [1 - strength, 1 + strength] and the hue turned by up to ``strength / 2`` of a turn either way
+    (torchvision's colour jitter, in that order)."""
+    import torchvision.transforms.v2.functional as tvf
+
+    from .data.clips import VIDEO_MEAN, VIDEO_STD
+
+    mean = torch.tensor(VIDEO_MEAN, device=video.device, dtype=video.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(VIDEO_STD, device=video.device, dtype=video.dtype).view(1, 3, 1, 1)
+    factors = 1.0 + strength * (2.0 * draws.double() - 1.0)
+    hue = (min(strength, 1.0) / 2) * (2.0 * draws[:, 3].double() - 1.0)
+    out = torch.empty_like(video)
+    for b in range(video.shape[0]):
+        frames = (video[b].transpose(0, 1) * std + mean).clamp_(0.0, 1.0)  # [T,3,H,W] in [0, 1]
+        frames = tvf.adjust_brightness(frames, float(factors[b, 0]))
+        frames = tvf.adjust_contrast(frames, float(factors[b, 1]))
+        frames = tvf.adjust_saturation(frames, float(factors[b, 2]))
+        frames = tvf.adjust_hue(frames, float(hue[b]))
+        out[b] = ((frames - mean) / std).transpose(0, 1)
+    return device_layout(out)
+
+
 def to_device(batch: dict, names: Iterable[str], device: torch.device) -> dict[str, torch.Tensor]:
     return {m: device_layout(batch[m].to(device, non_blocking=True)) for m in names}
 

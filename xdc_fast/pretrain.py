@@ -410,7 +410,7 @@ def _cluster(encoders, data: RunData, config: PretrainConfig, variant: Variant, 
 
     cpv = config.clips_per_video
     spec = ClusteringSpec(config.clusters, config.pca_dim, config.kmeans_niter, config.kmeans_nredo, cpv,
-                          config.kmeans_max_points_per_centroid or None)
+                          config.kmeans_max_points_per_centroid or None, balanced=config.assignment == "balanced")
     folder = out / "features" / f"round_{round_index:03d}"
     t0 = time.perf_counter()
     if store == "disk":
@@ -565,6 +565,9 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
     if config.audio_shift and "audio" in targets:
         shifts = torch.from_numpy(numpy_rng(config.seed, "audio_shift", epoch, 0).integers(
             -config.audio_shift, config.audio_shift + 1, size=len(data.train_set)))
+    colours = None
+    if config.colour_jitter and "video" in targets:
+        colours = torch.from_numpy(numpy_rng(config.seed, "colour_jitter", epoch, 0).random((len(data.train_set), 4)))
     for step, batch in enumerate(loader, start=start_step):
         engine.set_lr(optimizers, float(rates[min(step, len(rates) - 1)]))
         run["skipped"] += batch["skipped"]
@@ -575,6 +578,8 @@ def train_one_epoch(model, optimizers, targets: dict[str, list[np.ndarray]], dat
         inputs = engine.to_device(batch, targets, device)
         if shifts is not None:
             inputs["audio"] = engine.shift_log_mel(inputs["audio"], shifts[index])
+        if colours is not None:
+            inputs["video"] = engine.jitter_colours(inputs["video"], colours[index].to(device), config.colour_jitter)
         figures = engine.supervised_step(model, optimizers, inputs, wanted,
                                          max_grad_norm=10.0,
                                          where=f"at epoch {epoch}; the last good checkpoint is checkpoints/last.pt "

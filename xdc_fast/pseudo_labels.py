@@ -28,6 +28,71 @@ class ClusteringSpec:
     nredo: int
     clips_per_video: int
     max_points_per_centroid: int | None = None  # train on a sample of about k x this many clips; None: all
+    balanced: bool = False  # labels from the balanced assignment (Sinkhorn) rather than the nearest centroid
+
+
+# ---- the balanced assignment ------------------------------------------------------------------------------
+
+SINKHORN_EPSILON = 0.05  # entropy weight against squared distances of L2-normalised points (range 0-4)
+SINKHORN_ITERATIONS = 30
+
+
+def _chunks_of(points, rows: int = 1 << 16):
+    """Blocks of ``points``: a tensor, or a row file (``xdc_fast.features.RowFile``) read from disk."""
+    if isinstance(points, torch.Tensor):
+        for start in range(0, len(points), rows):
+            yield points[start:start + rows].float()
+    else:
+        for _, block in points.chunks(rows):
+            yield torch.from_numpy(block.astype(np.float32))
+
+
+def _squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    return (x.pow(2).sum(1, keepdim=True) - 2 * x @ centroids.T + centroids.pow(2).sum(1)[None]).clamp_min_(0)
+
+
+def balanced_offsets(points, centroids: torch.Tensor, *, epsilon: float = SINKHORN_EPSILON,
+                     iterations: int = SINKHORN_ITERATIONS) -> torch.Tensor:
+    """Per-centroid offsets ``o [K]`` such that labelling each clip ``argmin_j ||x - c_j||^2 + o_j`` splits
+    every rank's clips (``points``: this rank's, a tensor or a row file) into clusters of about equal
+    size while staying as near as it can to the centroids: the entropic optimal transport of the clips
+    onto K equal shares, solved by Sinkhorn-Knopp's alternating scalings (SeLa, SwAV, SeLaVi).
+
+    Only the K column scalings are kept: each pass normalises every clip's row exactly as it streams
+    past and all-reduces the K column masses, so memory is one chunk whatever the number of clips, and
+    the hard labels follow from the offsets alone (the assignment of new clips reproduces them)."""
+    centroids = centroids.float()
+    k = centroids.shape[0]
+    total = float(xdist.all_reduce_sum(torch.tensor([_rows_of(points)], dtype=torch.float64))[0])
+    log_scale = torch.zeros(k, dtype=torch.float64)
+    for _ in range(iterations):
+        mass = torch.zeros(k, dtype=torch.float64)
+        for x in _chunks_of(points):
+            logits = -_squared_distances(x, centroids).double() / epsilon + log_scale
+            mass += torch.softmax(logits, dim=1).sum(0)
+        mass = xdist.all_reduce_sum(mass)
+        log_scale -= torch.log(mass.clamp_min(1e-300) * k / max(total, 1.0))
+    return (-epsilon * (log_scale - log_scale.max())).float()
+
+
+def offset_labels(points, centroids: torch.Tensor, offsets: torch.Tensor) -> np.ndarray:
+    """Each clip's label under per-centroid ``offsets`` (see :func:`balanced_offsets`)."""
+    centroids, offsets = centroids.float(), offsets.float()
+    parts = [(_squared_distances(x, centroids) + offsets[None]).argmin(1) for x in _chunks_of(points)]
+    return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.int64)
+
+
+def _rows_of(points) -> int:
+    return len(points) if isinstance(points, torch.Tensor) else points.rows
+
+
+def balance_round(fit: "RoundFit") -> None:
+    """Replace every clustering's labels of ``fit`` by the balanced assignment to its centroids, and keep
+    the offsets in its transform (the round file stores them, so assigning new clips agrees)."""
+    for name, transform in fit.transforms.items():
+        offsets = balanced_offsets(fit.points[name], transform["centroids"])
+        transform["offsets"] = offsets
+        fit.labels[name] = offset_labels(fit.points[name], transform["centroids"], offsets)
 
 
 class DatasetPermutationInit:
@@ -96,7 +161,10 @@ def fit_round(features: dict[str, np.ndarray], variant_: Variant, spec: Clusteri
         labels["concat"] = fitted[1].labels[0].numpy()
         transforms["concat"] = {"inputs": names, "whitening": joint_whitening, "centroids": fitted[1].centroids[0]}
         points["concat"] = joint
-    return RoundFit(labels, [km.centroids for km in fitted], transforms, points)
+    round_fit = RoundFit(labels, [km.centroids for km in fitted], transforms, points)
+    if spec.balanced:
+        balance_round(round_fit)
+    return round_fit
 
 
 def fit_round_files(files: dict, variant_: Variant, spec: ClusteringSpec, seed: int, round_index: int,
@@ -139,7 +207,10 @@ def fit_round_files(files: dict, variant_: Variant, spec: ClusteringSpec, seed: 
         fitted.append(fit([points["concat"]], 1))
         labels["concat"] = fitted[1].labels[0]
         transforms["concat"] = {"inputs": names, "whitening": joint_whitening, "centroids": fitted[1].centroids[0]}
-    return RoundFit(labels, [f.centroids for f in fitted], transforms, points)
+    round_fit = RoundFit(labels, [f.centroids for f in fitted], transforms, points)
+    if spec.balanced:
+        balance_round(round_fit)
+    return round_fit
 
 
 def video_labels(clip_labels: np.ndarray, clips_per_video: int) -> np.ndarray:
@@ -195,11 +266,13 @@ def cluster_sizes(per_video: dict[str, np.ndarray], k: int = 0) -> dict:
 # ---- how sure each assignment is ---------------------------------------------------------------------
 
 def assignment_measures(points: torch.Tensor, centroids: torch.Tensor, positions: np.ndarray, num_videos: int,
-                        clips_per_video: int, clip_labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                        clips_per_video: int, clip_labels: np.ndarray | None = None,
+                        offsets: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Labels, distances and margins of clips (``points [n, d]``, already transformed) against one
     clustering's ``centroids [K, d]``, per clip and per video. ``positions`` places each clip at
     ``video * clips_per_video + clip``; ``clip_labels`` are the labels when known (a round's own), else
-    the nearest centroids are computed here.
+    the nearest centroids are computed here (with a balanced round's ``offsets``, the labels that
+    assignment gives: :func:`offset_labels`).
 
     Per clip: ``distance`` is the squared distance to its own centroid, ``margin`` the distance to the
     second-nearest minus that (0: a tie). Per video: the label is the mode of its clips' (as training
@@ -209,7 +282,9 @@ def assignment_measures(points: torch.Tensor, centroids: torch.Tensor, positions
     videos are -1 (labels) and NaN."""
     points = points.float()
     centroids = centroids.to(points.device).float()
-    if clip_labels is None:
+    if clip_labels is None and offsets is not None:
+        labels = torch.from_numpy(offset_labels(points.cpu(), centroids.cpu(), offsets)).to(points.device)
+    elif clip_labels is None:
         labels, _ = kmeans_assign(points, centroids)
     else:
         labels = torch.as_tensor(np.asarray(clip_labels), dtype=torch.long, device=points.device)

@@ -148,7 +148,9 @@ class RoundFile:
             state.update({"format": ROUND_FORMAT, "round": self.round, "variant": self.variant, "clip": dict(self.clip),
                           "pca_dim": self.pca_dim, "encoders": self.encoders, "encoders_sha256": self.encoders_sha256,
                           "clusterings": {name: {"inputs": list(c["inputs"]), **c["whitening"].to_dict(),
-                                                 "centroids": c["centroids"].detach().cpu()}
+                                                 "centroids": c["centroids"].detach().cpu(),
+                                                 **({"offsets": c["offsets"].detach().cpu()}
+                                                    if c.get("offsets") is not None else {})}
                                           for name, c in self.clusterings.items()}})
         return state
 
@@ -160,7 +162,8 @@ class RoundFile:
         clusterings = None
         if "clusterings" in state:
             clusterings = {name: {"inputs": list(c["inputs"]), "whitening": Whitening.from_dict(c),
-                                  "centroids": c["centroids"]} for name, c in state["clusterings"].items()}
+                                  "centroids": c["centroids"], "offsets": c.get("offsets")}
+                           for name, c in state["clusterings"].items()}
         return cls(list(state["ids"]), int(state.get("clips_per_video", 1)), list(state.get("centroids", [])), assignments,
                    int(state["round"]) if "round" in state else None, state.get("variant"),
                    dict(state["clip"]) if "clip" in state else None, state.get("pca_dim"), state.get("encoders"),
@@ -178,8 +181,8 @@ def describe_fit(fit: RoundFit, measures: dict[str, dict], *, ids: list[str], cl
     features."""
     assignments = {name: {"clip_labels": clip_labels[name], "video_labels": video_labels[name],
                           **{key: measures[name][key] for key in ASSIGNMENT_KEYS[2:]}} for name in clip_labels}
-    clusterings = {name: {"inputs": list(t["inputs"]), "whitening": t["whitening"], "centroids": t["centroids"]}
-                   for name, t in fit.transforms.items()}
+    clusterings = {name: {"inputs": list(t["inputs"]), "whitening": t["whitening"], "centroids": t["centroids"],
+                          "offsets": t.get("offsets")} for name, t in fit.transforms.items()}
     return RoundFile(ids, clips_per_video, fit.centroids, assignments, round_index, variant_name, dict(clip), pca_dim,
                      encoders_of_round(round_index), fingerprint, clusterings)
 
@@ -282,5 +285,6 @@ def measure_dataset(saved: RoundFile, encoders: torch.nn.ModuleDict, run_config:
     for name, clustering in saved.clusterings.items():
         joined = torch.cat([torch.from_numpy(features[m]) for m in clustering["inputs"]], dim=1).to(device)
         points = apply_whitening(joined, clustering["whitening"])
-        measured[name] = assignment_measures(points, clustering["centroids"], positions, len(items), cpv)
+        measured[name] = assignment_measures(points, clustering["centroids"], positions, len(items), cpv,
+                                             offsets=clustering.get("offsets"))
     return items, measured

@@ -21,6 +21,7 @@ STREAMS = {
     "sampler": "order of the balanced draws of epoch e, whatever the world size (key 0; key 1: the padding). "
                "Key 0 is the stream a single process always drew from, so one-process runs draw as they did",
     "audio_shift": "pretraining: the mel shift of each training clip in epoch e (key 0, as for the sampler)",
+    "colour_jitter": "pretraining: the colour change of each training clip in epoch e (key 0)",
     "split": "stratified train/test split of a dataset without official splits",
     "order": "finetuning: order of the training clips of epoch e",
     "shards": "clip_order shards: the order of the clip shards in epoch e, and of the draws within each",
