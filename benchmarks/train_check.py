@@ -10,7 +10,8 @@ informative first:
 1. ``ceiling``: the bf16 ``torch.mm`` 8192³ rate of this run (MFU is held against it).
 2. ``joint``: the step ``pretrain`` runs for XDC: video (R(2+1)D-18) and audio encoders with a 256-way
    head each, one SGD step on the summed cross-entropy, bf16 autocast, video clips in
-   ``channels_last_3d``; eager with cuDNN's autotuner off and on, then compiled (``torch.compile``).
+   ``channels_last_3d``; eager with cuDNN's autotuner off and on, eager with the (2+1)D convolutions
+   as 2-D ones on views (``xdc_fast.models.r2plus1d.use_2d_views``), then compiled (``torch.compile``).
 3. ``reference``: torchvision's video-classification recipe for R(2+1)D-18 (``references/video_classification``:
    fp16 autocast with a GradScaler, contiguous clips, cuDNN's autotuner on, eager), on the same clip
    shape and batch, so the table reads ours against it as a ratio as well as MFU.
@@ -37,6 +38,7 @@ from torch import nn
 from xdc_fast import engine
 from xdc_fast.bench.timing import gemm_rate, interleaved_best_times, machine
 from xdc_fast.bench.train import _model, _synthetic, count_flops
+from xdc_fast.models.r2plus1d import conv_on_views, has_2d_form, use_2d_views
 
 
 class Run:
@@ -90,6 +92,7 @@ def step_rows(run: Run, name: str, arch: str, modalities, batch_size: int, steps
             continue
         torch.backends.cudnn.benchmark = form != "eager"
         timed = model
+        use_2d_views(model, on=form == "eager_autotuned_2d_views")
         if form == "compiled":
             timed = engine.EncodersWithHeads({m: torch.compile(model.encoders[m]) for m in modalities},
                                              model.heads)
@@ -103,6 +106,7 @@ def step_rows(run: Run, name: str, arch: str, modalities, batch_size: int, steps
                 seconds_per_step=s, clips_per_s=batch_size / s, flops_per_clip=flops,
                 mfu=flops * batch_size / s / ceiling if ceiling else None, setup_s=time.perf_counter() - t0)
     torch.backends.cudnn.benchmark = False
+    use_2d_views(model, on=False)
     return seconds
 
 
@@ -196,27 +200,6 @@ def conv_shapes(arch: str, batch_size: int, dev, clip) -> list[tuple]:
     return list(seen.items())
 
 
-def has_2d_form(conv: nn.Conv3d) -> bool:
-    """A (2+1)D factor: spatial (1, k, k) without a temporal stride, or temporal (k, 1, 1)."""
-    kt, kh, kw = conv.kernel_size
-    return (kt == 1 and conv.stride[0] == 1 and conv.padding[0] == 0) or (kh == 1 and kw == 1 and conv.padding[1:] == (0, 0))
-
-
-def as_2d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """The (2+1)D factor ``conv`` (see has_2d_form) as a Conv2d on a view of ``x [B, C, T, H, W]``, same weights."""
-    b, c, t, h, w = x.shape
-    kt, kh, kw = conv.kernel_size
-    if kt == 1 and conv.stride[0] == 1:  # spatial: frames folded into the batch
-        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
-        out = nn.functional.conv2d(frames, conv.weight[:, :, 0], None, conv.stride[1:], conv.padding[1:])
-        return out.reshape(b, t, *out.shape[1:]).transpose(1, 2)
-    if kh == 1 and kw == 1:  # temporal: height and width folded into one axis
-        seq = x.reshape(b, c, t, h * w)
-        out = nn.functional.conv2d(seq, conv.weight[..., 0], None, (conv.stride[0], 1), (conv.padding[0], 0))
-        return out.reshape(b, out.shape[1], out.shape[2], h, w)[..., ::conv.stride[1], ::conv.stride[2]]
-    raise ValueError(f"no 2-D form for a kernel of {conv.kernel_size} with stride {conv.stride}")
-
-
 def conv_rows(run: Run, arch: str, batch_size: int, steps: int, dev, clip) -> None:
     cuda = dev.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -234,13 +217,13 @@ def conv_rows(run: Run, arch: str, batch_size: int, steps: int, dev, clip) -> No
             layout(x3).sum().backward()
 
         def conv2d():
-            as_2d(conv, x3).sum().backward()
+            conv_on_views(conv, x3).sum().backward()
 
         jobs, same = {"conv3d": conv3d}, None
-        if has_2d_form(conv):  # the downsampling shortcut (1x1x1, stride 2 in time too) has none
+        if has_2d_form(conv):  # the downsampling shortcut (1x1x1, strided in space) has none
             jobs["conv2d_view"] = conv2d
             tolerance = 0.05 if cuda else 1e-4  # bf16 on the GPU
-            same = bool(torch.allclose(as_2d(conv, x3).float(), layout(x3).float(), atol=tolerance, rtol=tolerance))
+            same = bool(torch.allclose(conv_on_views(conv, x3).float(), layout(x3).float(), atol=tolerance, rtol=tolerance))
         times = interleaved_best_times(jobs, steps, dev)
         # Forward, input gradient and weight gradient: 3 x 2 FLOPs per multiply-add of the forward pass.
         multiply_adds = layout(x3).numel() * conv.in_channels * conv.weight[0, 0].numel()
@@ -272,7 +255,8 @@ def main() -> None:
     ceiling = rate["flops_per_s"] if rate["dtype"] == "bfloat16" else None
     run.row(section="ceiling", device=machine(dev), **rate, torch=torch.__version__)
     ours: dict = {}
-    forms = ("eager", "eager_autotuned") + (() if args.no_compile else ("compiled",))
+    # The (2+1)D convolutions as 2-D ones on views (same weights), next to the default eager step.
+    forms = ("eager", "eager_autotuned", "eager_autotuned_2d_views") + (() if args.no_compile else ("compiled",))
     run.guarded("joint", 60, lambda: step_rows(run, "joint", args.arch, ("video", "audio"), args.batch_size,
                                                args.steps, dev, clip, ceiling, forms))
     video = lambda: step_rows(run, "video", args.arch, ("video",), args.batch_size, args.steps, dev, clip,  # noqa: E731

@@ -71,3 +71,32 @@ def test_the_default_arch_follows_the_device():
     from xdc_fast.models import ARCHS, default_arch
 
     assert ARCHS[default_arch("cpu")].meant_for == "cpu" and ARCHS[default_arch("cuda")].meant_for == "cuda"
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_2d_views_give_the_conv3d_outputs_and_gradients_with_the_same_parameters(layout):
+    """Oracle: the same encoder with its Conv3d modules, in float64; parameters and their names unchanged,
+    and every (2+1)D convolution changed but the temporally strided shortcut."""
+    from xdc_fast.models.r2plus1d import Conv3dOnViews, use_2d_views
+
+    torch.manual_seed(0)
+    reference = build_video_encoder("tiny").double().eval()
+    views = build_video_encoder("tiny").double().eval()
+    views.load_state_dict(reference.state_dict())
+    changed = use_2d_views(views)
+    convs = [m for m in views.modules() if isinstance(m, torch.nn.Conv3d)]
+    strided_shortcuts = [m for m in convs if m.kernel_size == (1, 1, 1) and m.stride[0] == 2]
+    assert changed == len(convs) - len(strided_shortcuts) and len(strided_shortcuts) == 3
+    assert all(type(m) is torch.nn.Conv3d for m in strided_shortcuts)
+    assert list(views.state_dict()) == list(reference.state_dict())
+    x = torch.randn(2, 3, 4, 24, 24, dtype=torch.float64).contiguous(memory_format=layout)
+    outputs = []
+    for model in (reference, views):
+        model.zero_grad()
+        out = model(x)
+        out.pow(2).sum().backward()
+        outputs.append((out, [p.grad.clone() for p in model.parameters()]))
+    assert torch.allclose(outputs[0][0], outputs[1][0], atol=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(outputs[0][1], outputs[1][1]))
+    assert use_2d_views(views, on=False) == changed
+    assert not any(isinstance(m, Conv3dOnViews) for m in views.modules())

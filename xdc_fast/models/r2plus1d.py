@@ -57,6 +57,54 @@ class R2Plus1D(nn.Module):
         return self.avgpool(x).flatten(1)
 
 
+def has_2d_form(conv: nn.Conv3d) -> bool:
+    """A (2+1)D factor: spatial (1, k, k) without a temporal stride, or temporal (k, 1, 1)."""
+    kt, kh, kw = conv.kernel_size
+    spatial = kt == 1 and conv.stride[0] == 1 and conv.padding[0] == 0
+    temporal = kh == 1 and kw == 1 and conv.padding[1:] == (0, 0) and conv.stride[1:] == (1, 1)
+    return (spatial or temporal) and conv.groups == 1 and conv.dilation == (1, 1, 1)
+
+
+def conv_on_views(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """The (2+1)D factor ``conv`` (see :func:`has_2d_form`) applied to ``x [B, C, T, H, W]`` as a 2-D
+    convolution on a view, with the same weights: the spatial one over the frames folded into the
+    batch, the temporal one with height and width folded into one axis. In ``channels_last_3d`` both
+    views are free (the folded axes lie next to each other in memory) and come out channels-last 2-D,
+    the layout cuDNN's 2-D kernels take without a copy."""
+    b, c, t, h, w = x.shape
+    kt, kh, kw = conv.kernel_size
+    if kt == 1 and conv.stride[0] == 1:
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        out = nn.functional.conv2d(frames, conv.weight[:, :, 0], conv.bias, conv.stride[1:], conv.padding[1:])
+        return out.reshape(b, t, *out.shape[1:]).transpose(1, 2)
+    if kh == 1 and kw == 1 and conv.stride[1:] == (1, 1):
+        out = nn.functional.conv2d(x.reshape(b, c, t, h * w), conv.weight[..., 0], conv.bias, (conv.stride[0], 1),
+                                   (conv.padding[0], 0))
+        return out.reshape(b, out.shape[1], out.shape[2], h, w)
+    raise ValueError(f"no 2-D form for a kernel of {conv.kernel_size} with stride {conv.stride}")
+
+
+class Conv3dOnViews(nn.Conv3d):
+    """A Conv3d of (2+1)D form computed as :func:`conv_on_views`: its parameters, their names and its
+    outputs are the Conv3d's, so checkpoints load either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_on_views(self, x)
+
+
+def use_2d_views(model: nn.Module, on: bool = True) -> int:
+    """Every (2+1)D convolution of ``model`` computed as a 2-D convolution on a view (``on``) or as the
+    Conv3d again, in place; returns how many changed. The downsampling shortcut (1x1x1, strided in space and
+    time) keeps its Conv3d: a 2-D form would compute every position and drop three in four."""
+    before, after = (nn.Conv3d, Conv3dOnViews) if on else (Conv3dOnViews, nn.Conv3d)
+    changed = 0
+    for module in model.modules():
+        if type(module) is before and has_2d_form(module):
+            module.__class__ = after
+            changed += 1
+    return changed
+
+
 def build_video_encoder(arch: str = "r2plus1d_18", bn_eps: float = 1e-5) -> R2Plus1D:
     """``arch`` is "r2plus1d_18" or "tiny"; ``bn_eps`` 1e-3 matches the official XDC weights."""
     if arch not in ARCHS:
