@@ -242,7 +242,8 @@ def test_the_gpu_training_check_runs_every_section_on_the_cpu(tmp_path):
     assert sections[0] == "ceiling" and sections[-1] == "done"
     assert {"joint", "video", "reference", "audio", "profile", "conv"} <= set(sections)
     assert not any("error" in r or "skipped" in r for r in rows), [r for r in rows if "error" in r or "skipped" in r]
-    assert [r["form"] for r in rows if r["section"] == "joint"] == ["eager", "eager_autotuned", "eager_autotuned_2d_views"]
+    assert [r["form"] for r in rows if r["section"] == "joint"] == ["eager", "eager_autotuned", "eager_autotuned_2d_views",
+                                                                          "eager_autotuned_no_sync"]
     convs = [r for r in rows if r["section"] == "conv"]
     assert convs and all(r["same_output"] in (True, None) for r in convs)
     assert sum(r["same_output"] is True for r in convs) >= len(convs) - 3  # only the shortcuts lack a 2-D form

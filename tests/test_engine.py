@@ -134,6 +134,27 @@ def test_supervised_step_lowers_the_loss_and_stops_on_nan():
         engine.supervised_step(model, [optimizer], {"video": x * float("nan")}, {"video": [y]}, where="at step 3")
 
 
+def test_a_step_without_a_host_sync_takes_the_same_step_and_flags_a_nan_instead_of_raising():
+    def fresh():
+        torch.manual_seed(0)
+        encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 4))
+        encoder.feature_dim = 4
+        model = engine.EncodersWithHeads({"video": encoder}, {"video": [engine.new_head(4, 3)]})
+        return model, torch.optim.SGD(model.parameters(), lr=0.5)
+
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    (synced, synced_opt), (deferred, deferred_opt) = fresh(), fresh()
+    for _ in range(3):
+        loss, correct = engine.supervised_step(synced, [synced_opt], {"video": x}, {"video": [y]})["video_0"]
+        figures = engine.supervised_step(deferred, [deferred_opt], {"video": x}, {"video": [y]}, sync=False)
+        assert isinstance(figures["video_0"][0], torch.Tensor) and bool(figures["finite"])
+        assert float(figures["video_0"][0]) == loss and int(figures["video_0"][1]) == correct
+    for a, b in zip(synced.parameters(), deferred.parameters()):
+        assert torch.equal(a, b)
+    figures = engine.supervised_step(deferred, [deferred_opt], {"video": x * float("nan")}, {"video": [y]}, sync=False)
+    assert not bool(figures["finite"])
+
+
 # ---- on a GPU (skipped without one; benchmarks/gpu_train_check.sh runs them) -------------------------
 
 def _step_model(seed: int):

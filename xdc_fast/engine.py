@@ -301,18 +301,24 @@ def distributed(model: nn.Module, device: torch.device) -> nn.Module:
 
 def supervised_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], inputs: dict[str, torch.Tensor],
                     targets: dict[str, list[torch.Tensor]], *, max_grad_norm: float | None = None,
-                    where: str = "") -> dict[str, tuple[float, int]]:
+                    where: str = "", sync: bool = True) -> dict:
     """One SGD step on the summed cross-entropy of every head; returns ``{f"{m}_{h}": (loss, correct)}``.
 
-    A non-finite loss stops the run loudly, before the weights take it in."""
+    A non-finite loss stops the run loudly, before the weights take it in. ``sync=False`` reads nothing
+    back from the device, so the host can queue the next step while this one runs: the figures stay
+    device tensors, ``figures["finite"]`` says whether the loss was finite, and the caller must look at
+    it before it saves or trusts the weights (the step has been taken either way)."""
     outputs = model(inputs)
     total, figures = 0.0, {}
     for m, logits_of_heads in outputs.items():
         for h, logits in enumerate(logits_of_heads):
             loss = nn.functional.cross_entropy(logits, targets[m][h])
             total = total + loss
-            figures[f"{m}_{h}"] = (loss.item(), int((logits.argmax(1) == targets[m][h]).sum()))
-    if not torch.isfinite(total):
+            correct = (logits.argmax(1) == targets[m][h]).sum()
+            figures[f"{m}_{h}"] = (loss.item(), int(correct)) if sync else (loss.detach(), correct)
+    if not sync:
+        figures["finite"] = torch.isfinite(total.detach())
+    elif not torch.isfinite(total):
         raise FloatingPointError(f"the loss became {float(total.detach())} {where}".rstrip())
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
