@@ -202,6 +202,24 @@ def conv_shapes(arch: str, batch_size: int, dev, clip) -> list[tuple]:
     return list(seen.items())
 
 
+def padded_to_8(conv: nn.Conv3d) -> nn.Conv3d | None:
+    """``conv`` with its input and output channels rounded up to multiples of 8 by zero weights (the
+    first ``out_channels`` outputs are unchanged on an input padded with zero channels); None when both
+    already are."""
+    grown = lambda n: -(-n // 8) * 8  # noqa: E731
+    if conv.in_channels % 8 == 0 and conv.out_channels % 8 == 0:
+        return None
+    padded = nn.Conv3d(grown(conv.in_channels), grown(conv.out_channels), conv.kernel_size, conv.stride, conv.padding,
+                       bias=conv.bias is not None).to(conv.weight.device, conv.weight.dtype)
+    with torch.no_grad():
+        padded.weight.zero_()
+        padded.weight[:conv.out_channels, :conv.in_channels] = conv.weight
+        if conv.bias is not None:
+            padded.bias.zero_()
+            padded.bias[:conv.out_channels] = conv.bias
+    return padded.to(memory_format=torch.channels_last_3d)
+
+
 def conv_rows(run: Run, arch: str, batch_size: int, steps: int, dev, clip) -> None:
     cuda = dev.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -211,6 +229,7 @@ def conv_rows(run: Run, arch: str, batch_size: int, steps: int, dev, clip) -> No
             run.row(section="conv", skipped="deadline")
             return
         conv = conv.to(dtype)
+        tolerance = 0.05 if cuda else 1e-4  # bf16 on the GPU
         x3 = torch.randn(shape, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
         x3.requires_grad_(True)
         layout = conv.to(memory_format=torch.channels_last_3d)
@@ -221,17 +240,32 @@ def conv_rows(run: Run, arch: str, batch_size: int, steps: int, dev, clip) -> No
         def conv2d():
             conv_on_views(conv, x3).sum().backward()
 
+        # The same convolution with both channel counts rounded up to a multiple of 8 (zero weights and
+        # zero input channels), as cuDNN's tensor-core kernels prefer; only worth a model change if faster.
+        padded = padded_to_8(conv)
+        x3_padded = None if padded is None else nn.functional.pad(
+            x3.detach(), (0, 0, 0, 0, 0, 0, 0, padded.in_channels - conv.in_channels)
+        ).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+
+        def conv3d_padded():
+            padded(x3_padded).sum().backward()
+
         jobs, same = {"conv3d": conv3d}, None
+        if padded is not None:
+            jobs["conv3d_padded"] = conv3d_padded
         if has_2d_form(conv):  # the downsampling shortcut (1x1x1, strided in space) has none
             jobs["conv2d_view"] = conv2d
-            tolerance = 0.05 if cuda else 1e-4  # bf16 on the GPU
             same = bool(torch.allclose(conv_on_views(conv, x3).float(), layout(x3).float(), atol=tolerance, rtol=tolerance))
         times = interleaved_best_times(jobs, steps, dev)
         # Forward, input gradient and weight gradient: 3 x 2 FLOPs per multiply-add of the forward pass.
         multiply_adds = layout(x3).numel() * conv.in_channels * conv.weight[0, 0].numel()
         total = 3 * 2 * multiply_adds
+        padded_same = None if padded is None else bool(torch.allclose(
+            padded(x3_padded)[:, :conv.out_channels].float(), layout(x3).float(), atol=tolerance, rtol=tolerance))
         run.row(section="conv", input=list(shape), kernel=list(conv.kernel_size), stride=list(conv.stride),
                 channels=[conv.in_channels, conv.out_channels], same_output=same,
+                conv3d_padded_ms=1e3 * times["conv3d_padded"] if padded is not None else None,
+                padded_same_output=padded_same,
                 conv3d_ms=1e3 * times["conv3d"], conv2d_view_ms=1e3 * times["conv2d_view"] if same is not None else None,
                 conv3d_tflops=total / times["conv3d"] / 1e12,
                 conv2d_view_tflops=total / times["conv2d_view"] / 1e12 if same is not None else None)

@@ -247,3 +247,6 @@ def test_the_gpu_training_check_runs_every_section_on_the_cpu(tmp_path):
     convs = [r for r in rows if r["section"] == "conv"]
     assert convs and all(r["same_output"] in (True, None) for r in convs)
     assert sum(r["same_output"] is True for r in convs) >= len(convs) - 3  # only the shortcuts lack a 2-D form
+    for r in convs:  # a form padded to multiples of 8 channels exactly where a count is not one, same outputs
+        assert (r["padded_same_output"] is True) == any(c % 8 for c in r["channels"]), r
+        assert (r["conv3d_padded_ms"] is None) == (r["padded_same_output"] is None)
