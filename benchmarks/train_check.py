@@ -16,12 +16,14 @@ informative first:
 3. ``reference``: torchvision's video-classification recipe for R(2+1)D-18 (``references/video_classification``:
    fp16 autocast with a GradScaler, contiguous clips, cuDNN's autotuner on, eager), on the same clip
    shape and batch, so the table reads ours against it as a ratio as well as MFU.
-4. ``video`` and ``audio``: each encoder's step alone (eager, autotuner on).
+4. ``video`` and ``audio``: each encoder's step alone (eager, autotuner on); on a GPU the audio one also
+   compiled into CUDA graphs (``mode="reduce-overhead"``), as its small kernels may be launch-bound.
 5. ``profile``: CUDA kernel time of the eager joint step by category (convolution, normalisation,
    elementwise, layout copies, optimizer, other) and the top kernels.
 6. ``conv``: every distinct convolution shape of R(2+1)D-18, forward and backward in bf16, as Conv3d on
    ``channels_last_3d`` against the same (2+1)D convolution as Conv2d on a view: the spatial (1, k, k)
-   one over frames folded into the batch, the temporal (k, 1, 1) one with height and width folded.
+   one over frames folded into the batch, the temporal (k, 1, 1) one with height and width folded; and
+   against the Conv3d with its channel counts padded with zeros to multiples of 8.
 
 ``--device cpu --arch tiny`` runs the same rows on the CPU (fp32, no autocast), for checking the script.
 """
@@ -94,8 +96,9 @@ def step_rows(run: Run, name: str, arch: str, modalities, batch_size: int, steps
         torch.backends.cudnn.benchmark = form != "eager"
         timed = model
         use_2d_views(model, on=form == "eager_autotuned_2d_views")
-        if form == "compiled":
-            timed = engine.EncodersWithHeads({m: torch.compile(model.encoders[m]) for m in modalities},
+        if form.startswith("compiled"):  # compiled_cudagraphs: replayed as CUDA graphs, for launch-bound steps
+            mode = "reduce-overhead" if form == "compiled_cudagraphs" else None
+            timed = engine.EncodersWithHeads({m: torch.compile(model.encoders[m], mode=mode) for m in modalities},
                                              model.heads)
         t0 = time.perf_counter()
         sync = form != "eager_autotuned_no_sync"
@@ -303,8 +306,10 @@ def main() -> None:
     # The reference recipe trains torchvision's R(2+1)D-18 whatever --arch says (on the CPU, to check the row).
     if args.arch == "r2plus1d_18" or dev.type == "cpu":
         run.guarded("reference", 30, lambda: reference_row(run, args.batch_size, args.steps, dev, clip, ceiling, ours))
+    # The audio encoder's kernels are small: launches may bound its step, which CUDA graphs remove.
+    audio_forms = ("eager_autotuned",) + (("compiled_cudagraphs",) if dev.type == "cuda" and not args.no_compile else ())
     run.guarded("audio", 20, lambda: step_rows(run, "audio", args.arch, ("audio",), args.batch_size, args.steps,
-                                               dev, clip, ceiling, forms=("eager_autotuned",)))
+                                               dev, clip, ceiling, forms=audio_forms))
     run.guarded("profile", 30, lambda: profile_rows(run, args.arch, args.batch_size, dev, clip))
     run.guarded("conv", 20, lambda: conv_rows(run, args.arch, args.batch_size, args.steps, dev, clip))
     run.row(section="done", seconds_left=run.left())
