@@ -29,6 +29,7 @@ import numpy as np
 from variants import CLASSES, PROBE_CLIPS, SECONDS, VIDEOS_PER_CLASS, parse_overrides, run_one
 
 from xdc_fast.data.families import TUNING_FAMILIES, draw_family
+from xdc_fast.learning import AGREEMENT_RISE, agreement_warns
 
 EVALUATION_FAMILIES = tuple(range(TUNING_FAMILIES, TUNING_FAMILIES + 10))
 
@@ -77,10 +78,21 @@ def candidate_signals(run: dict) -> dict[str, float]:
     return out
 
 
-def report(records: list[dict], tag: str) -> str:
+def warning_record(runs: list[dict], rise: float = AGREEMENT_RISE) -> str:
+    """How often the run's own warning (learning.agreement_warns) fires on runs that ended below random
+    encoders in a modality, and on the others."""
+    warns = lambda run: agreement_warns(run["signals"].get("nmi_video_audio", []), rise)  # noqa: E731
+    harmed = [warns(r) for r in runs if min(r["video"], r["audio"]) < 0]
+    fine = [warns(r) for r in runs if min(r["video"], r["audio"]) >= 0]
+    share = lambda flags: f"{sum(flags)} of {len(flags)}" + (f" ({np.mean(flags):.0%})" if flags else "")  # noqa: E731
+    return f"warned on {share(harmed)} runs with a negative gain in a modality, on {share(fine)} others"
+
+
+def report(records: list[dict], tag: str, tuning: bool = False, families: list[int] | None = None) -> str:
+    """The study's table over ``families`` (default: every family with runs of ``tag``)."""
     from scipy import stats
 
-    by_family = gains(records, tag)
+    by_family = {f: runs for f, runs in gains(records, tag).items() if families is None or f in families}
     lines = ["| family | video factor | audio factor | seeds | XDC − random, video | XDC − random, audio |",
              "|---|---|---|---|---|---|"]
     for seed in sorted(by_family):
@@ -113,7 +125,39 @@ def report(records: list[dict], tag: str) -> str:
                         continue
                     rho = stats.spearmanr(values, outcome).statistic
                     text += f"- {name} vs the {m} gain: ρ = {rho:+.2f} ({len(have)} runs)\n"
+        text += (f"\nThe run's own warning (video-vs-audio agreement rising less than {AGREEMENT_RISE:g} from the "
+                 f"random encoders' round 0 to the last round): {warning_record(runs)}.\n")
+        if tuning:  # where the threshold is chosen: the same record for other values of it
+            text += "".join(f"- a rise under {rise:.2f}: {warning_record(runs, rise)}\n"
+                            for rise in np.arange(0.0, 0.105, 0.01))
     return text
+
+
+def compare(records: list[dict], tags: list[str], families: list[int]) -> str:
+    """Configurations side by side on the family seeds (and run seeds) every one of them has run, so
+    each row is measured on the same videos: the table settings are chosen from, on tuning families."""
+    by_tag = {tag: gains(records, tag) for tag in tags}
+    runs_of = {tag: {(f, r["seed"]) for f, runs in got.items() if f in families for r in runs}
+               for tag, got in by_tag.items()}
+    shared = set.intersection(*runs_of.values()) if runs_of else set()
+    settings = {r["tag"]: ", ".join(f"{k}={v}" for k, v in (r.get("overrides") or {}).items()) or "the defaults"
+                for r in records if r["variant"] == "xdc"}
+    lines = [f"Runs every configuration has (family, seed): {', '.join(f'{f}/{s}' for f, s in sorted(shared))}.", "",
+             "| tag | settings | video gain: mean, std, worst family | audio gain: mean, std, worst family | "
+             "warning on runs below random |", "|---|---|---|---|---|"]
+    for tag in tags:
+        runs = [r for f, family_runs in by_tag[tag].items() for r in family_runs if (f, r["seed"]) in shared]
+        cells = []
+        for m in ("video", "audio"):
+            per_family = [float(np.mean([r[m] for r in family_runs if (f, r["seed"]) in shared]))
+                          for f, family_runs in by_tag[tag].items() if any((f, r["seed"]) in shared for r in family_runs)]
+            if not per_family:
+                cells.append("-")
+                continue
+            mean, std, _, _ = interval(per_family)
+            cells.append(f"{mean:+.1f}, {std:.1f}, {min(per_family):+.1f}")
+        lines.append(f"| {tag} | {settings.get(tag, '?')} | " + " | ".join(cells) + f" | {warning_record(runs)} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -127,7 +171,19 @@ def main() -> None:
     parser.add_argument("--tag", default="defaults", help="name of this configuration in the results")
     parser.add_argument("--work", type=Path, default=Path("families-work"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/families.md"))
+    parser.add_argument("--compare", nargs="+", metavar="TAG",
+                        help="run nothing: write these configurations' gains side by side on --families to --out")
     args = parser.parse_args()
+    if args.compare:
+        records = [json.loads(line) for line in (args.work / "results.jsonl").read_text().splitlines()]
+        text = (f"# Configurations compared on families {', '.join(map(str, args.families))}\n\n"
+                f"{datetime.date.today()}, `python benchmarks/families.py --compare`: XDC's gain over random "
+                "encoders in points of probe video accuracy, per family (seeds averaged), mean and std across "
+                "families.\n\n" + compare(records, args.compare, args.families))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(text)
+        return
     if args.tuning and any(seed >= TUNING_FAMILIES for seed in args.families):
         parser.error(f"--tuning takes only tuning families (below {TUNING_FAMILIES})")
     overrides = parse_overrides(args.overrides)
@@ -155,7 +211,8 @@ def main() -> None:
     text = (f"# XDC on families no setting was chosen on\n\n{datetime.date.today()}, `python benchmarks/families.py`: "
             f"{CLASSES} classes x {VIDEOS_PER_CLASS} videos of {SECONDS:g} s per family and seed; `--arch tiny` and "
             f"{settings} (tag `{args.tag}`); linear probe ({PROBE_CLIPS} clips per video) on a seeded stratified 30% "
-            f"test split, chance {1 / CLASSES:.1%}. Gains in points of video accuracy.\n\n" + report(records, args.tag))
+            f"test split, chance {1 / CLASSES:.1%}. Gains in points of video accuracy.\n\n" +
+            report(records, args.tag, args.tuning, args.families))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

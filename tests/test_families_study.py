@@ -60,3 +60,34 @@ def test_signals_of_a_run_and_their_rank_correlation_with_the_gain(study):
     text = study.report(records, "defaults")
     assert "video-audio agreement, last round vs the video gain: ρ = +1.00 (3 runs)" in text
     assert "vs the audio gain: ρ = -1.00" in text
+    assert "| 8 |" not in study.report(records, "defaults", families=[9])  # only the families asked for
+
+
+def test_the_warning_record_counts_warned_runs_among_harmed_and_other_runs(study):
+    from xdc_fast.learning import AGREEMENT_RISE
+
+    def run(video, audio, rise):
+        return {"video": video, "audio": audio, "signals": {"nmi_video_audio": [0.2, None, 0.2 + rise]}}
+
+    small, large = AGREEMENT_RISE / 2, 2 * AGREEMENT_RISE
+    runs = [run(-5.0, 10.0, small), run(3.0, -1.0, small), run(-2.0, -2.0, large),  # harmed: 2 of 3 warned
+            run(5.0, 5.0, small), run(8.0, 0.0, large), run(1.0, 9.0, large), run(4.0, 4.0, large)]  # 1 of 4
+    assert study.warning_record(runs) == ("warned on 2 of 3 (67%) runs with a negative gain in a modality, "
+                                          "on 1 of 4 (25%) others")
+    assert study.warning_record(runs, rise=0.0).startswith("warned on 0 of 3 (0%)")
+    assert study.warning_record(runs, rise=1.0).endswith("on 4 of 4 (100%) others")
+
+
+def test_configurations_are_compared_on_the_runs_they_all_have(study):
+    records = [record(1, 0, "random", 0.2, 0.3), record(2, 0, "random", 0.2, 0.3), record(3, 0, "random", 0.2, 0.3),
+               record(1, 0, "xdc", 0.3, 0.5), record(2, 0, "xdc", 0.15, 0.4), record(3, 0, "xdc", 0.9, 0.9),
+               record(1, 0, "xdc", 0.4, 0.3, tag="jitter"), record(2, 0, "xdc", 0.2, 0.5, tag="jitter")]
+    for r in records:
+        r["overrides"] = {"colour_jitter": 0.4} if r["tag"] == "jitter" else {}
+    text = study.compare(records, ["defaults", "jitter"], families=[1, 2, 3])
+    assert "(family, seed): 1/0, 2/0." in text  # family 3 has no jitter run: left out of both rows
+    defaults = next(line for line in text.splitlines() if line.startswith("| defaults |"))
+    jitter = next(line for line in text.splitlines() if line.startswith("| jitter |"))
+    # defaults: video gains +10, -5 -> mean 2.5, std 10.6, worst -5; audio +20, +10
+    assert "| +2.5, 10.6, -5.0 | +15.0, 7.1, +10.0 |" in defaults and "warned on 0 of 1 (0%)" in defaults
+    assert "colour_jitter=0.4" in jitter and "| +10.0, 14.1, +0.0 | +10.0, 14.1, +0.0 |" in jitter

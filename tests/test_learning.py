@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from xdc_fast.config import PretrainConfig
-from xdc_fast.learning import (FITS, MIN_CLIPS, chance_of_heads, chance_under_sampler, describe_round, lift,
-                               noise_lift, round_signal, run_summary, verdict)
+from xdc_fast.learning import (AGREEMENT_RISE, FITS, MIN_CLIPS, agreement_warns, chance_of_heads, chance_under_sampler,
+                               describe_round, lift, noise_lift, round_signal, run_summary, verdict)
 from xdc_fast.pseudo_labels import balanced_indices
 
 # Outcomes of training, clustering or probing, which the CPU's float path can move: CI runs these again
@@ -99,7 +99,23 @@ def test_the_run_summary_says_how_far_the_modalities_clusters_agree():
     agreeing = run_summary([{**first, "nmi_video_audio": 0.12}, {**last, "nmi_video_audio": 0.55}])
     assert "NMI 0.55 in round 1, against 0.12 in round 0" in agreeing and "nuisance" not in agreeing
     flat = run_summary([{**first, "nmi_video_audio": 0.15}, {**last, "nmi_video_audio": 0.12}])
-    assert "no more than at the start" in flat and "nuisance" in flat
+    assert f"a rise under {AGREEMENT_RISE:g}" in flat and "nuisance" in flat
+    barely = run_summary([{**first, "nmi_video_audio": 0.15}, {**last, "nmi_video_audio": 0.15 + AGREEMENT_RISE / 2}])
+    assert "nuisance" in barely
+    clear = run_summary([{**first, "nmi_video_audio": 0.15}, {**last, "nmi_video_audio": 0.15 + 2 * AGREEMENT_RISE}])
+    assert "nuisance" not in clear
+
+
+def test_a_round_whose_clusters_agree_barely_more_than_the_random_encoders_warns_of_nuisance():
+    later = {**record(1, 0.5), "nmi_video_audio": 0.21}
+    warned = describe_round(later, steps_per_round=36, lr=0.01, first_agreement=0.20)
+    assert "NMI 0.21 (round 0: 0.20)" in warned[0]
+    assert len(warned) == 2 and warned[1].startswith("warning: in round 1") and "colour_jitter" in warned[1]
+    assert len(describe_round(later, steps_per_round=36, lr=0.01, first_agreement=0.21 - 2 * AGREEMENT_RISE)) == 1
+    assert len(describe_round(later, steps_per_round=36, lr=0.01)) == 1  # nothing to compare with
+    first = {**record(0, 0.5), "nmi_video_audio": 0.2}
+    assert len(describe_round(first, steps_per_round=36, lr=0.01, first_agreement=0.2)) == 1  # round 0 is the reference
+    assert agreement_warns([0.2, None, 0.2]) and not agreement_warns([0.2]) and not agreement_warns([None, 0.3])
 
 
 # ---- real runs ----------------------------------------------------------------------------------------

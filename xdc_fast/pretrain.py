@@ -228,7 +228,8 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
                      steps_per_epoch, device, out, log, stop_after_steps)
         # The steps this round really ran: a last round cut short by epochs has fewer than a full one.
         epochs_run = sum(1 for record in state.history if record["round"] == state.round)
-        for line in learning.describe_round(state.history[-1], steps_per_epoch * epochs_run, config.lr):
+        for line in learning.describe_round(state.history[-1], steps_per_epoch * epochs_run, config.lr,
+                                            first_agreement=state.history[0].get("nmi_video_audio")):
             log(line)
 
         # ===== checkpoint =====
