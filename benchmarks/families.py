@@ -133,9 +133,10 @@ def report(records: list[dict], tag: str, tuning: bool = False, families: list[i
     return text
 
 
-def compare(records: list[dict], tags: list[str], families: list[int]) -> str:
+def compare(records: list[dict], tags: list[str], families: list[int], sweep: bool = False) -> str:
     """Configurations side by side on the family seeds (and run seeds) every one of them has run, so
-    each row is measured on the same videos: the table settings are chosen from, on tuning families."""
+    each row is measured on the same videos: the table settings are chosen from, on tuning families.
+    ``sweep`` adds the warning's record over all those runs for a range of thresholds, to choose it."""
     by_tag = {tag: gains(records, tag) for tag in tags}
     runs_of = {tag: {(f, r["seed"]) for f, runs in got.items() if f in families for r in runs}
                for tag, got in by_tag.items()}
@@ -157,6 +158,11 @@ def compare(records: list[dict], tags: list[str], families: list[int]) -> str:
             mean, std, _, _ = interval(per_family)
             cells.append(f"{mean:+.1f}, {std:.1f}, {min(per_family):+.1f}")
         lines.append(f"| {tag} | {settings.get(tag, '?')} | " + " | ".join(cells) + f" | {warning_record(runs)} |")
+    if sweep:
+        every = [r for tag in tags for f, family_runs in by_tag[tag].items() for r in family_runs
+                 if (f, r["seed"]) in shared]
+        lines += ["", f"The warning over these {len(every)} runs for other thresholds of the agreement's rise:", ""]
+        lines += [f"- a rise under {rise:.2f}: {warning_record(every, rise)}" for rise in np.arange(0.0, 0.105, 0.01)]
     return "\n".join(lines) + "\n"
 
 
@@ -174,18 +180,18 @@ def main() -> None:
     parser.add_argument("--compare", nargs="+", metavar="TAG",
                         help="run nothing: write these configurations' gains side by side on --families to --out")
     args = parser.parse_args()
+    if args.tuning and any(seed >= TUNING_FAMILIES for seed in args.families):
+        parser.error(f"--tuning takes only tuning families (below {TUNING_FAMILIES})")
     if args.compare:
         records = [json.loads(line) for line in (args.work / "results.jsonl").read_text().splitlines()]
         text = (f"# Configurations compared on families {', '.join(map(str, args.families))}\n\n"
                 f"{datetime.date.today()}, `python benchmarks/families.py --compare`: XDC's gain over random "
                 "encoders in points of probe video accuracy, per family (seeds averaged), mean and std across "
-                "families.\n\n" + compare(records, args.compare, args.families))
+                "families.\n\n" + compare(records, args.compare, args.families, sweep=args.tuning))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         print(text)
         return
-    if args.tuning and any(seed >= TUNING_FAMILIES for seed in args.families):
-        parser.error(f"--tuning takes only tuning families (below {TUNING_FAMILIES})")
     overrides = parse_overrides(args.overrides)
     args.work.mkdir(parents=True, exist_ok=True)
     results = args.work / "results.jsonl"

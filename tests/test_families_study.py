@@ -91,3 +91,5 @@ def test_configurations_are_compared_on_the_runs_they_all_have(study):
     # defaults: video gains +10, -5 -> mean 2.5, std 10.6, worst -5; audio +20, +10
     assert "| +2.5, 10.6, -5.0 | +15.0, 7.1, +10.0 |" in defaults and "warned on 0 of 1 (0%)" in defaults
     assert "colour_jitter=0.4" in jitter and "| +10.0, 14.1, +0.0 | +10.0, 14.1, +0.0 |" in jitter
+    swept = study.compare(records, ["defaults", "jitter"], families=[1, 2, 3], sweep=True)
+    assert "over these 4 runs" in swept and "- a rise under 0.05: warned on 0 of 1 (0%)" in swept

@@ -34,10 +34,11 @@ MIN_HELDOUT_VIDEOS = 30
 # XDC's premise is that the two modalities share what matters, so clusters that follow it agree across
 # the modalities more than the random encoders' clusters of round 0 do; clusters of per-video nuisance
 # (colour, size, base pitch) are as learnable but agree no more. A run whose video-vs-audio agreement
-# (NMI) rose less than this from round 0 to its last round is warned about. The value was chosen on the
-# tuning families' runs so that most runs ending below random encoders are caught, and the evaluation
-# families report how often the warning is right (benchmarks/results/families.md).
-AGREEMENT_RISE = 0.05
+# (NMI) rose less than this from round 0 to its last round is warned about. The value is the smallest
+# that caught at least 80% of the tuning families' runs ending below random encoders in a modality
+# (benchmarks/results/families_tuning.md); the evaluation families report how often it fires on such
+# runs and on the others (benchmarks/results/families.md): it separates them poorly, so it is a caution.
+AGREEMENT_RISE = 0.08
 
 
 @dataclass(frozen=True)
