@@ -123,8 +123,9 @@ def nuisance_warning(start: float, end: float, round_index: int) -> str:
     return (f"warning: in round {round_index} the video and audio clusters agree at NMI {end:.2f}, against "
             f"{start:.2f} for the random encoders' clusters of round 0 (a rise under {AGREEMENT_RISE:g}): they "
             "may follow what is specific to one modality (per-video colour, size, base pitch) rather than what "
-            "the two share, and encoders trained on such clusters can end worse than random ones. Augmentations "
-            "that change that nuisance within a video help: colour_jitter, audio_shift")
+            "the two share, and encoders trained on such clusters can end worse than random ones; score them against "
+            "random ones on labelled data before trusting them (xdc-fast evaluate --checkpoint random). Augmentations that change such nuisance within a video aim at "
+            "this: colour_jitter, audio_shift")
 
 
 def describe_round(record: dict, steps_per_round: int, lr: float, first_agreement: float | None = None) -> list[str]:
