@@ -88,6 +88,11 @@ def warning_record(runs: list[dict], rise: float = AGREEMENT_RISE) -> str:
     return f"warned on {share(harmed)} runs with a negative gain in a modality, on {share(fine)} others"
 
 
+def threshold_sweep(runs: list[dict]) -> list[str]:
+    """The warning's record over ``runs`` for a range of thresholds of the agreement's rise, to choose one."""
+    return [f"- a rise under {rise:.2f}: {warning_record(runs, rise)}" for rise in np.arange(0.0, 0.105, 0.01)]
+
+
 def report(records: list[dict], tag: str, tuning: bool = False, families: list[int] | None = None) -> str:
     """The study's table over ``families`` (default: every family with runs of ``tag``)."""
     from scipy import stats
@@ -128,8 +133,7 @@ def report(records: list[dict], tag: str, tuning: bool = False, families: list[i
         text += (f"\nThe run's own warning (video-vs-audio agreement rising less than {AGREEMENT_RISE:g} from the "
                  f"random encoders' round 0 to the last round): {warning_record(runs)}.\n")
         if tuning:  # where the threshold is chosen: the same record for other values of it
-            text += "".join(f"- a rise under {rise:.2f}: {warning_record(runs, rise)}\n"
-                            for rise in np.arange(0.0, 0.105, 0.01))
+            text += "".join(line + "\n" for line in threshold_sweep(runs))
     return text
 
 
@@ -141,17 +145,20 @@ def compare(records: list[dict], tags: list[str], families: list[int], sweep: bo
     runs_of = {tag: {(f, r["seed"]) for f, runs in got.items() if f in families for r in runs}
                for tag, got in by_tag.items()}
     shared = set.intersection(*runs_of.values()) if runs_of else set()
+    # Each tag's runs on the shared (family, seed) pairs only, by family.
+    kept = {tag: {f: [r for r in runs if (f, r["seed"]) in shared] for f, runs in got.items()}
+            for tag, got in by_tag.items()}
+    kept = {tag: {f: runs for f, runs in got.items() if runs} for tag, got in kept.items()}
     settings = {r["tag"]: ", ".join(f"{k}={v}" for k, v in (r.get("overrides") or {}).items()) or "the defaults"
                 for r in records if r["variant"] == "xdc"}
     lines = [f"Runs every configuration has (family, seed): {', '.join(f'{f}/{s}' for f, s in sorted(shared))}.", "",
              "| tag | settings | video gain: mean, std, worst family | audio gain: mean, std, worst family | "
              "warning on runs below random |", "|---|---|---|---|---|"]
     for tag in tags:
-        runs = [r for f, family_runs in by_tag[tag].items() for r in family_runs if (f, r["seed"]) in shared]
+        runs = [r for family_runs in kept[tag].values() for r in family_runs]
         cells = []
         for m in ("video", "audio"):
-            per_family = [float(np.mean([r[m] for r in family_runs if (f, r["seed"]) in shared]))
-                          for f, family_runs in by_tag[tag].items() if any((f, r["seed"]) in shared for r in family_runs)]
+            per_family = [float(np.mean([r[m] for r in family_runs])) for family_runs in kept[tag].values()]
             if not per_family:
                 cells.append("-")
                 continue
@@ -159,10 +166,9 @@ def compare(records: list[dict], tags: list[str], families: list[int], sweep: bo
             cells.append(f"{mean:+.1f}, {std:.1f}, {min(per_family):+.1f}")
         lines.append(f"| {tag} | {settings.get(tag, '?')} | " + " | ".join(cells) + f" | {warning_record(runs)} |")
     if sweep:
-        every = [r for tag in tags for f, family_runs in by_tag[tag].items() for r in family_runs
-                 if (f, r["seed"]) in shared]
+        every = [r for got in kept.values() for family_runs in got.values() for r in family_runs]
         lines += ["", f"The warning over these {len(every)} runs for other thresholds of the agreement's rise:", ""]
-        lines += [f"- a rise under {rise:.2f}: {warning_record(every, rise)}" for rise in np.arange(0.0, 0.105, 0.01)]
+        lines += threshold_sweep(every)
     return "\n".join(lines) + "\n"
 
 

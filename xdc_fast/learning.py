@@ -123,9 +123,9 @@ def nuisance_warning(start: float, end: float, round_index: int) -> str:
     return (f"warning: in round {round_index} the video and audio clusters agree at NMI {end:.2f}, against "
             f"{start:.2f} for the random encoders' clusters of round 0 (a rise under {AGREEMENT_RISE:g}): they "
             "may follow what is specific to one modality (per-video colour, size, base pitch) rather than what "
-            "the two share, and encoders trained on such clusters can end worse than random ones; score them against "
-            "random ones on labelled data before trusting them (xdc-fast evaluate --checkpoint random). Augmentations that change such nuisance within a video aim at "
-            "this: colour_jitter, audio_shift")
+            "the two share, and encoders trained on such clusters can end worse than random ones; score them "
+            "against random ones on labelled data before trusting them (xdc-fast evaluate --checkpoint random). "
+            "Augmentations that change such nuisance within a video aim at this: colour_jitter, audio_shift")
 
 
 def describe_round(record: dict, steps_per_round: int, lr: float, first_agreement: float | None = None) -> list[str]:
@@ -161,8 +161,7 @@ def describe_round(record: dict, steps_per_round: int, lr: float, first_agreemen
                 f"it is auto), "
                 f"a learning rate too low or too high for this data (lr {lr:g}; try 2x either way), or more "
                 "clusters than the data can tell apart (lower clusters)")
-    if record["round"] and first_agreement is not None and agreement is not None and \
-            agreement_warns([first_agreement, agreement]):
+    if record["round"] and agreement_warns([first_agreement, agreement]):  # False while either is missing
         lines.append(nuisance_warning(first_agreement, agreement, record["round"]))
     empty = {m: c["empty"] for m, c in (record.get("clusters") or {}).items()
              if c.get("empty", 0) > len(c.get("sizes", [])) / 2}
