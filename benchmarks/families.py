@@ -4,6 +4,8 @@ procedural families that no setting was chosen on, and how well label-free signa
     python benchmarks/families.py --out benchmarks/results/families.md                 # 10 evaluation families x 2 seeds
     python benchmarks/families.py --families 0 1 2 --tuning --out /tmp/tuning.md       # tuning families only
     python benchmarks/families.py --set clusters=16 --tag k16 --out /tmp/k16.md ...
+    python benchmarks/families.py --ceiling video --out ...                            # and the supervised ceiling
+    python benchmarks/families.py --videos-per-class 48 --tuning --families 0 --out ...  # another data size
 
 Each family (xdc_fast.data.families) draws which factor carries the class in each modality; a seed draws
 the videos and the run. Families 0-7 are for tuning; evaluation families (8 and above) are refused with
@@ -15,6 +17,10 @@ The table gives, per family, XDC's gain over the random encoder of the same seed
 and probe) in points of linear-probe video accuracy, then the mean over families (seeds averaged within
 a family), the standard deviation across families and a 95% interval (Student's t). Each candidate
 harm signal of the XDC run is set against the gain by Spearman's rank correlation over families x seeds.
+With ``--ceiling``, a column gives what full supervision reaches over the same random encoder: an encoder
+trained from random weights with the true labels of the probe's own training split. Where that ceiling
+stays near zero, the family's data is too small for any encoder to learn its class in that modality, and
+XDC's gain there measures noise.
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ from xdc_fast.learning import AGREEMENT_RISE, agreement_warns
 EVALUATION_FAMILIES = tuple(range(TUNING_FAMILIES, TUNING_FAMILIES + 10))
 
 
+def of_size(records: list[dict], videos_per_class: int) -> list[dict]:
+    """The records of one data size (records written before sizes varied are the study's own size)."""
+    return [r for r in records if r.get("videos_per_class", VIDEOS_PER_CLASS) == videos_per_class]
+
+
 def gains(records: list[dict], tag: str) -> dict[int, list[dict]]:
     """Per family seed: per run seed, XDC's gain over random per modality, with the run's signals."""
     random = {(r["family"], r["seed"]): r for r in records if r["variant"] == "random"}
@@ -45,6 +56,21 @@ def gains(records: list[dict], tag: str) -> dict[int, list[dict]]:
         out.setdefault(int(r["family"][len("family"):]), []).append(
             {"seed": r["seed"], "signals": r.get("signals", {}),
              **{m: 100 * (r["scores"][m]["video_acc"] - base[m]["video_acc"]) for m in ("video", "audio")}})
+    return out
+
+
+def ceilings(records: list[dict]) -> dict[int, dict[str, list[float]]]:
+    """Per family seed and modality: the supervised ceiling's gain over random (benchmarks/variants.py's
+    ``supervised``), one value per run seed that has both."""
+    random = {(r["family"], r["seed"]): r for r in records if r["variant"] == "random"}
+    out: dict[int, dict[str, list[float]]] = {}
+    for r in records:
+        if r["variant"] != "supervised" or (r["family"], r["seed"]) not in random:
+            continue
+        base = random[(r["family"], r["seed"])]["scores"]
+        for m, s in r["scores"].items():
+            out.setdefault(int(r["family"][len("family"):]), {}).setdefault(m, []).append(
+                100 * (s["video_acc"] - base[m]["video_acc"]))
     return out
 
 
@@ -98,12 +124,17 @@ def report(records: list[dict], tag: str, tuning: bool = False, families: list[i
     from scipy import stats
 
     by_family = {f: runs for f, runs in gains(records, tag).items() if families is None or f in families}
-    lines = ["| family | video factor | audio factor | seeds | XDC − random, video | XDC − random, audio |",
-             "|---|---|---|---|---|---|"]
+    ceiling = {f: c for f, c in ceilings(records).items() if f in by_family}
+    ceiling_modalities = [m for m in ("video", "audio") if any(m in c for c in ceiling.values())]
+    lines = ["| family | video factor | audio factor | seeds | XDC − random, video | XDC − random, audio |"
+             + "".join(f" supervised − random, {m} |" for m in ceiling_modalities),
+             "|---|---|---|---|---|---|" + "---|" * len(ceiling_modalities)]
     for seed in sorted(by_family):
         family, runs = draw_family(seed, CLASSES), by_family[seed]
         cells = [f"{np.mean([r[m] for r in runs]):+.1f} (" + ", ".join(f"{r[m]:+.1f}" for r in runs) + ")"
                  for m in ("video", "audio")]
+        cells += [f"{np.mean(ceiling[seed][m]):+.1f}" if m in ceiling.get(seed, {}) else "—"
+                  for m in ceiling_modalities]
         lines.append(f"| {seed} | {family.video_factor} | {family.audio_factor} | "
                      f"{','.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
@@ -116,6 +147,12 @@ def report(records: list[dict], tag: str, tuning: bool = False, families: list[i
                       "no spread from one family")
             text += (f"- {m}: mean {mean:+.1f}, {spread}, worst family {min(per_family):+.1f} "
                      f"({len(per_family)} families)\n")
+        for m in ceiling_modalities:
+            per_family = [float(np.mean(c[m])) for c in ceiling.values() if m in c]
+            mean, std, low, high = interval(per_family)
+            text += (f"- the supervised ceiling, {m}: mean {mean:+.1f} over random" +
+                     (f", 95% interval [{low:+.1f}, {high:+.1f}]" if len(per_family) > 1 else "") +
+                     f" ({len(per_family)} families; the most any encoder is expected to gain at this size)\n")
         runs = [r for family_runs in by_family.values() for r in family_runs]
         names = sorted({name for r in runs for name in candidate_signals(r)})
         if len(runs) >= 3 and names:
@@ -183,13 +220,20 @@ def main() -> None:
     parser.add_argument("--tag", default="defaults", help="name of this configuration in the results")
     parser.add_argument("--work", type=Path, default=Path("families-work"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/families.md"))
+    parser.add_argument("--videos-per-class", type=int, default=VIDEOS_PER_CLASS,
+                        help=f"data size of every family and seed (default {VIDEOS_PER_CLASS}); runs of each size are "
+                             "kept apart in the records and the tables")
+    parser.add_argument("--ceiling", nargs="+", default=[], choices=("video", "audio"), metavar="MODALITY",
+                        help="also train the supervised ceiling of these modalities per family and seed: an encoder "
+                             "trained from random weights with the true labels on the probe's split")
     parser.add_argument("--compare", nargs="+", metavar="TAG",
                         help="run nothing: write these configurations' gains side by side on --families to --out")
     args = parser.parse_args()
     if args.tuning and any(seed >= TUNING_FAMILIES for seed in args.families):
         parser.error(f"--tuning takes only tuning families (below {TUNING_FAMILIES})")
     if args.compare:
-        records = [json.loads(line) for line in (args.work / "results.jsonl").read_text().splitlines()]
+        records = of_size([json.loads(line) for line in (args.work / "results.jsonl").read_text().splitlines()],
+                          args.videos_per_class)
         text = (f"# Configurations compared on families {', '.join(map(str, args.families))}\n\n"
                 f"{datetime.date.today()}, `python benchmarks/families.py --compare`: XDC's gain over random "
                 "encoders in points of probe video accuracy, per family (seeds averaged), mean and std across "
@@ -202,16 +246,27 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     results = args.work / "results.jsonl"
     records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    records = of_size(records, args.videos_per_class)
     done = {(r["family"], r["seed"], r["variant"], r["tag"]) for r in records}
     for family_seed in args.families:
         family = f"family{family_seed:03d}"
         for seed in args.seeds:
-            for variant in ("random", "xdc"):
-                # A random encoder does not depend on the settings: one per family and seed serves every tag.
-                if (variant == "random" and any(d[:3] == (family, seed, "random") for d in done)) or \
-                        (family, seed, variant, args.tag) in done:
-                    continue
-                record = run_one(args.work, family, seed, variant, overrides, args.tag)
+            for variant in ("random",) + (("supervised",) if args.ceiling else ()) + ("xdc",):
+                # Random encoders and the ceiling do not depend on the settings: one per family and seed serves
+                # every tag; the ceiling trains only the modalities it does not have yet.
+                if variant == "supervised":
+                    have = {m for r in records if r["variant"] == variant and (r["family"], r["seed"]) == (family, seed)
+                            for m in r["scores"]}
+                    missing = [m for m in args.ceiling if m not in have]
+                    if not missing:
+                        continue
+                    record = run_one(args.work, family, seed, variant, {"modalities": missing}, args.tag,
+                                     args.videos_per_class)
+                else:
+                    if (variant == "random" and any(d[:3] == (family, seed, variant) for d in done)) or \
+                            (family, seed, variant, args.tag) in done:
+                        continue
+                    record = run_one(args.work, family, seed, variant, overrides, args.tag, args.videos_per_class)
                 records.append(record)
                 done.add((family, seed, variant, args.tag))
                 with results.open("a") as f:
@@ -221,7 +276,8 @@ def main() -> None:
                     flush=True)
     settings = ", ".join(f"`{k}: {v}`" for k, v in overrides.items()) or "the defaults"
     text = (f"# XDC on families no setting was chosen on\n\n{datetime.date.today()}, `python benchmarks/families.py`: "
-            f"{CLASSES} classes x {VIDEOS_PER_CLASS} videos of {SECONDS:g} s per family and seed; `--arch tiny` and "
+            f"{CLASSES} classes x {args.videos_per_class} videos of {SECONDS:g} s per family and seed; `--arch tiny` "
+            "and "
             f"{settings} (tag `{args.tag}`); linear probe ({PROBE_CLIPS} clips per video) on a seeded stratified 30% "
             f"test split, chance {1 / CLASSES:.1%}. Gains in points of video accuracy.\n\n" +
             report(records, args.tag, args.tuning, args.families))

@@ -30,23 +30,32 @@ from xdc_fast.variants import VARIANTS
 
 FAMILIES = ("motion", "shapes")
 CLASSES, VIDEOS_PER_CLASS, SECONDS, PROBE_CLIPS = 6, 16, 3.0, 4
+# The supervised ceiling: an encoder trained from random weights on the probe's own training split with the
+# true labels (``finetune --mode full``), scored on its test split. What no label-free method is expected to
+# beat at this data size; where it sits at chance, the data cannot show learning in that modality.
+SUPERVISED_EPOCHS, SUPERVISED_CLIPS = 30, 4
 
 
-def dataset(work: Path, family: str, seed: int) -> Path:
+def size_suffix(videos_per_class: int) -> str:
+    """What tells apart the folders of a data size other than the study's own."""
+    return "" if videos_per_class == VIDEOS_PER_CLASS else f"_v{videos_per_class}"
+
+
+def dataset(work: Path, family: str, seed: int, videos_per_class: int = VIDEOS_PER_CLASS) -> Path:
     """The data of one seed of a family: ``shapes`` or ``motion`` (the built-in ones), or ``familyNNN``, the
-    procedural family of seed NNN (xdc_fast.data.families)."""
+    procedural family of seed NNN (xdc_fast.data.families), at ``videos_per_class`` per class."""
     from xdc_fast.data.families import FamilySpec, prepare_family
     from xdc_fast.data.synthetic import SyntheticSpec, prepare_synthetic
 
-    data = work / "data" / f"{family}_{seed}"
+    data = work / "data" / f"{family}_{seed}{size_suffix(videos_per_class)}"
     if not (data / "manifest.jsonl").exists():
-        media = work / "media" / f"{family}_{seed}"
+        media = work / "media" / f"{family}_{seed}{size_suffix(videos_per_class)}"
         if family.startswith("family"):
             prepare_family(media, data, FamilySpec(family_seed=int(family[len("family"):]), classes=CLASSES,
-                                                   videos_per_class=VIDEOS_PER_CLASS, seconds=SECONDS,
+                                                   videos_per_class=videos_per_class, seconds=SECONDS,
                                                    seed=1000 + seed))
         else:
-            prepare_synthetic(media, data, SyntheticSpec(classes=CLASSES, videos_per_class=VIDEOS_PER_CLASS,
+            prepare_synthetic(media, data, SyntheticSpec(classes=CLASSES, videos_per_class=videos_per_class,
                                                          seconds=SECONDS, seed=1000 + seed, family=family))
     return data
 
@@ -86,12 +95,28 @@ def score(data: Path, where: Path, modality: str, checkpoint: str, seed: int) ->
             "nmi": metrics.nmi(fitted.labels.numpy(), features["labels"].numpy())}
 
 
-def run_one(work: Path, family: str, seed: int, variant: str, overrides: dict, tag: str) -> dict:
+def supervised(data: Path, where: Path, modality: str, seed: int) -> dict:
+    """The supervised ceiling of one modality on the probe's split (see ``SUPERVISED_EPOCHS``)."""
+    from xdc_fast.config import FinetuneConfig, PretrainConfig
+    from xdc_fast.data.clips import geometry
+    from xdc_fast.finetune import finetune
+
+    out = where / "supervised" / modality
+    clip = geometry(PretrainConfig(arch="tiny").clip_config())
+    result = finetune(data, out, FinetuneConfig(checkpoint="random", modality=modality, mode="full", arch="tiny",
+                                                epochs=SUPERVISED_EPOCHS, clips_per_video=SUPERVISED_CLIPS,
+                                                test_clips=PROBE_CLIPS, seed=seed, clip=clip), log=lambda *_: None)
+    return {"video_acc": result["video_acc"], "clip_acc": result["clip_acc"],
+            "train_acc": result["history"][-1]["train_acc"] if result.get("history") else None}
+
+
+def run_one(work: Path, family: str, seed: int, variant: str, overrides: dict, tag: str,
+            videos_per_class: int = VIDEOS_PER_CLASS) -> dict:
     from xdc_fast.config import PretrainConfig, from_dict
     from xdc_fast.pretrain import pretrain
 
-    data = dataset(work, family, seed)
-    where = work / "runs" / tag / f"{family}_{seed}_{variant}"
+    data = dataset(work, family, seed, videos_per_class)
+    where = work / "runs" / tag / f"{family}_{seed}{size_suffix(videos_per_class)}_{variant}"
     if where.exists():
         shutil.rmtree(where)  # an interrupted run starts again
     where.mkdir(parents=True)
@@ -101,6 +126,9 @@ def run_one(work: Path, family: str, seed: int, variant: str, overrides: dict, t
     if variant == "random":
         for modality in ("video", "audio"):
             scores[modality] = score(data, where, modality, "random", seed)
+    elif variant == "supervised":
+        for modality in overrides.get("modalities", ("video", "audio")):
+            scores[modality] = supervised(data, where, modality, seed)
     else:
         config = from_dict(PretrainConfig, {"arch": "tiny", **overrides, "variant": variant, "seed": seed})
         history = pretrain(data, where / "pretrain", config, log=lambda *_: None)
@@ -110,6 +138,7 @@ def run_one(work: Path, family: str, seed: int, variant: str, overrides: dict, t
             scores[modality] = score(data, where, modality, str(where / "pretrain" / "checkpoints" / "last.pt"),
                                      seed)
     return {"family": family, "seed": seed, "variant": variant, "tag": tag, "overrides": overrides,
+            "videos_per_class": videos_per_class,
             "scores": scores, "seconds": time.perf_counter() - t0, **summary}
 
 

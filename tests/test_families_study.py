@@ -39,6 +39,22 @@ def test_gains_pair_each_xdc_run_with_the_random_encoder_of_its_family_and_seed(
     assert [(r["seed"], round(r["video"], 6), round(r["audio"], 6)) for r in got[8]] == [(0, 20.0, 5.0), (1, -10.0, 5.0)]
 
 
+def test_the_supervised_ceiling_is_paired_with_random_and_reported_beside_the_gains(study):
+    ceiling = {"family": "family008", "seed": 0, "variant": "supervised", "tag": "defaults",
+               "scores": {"video": {"video_acc": 0.55}}}  # the ceiling of one modality only
+    records = [record(8, 0, "random", 0.30, 0.40), record(8, 0, "xdc", 0.35, 0.50), ceiling,
+               record(9, 0, "random", 0.20, 0.20), record(9, 0, "xdc", 0.20, 0.30),
+               {**ceiling, "family": "family010"}]  # no random run of its own: left out
+    assert {f: {m: [round(v, 6) for v in got] for m, got in c.items()} for f, c in study.ceilings(records).items()} \
+        == {8: {"video": [25.0]}}
+    text = study.report(records, "defaults")
+    assert "| supervised − random, video |" in text and "supervised − random, audio" not in text
+    row8 = next(line for line in text.splitlines() if line.startswith("| 8 |"))
+    row9 = next(line for line in text.splitlines() if line.startswith("| 9 |"))
+    assert row8.endswith("| +25.0 |") and row9.endswith("| — |")
+    assert "the supervised ceiling, video: mean +25.0 over random (1 families" in text
+
+
 def test_the_interval_is_students_t_over_families(study):
     values = [3.0, 7.0, -1.0, 10.0, 4.5]
     mean, std, low, high = study.interval(values)
@@ -93,3 +109,10 @@ def test_configurations_are_compared_on_the_runs_they_all_have(study):
     assert "colour_jitter=0.4" in jitter and "| +10.0, 14.1, +0.0 | +10.0, 14.1, +0.0 |" in jitter
     swept = study.compare(records, ["defaults", "jitter"], families=[1, 2, 3], sweep=True)
     assert "over these 4 runs" in swept and "- a rise under 0.05: warned on 0 of 1 (0%)" in swept
+
+
+def test_runs_of_another_data_size_are_kept_apart(study):
+    older = record(8, 0, "random", 0.3, 0.3)  # written before sizes varied: the study's own size
+    larger = {**record(8, 0, "random", 0.5, 0.5), "videos_per_class": 4 * study.VIDEOS_PER_CLASS}
+    assert study.of_size([older, larger], study.VIDEOS_PER_CLASS) == [older]
+    assert study.of_size([older, larger], 4 * study.VIDEOS_PER_CLASS) == [larger]
