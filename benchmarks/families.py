@@ -149,10 +149,12 @@ def report(records: list[dict], tag: str, tuning: bool = False, families: list[i
                      f"({len(per_family)} families)\n")
         for m in ceiling_modalities:
             per_family = [float(np.mean(c[m])) for c in ceiling.values() if m in c]
+            seeds = sum(len(c[m]) for c in ceiling.values() if m in c)
             mean, std, low, high = interval(per_family)
             text += (f"- the supervised ceiling, {m}: mean {mean:+.1f} over random" +
                      (f", 95% interval [{low:+.1f}, {high:+.1f}]" if len(per_family) > 1 else "") +
-                     f" ({len(per_family)} families; the most any encoder is expected to gain at this size)\n")
+                     f" ({len(per_family)} families, {seeds} runs; about the most an encoder can gain at this "
+                     "size)\n")
         runs = [r for family_runs in by_family.values() for r in family_runs]
         names = sorted({name for r in runs for name in candidate_signals(r)})
         if len(runs) >= 3 and names:

@@ -52,7 +52,7 @@ def test_the_supervised_ceiling_is_paired_with_random_and_reported_beside_the_ga
     row8 = next(line for line in text.splitlines() if line.startswith("| 8 |"))
     row9 = next(line for line in text.splitlines() if line.startswith("| 9 |"))
     assert row8.endswith("| +25.0 |") and row9.endswith("| — |")
-    assert "the supervised ceiling, video: mean +25.0 over random (1 families" in text
+    assert "the supervised ceiling, video: mean +25.0 over random (1 families, 1 runs" in text
 
 
 def test_the_interval_is_students_t_over_families(study):
