@@ -45,9 +45,14 @@ def of_size(records: list[dict], videos_per_class: int) -> list[dict]:
     return [r for r in records if r.get("videos_per_class", VIDEOS_PER_CLASS) == videos_per_class]
 
 
+def random_runs(records: list[dict]) -> dict[tuple[str, int], dict]:
+    """The random encoders' run of each (family, seed): the baseline every gain is paired with."""
+    return {(r["family"], r["seed"]): r for r in records if r["variant"] == "random"}
+
+
 def gains(records: list[dict], tag: str) -> dict[int, list[dict]]:
     """Per family seed: per run seed, XDC's gain over random per modality, with the run's signals."""
-    random = {(r["family"], r["seed"]): r for r in records if r["variant"] == "random"}
+    random = random_runs(records)
     out: dict[int, list[dict]] = {}
     for r in records:
         if r["tag"] != tag or r["variant"] != "xdc" or (r["family"], r["seed"]) not in random:
@@ -62,7 +67,7 @@ def gains(records: list[dict], tag: str) -> dict[int, list[dict]]:
 def ceilings(records: list[dict]) -> dict[int, dict[str, list[float]]]:
     """Per family seed and modality: the supervised ceiling's gain over random (benchmarks/variants.py's
     ``supervised``), one value per run seed that has both."""
-    random = {(r["family"], r["seed"]): r for r in records if r["variant"] == "random"}
+    random = random_runs(records)
     out: dict[int, dict[str, list[float]]] = {}
     for r in records:
         if r["variant"] != "supervised" or (r["family"], r["seed"]) not in random:
@@ -279,8 +284,7 @@ def main() -> None:
     settings = ", ".join(f"`{k}: {v}`" for k, v in overrides.items()) or "the defaults"
     text = (f"# XDC on families no setting was chosen on\n\n{datetime.date.today()}, `python benchmarks/families.py`: "
             f"{CLASSES} classes x {args.videos_per_class} videos of {SECONDS:g} s per family and seed; `--arch tiny` "
-            "and "
-            f"{settings} (tag `{args.tag}`); linear probe ({PROBE_CLIPS} clips per video) on a seeded stratified 30% "
+            f"and {settings} (tag `{args.tag}`); linear probe ({PROBE_CLIPS} clips per video) on a seeded stratified 30% "
             f"test split, chance {1 / CLASSES:.1%}. Gains in points of video accuracy.\n\n" +
             report(records, args.tag, args.tuning, args.families))
     args.out.parent.mkdir(parents=True, exist_ok=True)

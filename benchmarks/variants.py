@@ -70,6 +70,14 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def tiny_clip() -> dict:
+    """The clip geometry every probe and ceiling of the study reads: the tiny arch's."""
+    from xdc_fast.config import PretrainConfig
+    from xdc_fast.data.clips import geometry
+
+    return geometry(PretrainConfig(arch="tiny").clip_config())
+
+
 def score(data: Path, where: Path, modality: str, checkpoint: str, seed: int) -> dict:
     """Linear probe (``finetune --mode linear`` on its seeded split) and the NMI to the classes of k-means
     (k = classes, best of 5 k-means++ starts) on the probe's L2-normalised clip features, of one encoder."""
@@ -77,14 +85,13 @@ def score(data: Path, where: Path, modality: str, checkpoint: str, seed: int) ->
 
     from xdc_fast import metrics
     from xdc_fast.cluster import KMeans
-    from xdc_fast.config import FinetuneConfig, PretrainConfig
-    from xdc_fast.data.clips import geometry
+    from xdc_fast.config import FinetuneConfig
     from xdc_fast.probe import probe
 
     probe_dir = where / "probe" / modality
     if (probe_dir / "metrics.json").exists():
         (probe_dir / "metrics.json").unlink()
-    clip = geometry(PretrainConfig(arch="tiny").clip_config())
+    clip = tiny_clip()
     result = probe(data, probe_dir, FinetuneConfig(checkpoint=checkpoint, modality=modality, mode="linear", arch="tiny",
                                                   train_clips=PROBE_CLIPS, test_clips=PROBE_CLIPS, seed=seed,
                                                   clip=clip), log=lambda *_: None)
@@ -97,12 +104,11 @@ def score(data: Path, where: Path, modality: str, checkpoint: str, seed: int) ->
 
 def supervised(data: Path, where: Path, modality: str, seed: int) -> dict:
     """The supervised ceiling of one modality on the probe's split (see ``SUPERVISED_EPOCHS``)."""
-    from xdc_fast.config import FinetuneConfig, PretrainConfig
-    from xdc_fast.data.clips import geometry
+    from xdc_fast.config import FinetuneConfig
     from xdc_fast.finetune import finetune
 
     out = where / "supervised" / modality
-    clip = geometry(PretrainConfig(arch="tiny").clip_config())
+    clip = tiny_clip()
     result = finetune(data, out, FinetuneConfig(checkpoint="random", modality=modality, mode="full", arch="tiny",
                                                 epochs=SUPERVISED_EPOCHS, clips_per_video=SUPERVISED_CLIPS,
                                                 test_clips=PROBE_CLIPS, seed=seed, clip=clip), log=lambda *_: None)
