@@ -138,8 +138,10 @@ def run_one(work: Path, family: str, seed: int, variant: str, overrides: dict, t
     else:
         config = from_dict(PretrainConfig, {"arch": "tiny", **overrides, "variant": variant, "seed": seed})
         history = pretrain(data, where / "pretrain", config, log=lambda *_: None)
+        signals = {**label_free_signals(history),
+                   "nmi_to_first": agreement_with_first_round(where / "pretrain" / "clusters")}
         summary = {"final_loss": history[-1]["loss"], "final_pseudo_label_acc": history[-1]["pseudo_label_acc"],
-                   "epochs": len(history), "signals": label_free_signals(history)}
+                   "epochs": len(history), "signals": signals}
         for modality in VARIANTS[variant].modalities:
             scores[modality] = score(data, where, modality, str(where / "pretrain" / "checkpoints" / "last.pt"),
                                      seed)
@@ -162,6 +164,21 @@ def label_free_signals(history: list[dict]) -> dict:
                "nmi_to_previous": [r.get("nmi_to_previous") for r in rounds],
                "lift": [{head: s["lift"] for head, s in round_signal(r).items()} for r in rounds]}
     return signals
+
+
+def agreement_with_first_round(clusters: Path) -> list[dict]:
+    """Per clustering a run saved (``RUN/clusters/round_NNN.pt``), each modality's agreement (NMI over the
+    videos labelled in both) with round 0's, which clustered the random encoders' features: how far training
+    moved what the clusters follow from what a random encoder sees."""
+    from xdc_fast.metrics import nmi
+    from xdc_fast.rounds import read_round
+
+    rounds = [read_round(path).video_labels() for path in sorted(clusters.glob("round_*.pt"))]
+    out = []
+    for labels in rounds:
+        out.append({m: nmi(first[both], labels[m][both]) for m, first in rounds[0].items() if m in labels
+                    for both in [(first >= 0) & (labels[m] >= 0)]})
+    return out
 
 
 def mean_std(values: list[float]) -> str:

@@ -116,3 +116,26 @@ def test_runs_of_another_data_size_are_kept_apart(study):
     larger = {**record(8, 0, "random", 0.5, 0.5), "videos_per_class": 4 * study.VIDEOS_PER_CLASS}
     assert study.of_size([older, larger], study.VIDEOS_PER_CLASS) == [older]
     assert study.of_size([older, larger], 4 * study.VIDEOS_PER_CLASS) == [larger]
+
+
+def test_agreement_with_round_0_is_read_off_the_saved_clusterings(study, tmp_path):
+    from sklearn.metrics import normalized_mutual_info_score
+    from variants import agreement_with_first_round
+
+    from xdc_fast.rounds import RoundFile
+
+    rng = np.random.default_rng(0)
+    first = {m: rng.integers(0, 4, 40) for m in ("video", "audio")}
+    later = {"video": first["video"].copy(), "audio": rng.integers(0, 4, 40)}  # video unmoved, audio redrawn
+    later["audio"][3] = -1  # a video the round could not read: left out of the agreement
+    for index, labels in enumerate([first, later]):
+        RoundFile([f"v{i}" for i in range(40)], 1, [], {m: {"clip_labels": v, "video_labels": v}
+                                                        for m, v in labels.items()}).save(
+            tmp_path / f"round_{index:03d}.pt")
+    got = agreement_with_first_round(tmp_path)
+    assert got[0] == {"video": pytest.approx(1.0), "audio": pytest.approx(1.0)}
+    kept = np.arange(40) != 3
+    assert got[1]["video"] == pytest.approx(1.0)
+    assert got[1]["audio"] == pytest.approx(normalized_mutual_info_score(first["audio"][kept], later["audio"][kept]))
+    signals = study.candidate_signals({"signals": {"nmi_to_first": got}})
+    assert signals["audio clusters' agreement with round 0's, last clustering"] == pytest.approx(got[1]["audio"])
