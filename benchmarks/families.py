@@ -250,7 +250,8 @@ def main() -> None:
         text = (f"# Configurations compared on families {', '.join(map(str, args.families))}\n\n"
                 f"{datetime.date.today()}, `python benchmarks/families.py --compare`, {CLASSES} classes x "
                 f"{args.videos_per_class} videos per family and seed: XDC's gain over random encoders in points of "
-                "probe video accuracy, per family (seeds averaged), mean and std across families.\n\n" + compare(records, args.compare, args.families, sweep=args.tuning))
+                "probe video accuracy, per family (seeds averaged), mean and std across families.\n\n"
+                + compare(records, args.compare, args.families, sweep=args.tuning))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         print(text)

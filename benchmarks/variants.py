@@ -174,11 +174,8 @@ def agreement_with_first_round(clusters: Path) -> list[dict]:
     from xdc_fast.rounds import read_round
 
     rounds = [read_round(path).video_labels() for path in sorted(clusters.glob("round_*.pt"))]
-    out = []
-    for labels in rounds:
-        out.append({m: nmi(first[both], labels[m][both]) for m, first in rounds[0].items() if m in labels
-                    for both in [(first >= 0) & (labels[m] >= 0)]})
-    return out
+    return [{m: nmi(first[both], labels[m][both]) for m, first in rounds[0].items() if m in labels
+             for both in [(first >= 0) & (labels[m] >= 0)]} for labels in rounds]
 
 
 def mean_std(values: list[float]) -> str:
