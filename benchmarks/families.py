@@ -289,7 +289,9 @@ def main() -> None:
                     f"{m} {s['video_acc']:.1%}" for m, s in record["scores"].items()) + f" ({record['seconds']:.0f} s)",
                     flush=True)
     settings = ", ".join(f"`{k}: {v}`" for k, v in overrides.items()) or "the defaults"
-    text = (f"# XDC on families no setting was chosen on\n\n{datetime.date.today()}, `python benchmarks/families.py`: "
+    title = "XDC on the tuning families, where settings are chosen" if args.tuning else \
+        "XDC on families no setting was chosen on"
+    text = (f"# {title}\n\n{datetime.date.today()}, `python benchmarks/families.py`: "
             f"{CLASSES} classes x {args.videos_per_class} videos of {SECONDS:g} s per family and seed; `--arch tiny` "
             f"and {settings} (tag `{args.tag}`); linear probe ({PROBE_CLIPS} clips per video) on a seeded stratified 30% "
             f"test split, chance {1 / CLASSES:.1%}. Gains in points of video accuracy.\n\n" +
