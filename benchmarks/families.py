@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from variants import CLASSES, PROBE_CLIPS, SECONDS, VIDEOS_PER_CLASS, parse_overrides, run_one
+from variants import (CLASSES, PROBE_CLIPS, SECONDS, VIDEOS_PER_CLASS, baseline_input, fed, parse_overrides,
+                      run_one)
 
 from xdc_fast.data.families import TUNING_FAMILIES, draw_family
 from xdc_fast.learning import AGREEMENT_RISE, agreement_warns
@@ -49,9 +50,9 @@ def of_size(records: list[dict], videos_per_class: int) -> list[dict]:
     return [r for r in records if r.get("videos_per_class", VIDEOS_PER_CLASS) == videos_per_class]
 
 
-def random_runs(records: list[dict]) -> dict[tuple[str, int], dict]:
-    """The random encoders' run of each (family, seed): the baseline every gain is paired with."""
-    return {(r["family"], r["seed"]): r for r in records if r["variant"] == "random"}
+def random_runs(records: list[dict]) -> dict[tuple[str, int, str], dict]:
+    """The random encoders' run of each (family, seed, video input): the baseline every gain is paired with."""
+    return {(r["family"], r["seed"], fed(r)): r for r in records if r["variant"] == "random"}
 
 
 def gains(records: list[dict], tag: str) -> dict[int, list[dict]]:
@@ -59,24 +60,26 @@ def gains(records: list[dict], tag: str) -> dict[int, list[dict]]:
     random = random_runs(records)
     out: dict[int, list[dict]] = {}
     for r in records:
-        if r["tag"] != tag or r["variant"] != "xdc" or (r["family"], r["seed"]) not in random:
+        key = (r["family"], r["seed"], fed(r))
+        if r["tag"] != tag or r["variant"] != "xdc" or key not in random:
             continue
-        base = random[(r["family"], r["seed"])]["scores"]
+        base = random[key]["scores"]
         out.setdefault(int(r["family"][len("family"):]), []).append(
             {"seed": r["seed"], "signals": r.get("signals", {}),
              **{m: 100 * (r["scores"][m]["video_acc"] - base[m]["video_acc"]) for m in ("video", "audio")}})
     return out
 
 
-def ceilings(records: list[dict]) -> dict[int, dict[str, list[float]]]:
+def ceilings(records: list[dict], video_input: str = "rgb") -> dict[int, dict[str, list[float]]]:
     """Per family seed and modality: the supervised ceiling's gain over random (benchmarks/variants.py's
-    ``supervised``), one value per run seed that has both."""
+    ``supervised``), one value per run seed that has both, of encoders fed ``video_input``."""
     random = random_runs(records)
     out: dict[int, dict[str, list[float]]] = {}
     for r in records:
-        if r["variant"] != "supervised" or (r["family"], r["seed"]) not in random:
+        key = (r["family"], r["seed"], fed(r))
+        if r["variant"] != "supervised" or key not in random or key[2] != video_input:
             continue
-        base = random[(r["family"], r["seed"])]["scores"]
+        base = random[key]["scores"]
         for m, s in r["scores"].items():
             out.setdefault(int(r["family"][len("family"):]), {}).setdefault(m, []).append(
                 100 * (s["video_acc"] - base[m]["video_acc"]))
@@ -135,7 +138,8 @@ def report(records: list[dict], tag: str, tuning: bool = False, families: list[i
     from scipy import stats
 
     by_family = {f: runs for f, runs in gains(records, tag).items() if families is None or f in families}
-    ceiling = {f: c for f, c in ceilings(records).items() if f in by_family}
+    inputs = {fed(r) for r in records if r["tag"] == tag and r["variant"] == "xdc"}
+    ceiling = {f: c for f, c in ceilings(records, inputs.pop() if len(inputs) == 1 else "rgb").items() if f in by_family}
     ceiling_modalities = [m for m in ("video", "audio") if any(m in c for c in ceiling.values())]
     lines = ["| family | video factor | audio factor | seeds | XDC − random, video | XDC − random, audio |"
              + "".join(f" supervised − random, {m} |" for m in ceiling_modalities),
@@ -187,6 +191,15 @@ def report(records: list[dict], tag: str, tuning: bool = False, families: list[i
     return text
 
 
+def settings_of(record: dict) -> str:
+    """A run's settings as a table names them; a run that took a default since changed says which."""
+    overrides = record.get("overrides") or {}
+    named = [f"{k}={v}" for k, v in overrides.items()]
+    if "video_input" not in overrides and fed(record) != baseline_input({}):
+        named.append(f"video_input={fed(record)} (then the default)")
+    return ", ".join(named) or "the defaults"
+
+
 def compare(records: list[dict], tags: list[str], families: list[int], sweep: bool = False) -> str:
     """Configurations side by side on the family seeds (and run seeds) every one of them has run, so
     each row is measured on the same videos: the table settings are chosen from, on tuning families.
@@ -199,8 +212,7 @@ def compare(records: list[dict], tags: list[str], families: list[int], sweep: bo
     kept = {tag: {f: [r for r in runs if (f, r["seed"]) in shared] for f, runs in got.items()}
             for tag, got in by_tag.items()}
     kept = {tag: {f: runs for f, runs in got.items() if runs} for tag, got in kept.items()}
-    settings = {r["tag"]: ", ".join(f"{k}={v}" for k, v in (r.get("overrides") or {}).items()) or "the defaults"
-                for r in records if r["variant"] == "xdc"}
+    settings = {r["tag"]: settings_of(r) for r in records if r["variant"] == "xdc"}
     lines = [f"Runs every configuration has (family, seed): {', '.join(f'{f}/{s}' for f, s in sorted(shared))}.", "",
              "| tag | settings | video gain: mean, std, worst family | audio gain: mean, std, worst family | "
              "warning on runs below random |", "|---|---|---|---|---|"]
@@ -262,25 +274,29 @@ def main() -> None:
     records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     records = of_size(records, args.videos_per_class)
     done = {(r["family"], r["seed"], r["variant"], r["tag"]) for r in records}
+    baselines = set(random_runs(records))
     for family_seed in args.families:
         family = f"family{family_seed:03d}"
         for seed in args.seeds:
             for variant in ("random",) + (("supervised",) if args.ceiling else ()) + ("xdc",):
                 # Random encoders and the ceiling do not depend on the settings: one per family and seed serves
-                # every tag; the ceiling trains only the modalities it does not have yet.
+                # every tag (a random encoder per video input); the ceiling trains only the modalities it lacks.
                 if variant == "supervised":
+                    fed_now = baseline_input(overrides)
                     have = {m for r in records if r["variant"] == variant and (r["family"], r["seed"]) == (family, seed)
-                            for m in r["scores"]}
+                            and fed(r) == fed_now for m in r["scores"]}
                     missing = [m for m in args.ceiling if m not in have]
                     if not missing:
                         continue
-                    record = run_one(args.work, family, seed, variant, {"modalities": missing}, args.tag,
-                                     args.videos_per_class)
+                    record = run_one(args.work, family, seed, variant,
+                                     {"modalities": missing, "video_input": fed_now},
+                                     args.tag, args.videos_per_class)
                 else:
-                    if (variant == "random" and any(d[:3] == (family, seed, variant) for d in done)) or \
-                            (family, seed, variant, args.tag) in done:
+                    baseline = (family, seed, baseline_input(overrides))
+                    if (variant == "random" and baseline in baselines) or (family, seed, variant, args.tag) in done:
                         continue
                     record = run_one(args.work, family, seed, variant, overrides, args.tag, args.videos_per_class)
+                    baselines.add(baseline)
                 records.append(record)
                 done.add((family, seed, variant, args.tag))
                 with results.open("a") as f:

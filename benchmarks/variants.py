@@ -78,9 +78,10 @@ def tiny_clip() -> dict:
     return geometry(PretrainConfig(arch="tiny").clip_config())
 
 
-def score(data: Path, where: Path, modality: str, checkpoint: str, seed: int) -> dict:
+def score(data: Path, where: Path, modality: str, checkpoint: str, seed: int, video_input: str | None = None) -> dict:
     """Linear probe (``finetune --mode linear`` on its seeded split) and the NMI to the classes of k-means
-    (k = classes, best of 5 k-means++ starts) on the probe's L2-normalised clip features, of one encoder."""
+    (k = classes, best of 5 k-means++ starts) on the probe's L2-normalised clip features, of one encoder
+    (``video_input``: what a random video encoder is fed; a checkpoint's says itself)."""
     import torch
 
     from xdc_fast import metrics
@@ -94,7 +95,8 @@ def score(data: Path, where: Path, modality: str, checkpoint: str, seed: int) ->
     clip = tiny_clip()
     result = probe(data, probe_dir, FinetuneConfig(checkpoint=checkpoint, modality=modality, mode="linear", arch="tiny",
                                                   train_clips=PROBE_CLIPS, test_clips=PROBE_CLIPS, seed=seed,
-                                                  clip=clip), log=lambda *_: None)
+                                                  clip=clip, video_input=video_input if modality == "video" else None),
+                   log=lambda *_: None)
     features = torch.load(probe_dir / "features.pt", weights_only=True)
     points = torch.nn.functional.normalize(features["features"].float(), dim=1)
     fitted = KMeans(points.shape[1], CLASSES, niter=30, nredo=5, seed=seed, init="kmeans++").fit(points)
@@ -102,8 +104,9 @@ def score(data: Path, where: Path, modality: str, checkpoint: str, seed: int) ->
             "nmi": metrics.nmi(fitted.labels.numpy(), features["labels"].numpy())}
 
 
-def supervised(data: Path, where: Path, modality: str, seed: int) -> dict:
-    """The supervised ceiling of one modality on the probe's split (see ``SUPERVISED_EPOCHS``)."""
+def supervised(data: Path, where: Path, modality: str, seed: int, video_input: str | None = None) -> dict:
+    """The supervised ceiling of one modality on the probe's split (see ``SUPERVISED_EPOCHS``), of a video
+    encoder fed ``video_input``."""
     from xdc_fast.config import FinetuneConfig
     from xdc_fast.finetune import finetune
 
@@ -111,7 +114,9 @@ def supervised(data: Path, where: Path, modality: str, seed: int) -> dict:
     clip = tiny_clip()
     result = finetune(data, out, FinetuneConfig(checkpoint="random", modality=modality, mode="full", arch="tiny",
                                                 epochs=SUPERVISED_EPOCHS, clips_per_video=SUPERVISED_CLIPS,
-                                                test_clips=PROBE_CLIPS, seed=seed, clip=clip), log=lambda *_: None)
+                                                test_clips=PROBE_CLIPS, seed=seed, clip=clip,
+                                                video_input=video_input if modality == "video" else None),
+                      log=lambda *_: None)
     return {"video_acc": result["video_acc"], "clip_acc": result["clip_acc"],
             "train_acc": result["history"][-1]["train_acc"] if result.get("history") else None}
 
@@ -131,10 +136,10 @@ def run_one(work: Path, family: str, seed: int, variant: str, overrides: dict, t
     scores, summary = {}, {}
     if variant == "random":
         for modality in ("video", "audio"):
-            scores[modality] = score(data, where, modality, "random", seed)
+            scores[modality] = score(data, where, modality, "random", seed, baseline_input(overrides))
     elif variant == "supervised":
         for modality in overrides.get("modalities", ("video", "audio")):
-            scores[modality] = supervised(data, where, modality, seed)
+            scores[modality] = supervised(data, where, modality, seed, baseline_input(overrides))
     else:
         config = from_dict(PretrainConfig, {"arch": "tiny", **overrides, "variant": variant, "seed": seed})
         history = pretrain(data, where / "pretrain", config, log=lambda *_: None)
@@ -146,8 +151,21 @@ def run_one(work: Path, family: str, seed: int, variant: str, overrides: dict, t
             scores[modality] = score(data, where, modality, str(where / "pretrain" / "checkpoints" / "last.pt"),
                                      seed)
     return {"family": family, "seed": seed, "variant": variant, "tag": tag, "overrides": overrides,
-            "videos_per_class": videos_per_class,
+            "videos_per_class": videos_per_class, "video_input": baseline_input(overrides),
             "scores": scores, "seconds": time.perf_counter() - t0, **summary}
+
+
+def baseline_input(overrides: dict | None) -> str:
+    """What the video encoders of a configuration are fed, so its gain is measured against a random encoder
+    fed the same (a residual random encoder is a stronger baseline than an rgb one)."""
+    from xdc_fast.models.archs import ARCHS
+
+    return (overrides or {}).get("video_input") or ARCHS["tiny"].video_input
+
+
+def fed(record: dict) -> str:
+    """What a run's video encoder was fed: its record says (records from before the choice existed: rgb)."""
+    return record.get("video_input") or (record.get("overrides") or {}).get("video_input") or "rgb"
 
 
 def label_free_signals(history: list[dict]) -> dict:

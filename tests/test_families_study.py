@@ -39,6 +39,22 @@ def test_gains_pair_each_xdc_run_with_the_random_encoder_of_its_family_and_seed(
     assert [(r["seed"], round(r["video"], 6), round(r["audio"], 6)) for r in got[8]] == [(0, 20.0, 5.0), (1, -10.0, 5.0)]
 
 
+def test_a_configuration_fed_frame_differences_is_paired_with_a_random_encoder_fed_the_same(study):
+    residual = {"video_input": "residual"}
+    records = [record(8, 0, "random", 0.30, 0.40), {**record(8, 0, "random", 0.45, 0.40), "overrides": residual},
+               record(8, 0, "xdc", 0.50, 0.45), {**record(8, 0, "xdc", 0.50, 0.45, tag="res"), "overrides": residual},
+               {**record(9, 0, "xdc", 0.9, 0.9, tag="res"), "overrides": residual},
+               record(9, 0, "random", 0.1, 0.1)]  # an rgb baseline only: family 9's residual run has none
+    assert [round(r["video"], 6) for r in study.gains(records, "defaults")[8]] == [20.0]
+    got = study.gains(records, "res")
+    assert list(got) == [8] and [round(r["video"], 6) for r in got[8]] == [5.0]
+    # So is its supervised ceiling, and an rgb table keeps the rgb one.
+    records += [{**record(8, 0, "supervised", 0.65, 0.40), "overrides": {"modalities": ["video"], **residual}},
+                record(8, 0, "supervised", 0.50, 0.40)]
+    assert round(study.ceilings(records, "residual")[8]["video"][0], 6) == 20.0
+    assert round(study.ceilings(records)[8]["video"][0], 6) == 20.0 and len(study.ceilings(records)[8]["video"]) == 1
+
+
 def test_the_supervised_ceiling_is_paired_with_random_and_reported_beside_the_gains(study):
     ceiling = {"family": "family008", "seed": 0, "variant": "supervised", "tag": "defaults",
                "scores": {"video": {"video_acc": 0.55}}}  # the ceiling of one modality only
@@ -107,6 +123,8 @@ def test_configurations_are_compared_on_the_runs_they_all_have(study):
     # defaults: video gains +10, -5 -> mean 2.5, std 10.6, worst -5; audio +20, +10
     assert "| +2.5, 10.6, -5.0 | +15.0, 7.1, +10.0 |" in defaults and "warned on 0 of 1 (0%)" in defaults
     assert "colour_jitter=0.4" in jitter and "| +10.0, 14.1, +0.0 | +10.0, 14.1, +0.0 |" in jitter
+    # Runs from before frame differences became the tiny default say what they were fed.
+    assert "| video_input=rgb (then the default) |" in defaults
     swept = study.compare(records, ["defaults", "jitter"], families=[1, 2, 3], sweep=True)
     assert "over these 4 runs" in swept and "- a rise under 0.05: warned on 0 of 1 (0%)" in swept
 

@@ -153,7 +153,7 @@ def test_load_encoder_reads_torchvision_layout_weights(tmp_path):
     # Released files are often wrapped: {"state_dict": {"module.<key>": ...}}.
     torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "w.pt")
     encoder, source = load_encoder(tmp_path / "w.pt", "video")
-    assert source == {"source": "torchvision", "arch": "r2plus1d_18"}
+    assert source == {"source": "torchvision", "arch": "r2plus1d_18", "video_input": "rgb"}
     x = torch.randn(1, 3, 4, 32, 32)
     reference.fc = torch.nn.Identity()
     with torch.no_grad():

@@ -6,6 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from tests.conftest import prepared_synthetic
+from xdc_fast.checkpoint import load_encoder
 from xdc_fast.cli import main
 from xdc_fast.config import ConfigError, PretrainConfig
 from xdc_fast.errors import DatasetError
@@ -51,7 +52,9 @@ def test_resume_continues_where_an_interrupted_run_stopped(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [({"variant": "sdc"}, "'sdc' is not one of xdc, mdc"),
-                                            ({"clusters": 99}, "must lie between 2 and the 12 clips")])
+                                            ({"clusters": 99}, "must lie between 2 and the 12 clips"),
+                                            ({"clip": {**FAST["clip"], "frames": 1}, "video_input": "residual"},
+                                             "a clip of 1 frame has none")])
 def test_bad_configuration_fails_before_work(dataset, tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         pretrain(dataset, tmp_path / "run", PretrainConfig(**{**FAST, **change}), log=lambda *_: None)
@@ -97,9 +100,13 @@ def test_cli_pretrain(dataset, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("\n".join(f"{k}: {v}" for k, v in FAST.items()) + "\n")
     result = CliRunner().invoke(main, ["pretrain", "--variant", "xdc", "--data", str(dataset), "--out",
-                                       str(tmp_path / "run"), "--config", str(config)])
+                                       str(tmp_path / "run"), "--config", str(config), "--video-input", "residual"])
     assert result.exit_code == 0, result.output
     assert "round 0 epoch 0" in result.output
+    # The encoders round 0 clustered and the trained ones were both fed frame differences, and say so.
+    for name in ("init.pt", "last.pt"):
+        encoder, _ = load_encoder(tmp_path / "run" / "checkpoints" / name, "video")
+        assert encoder.video_input == "residual"
     bad = CliRunner().invoke(main, ["pretrain", "--data", str(dataset), "--out", str(tmp_path / "r2"),
                                     "--clusters", "50", "--config", str(config)])
     assert bad.exit_code == 2 and "must lie between" in bad.output and "Traceback" not in bad.output
@@ -246,6 +253,19 @@ def test_resume_keeps_the_values_the_run_resolved_or_was_given(dataset, tmp_path
     fresh = []
     pretrain(dataset, tmp_path / "other", PretrainConfig(**{**FAST, "epochs": 1, "clusters": "auto"}), log=fresh.append)
     assert "auto: clusters = 8 (the square root of 6 videos, kept between 8 and 1024)" in fresh
+
+
+def test_a_run_begun_before_the_video_input_existed_resumes_feeding_frames(tmp_path):
+    import yaml
+
+    from xdc_fast.pretrain import _resolve_auto
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"clusters": 3, "epochs": 2}))  # no video_input in it
+    items = [{"id": str(i)} for i in range(6)]
+    resumed, _ = _resolve_auto(PretrainConfig(**FAST), items, tmp_path, True, "cpu")
+    assert resumed.video_input == "rgb"
+    fresh, why = _resolve_auto(PretrainConfig(**FAST), items, tmp_path, False, "cpu")
+    assert fresh.video_input == "residual" and "tiny arch's" in why["video_input"]
 
 
 def test_a_round_with_its_features_on_disk_clusters_as_in_memory(tmp_path):

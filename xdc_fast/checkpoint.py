@@ -109,21 +109,31 @@ def torchvision_video_state(state: dict) -> dict:
     return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
-def build_encoder(modality: str, arch: str, bn_eps: float = 1e-5) -> nn.Module:
+def build_encoder(modality: str, arch: str, bn_eps: float = 1e-5, video_input: str | None = None) -> nn.Module:
     from .models import build_audio_encoder, build_video_encoder
 
     if modality not in MODALITIES:
         raise CheckpointError(f"modality should be video or audio, got {modality!r}")
-    return build_video_encoder(arch, bn_eps) if modality == "video" else build_audio_encoder(arch)
+    return build_video_encoder(arch, bn_eps, video_input) if modality == "video" else build_audio_encoder(arch)
+
+
+def check_video_input(encoder: nn.Module, asked: str | None, path) -> None:
+    """A video input asked for that the file's encoder was not trained on is refused, as a contradicting
+    arch is: the encoder would be fed what it never saw."""
+    found = getattr(encoder, "video_input", None)
+    if asked is not None and found is not None and asked != found:
+        raise CheckpointError(f"{path} holds a video encoder fed {found} frames, but --video-input {asked} was "
+                              f"asked for; leave --video-input out to use the file's")
 
 
 def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None, bn_eps: float = 1e-5,
-                 seed: int = 0) -> tuple[nn.Module, dict]:
+                 seed: int = 0, video_input: str | None = None) -> tuple[nn.Module, dict]:
     """The ``modality`` encoder of ``checkpoint`` (a path, or ``"random"``), and what was loaded.
 
     ``arch`` defaults to the checkpoint's (``tiny`` for random); giving one that contradicts the file
-    is an error rather than a silent partial load. ``bn_eps`` 1e-3 matches the official XDC video
-    weights. ``random`` encoders are drawn from ``seed``. The returned dict has ``source``
+    is an error rather than a silent partial load, and so is a ``video_input`` the file's video encoder
+    was not trained on (random encoders take it, by default their arch's, as a pretraining feeds them). ``bn_eps`` 1e-3 matches the official
+    XDC video weights. ``random`` encoders are drawn from ``seed``. The returned dict has ``source``
     (random|xdc-fast|torchvision), ``arch`` and, for our checkpoints, the ``config`` they were trained with.
     """
     from .models import load_video_weights
@@ -131,7 +141,8 @@ def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None,
     if str(checkpoint) == "random":
         arch = arch or "tiny"
         torch.manual_seed(seed)
-        return build_encoder(modality, arch, bn_eps), {"source": "random", "arch": arch, "seed": seed}
+        encoder = build_encoder(modality, arch, bn_eps, video_input)
+        return encoder, {"source": "random", "arch": arch, "seed": seed, **input_of(encoder)}
     state = read_checkpoint(checkpoint)
     found = checkpoint_arch(state, checkpoint)
     if arch is not None and arch != found:
@@ -139,8 +150,9 @@ def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None,
     encoder = build_encoder(modality, found, bn_eps)
     if is_ours(state):
         load_state(encoder, own_encoder_state(state, modality, checkpoint), checkpoint)
+        check_video_input(encoder, video_input, checkpoint)
         return encoder, {"source": "xdc-fast", "arch": found, "config": state.get("config", {}),
-                         "clip": checkpoint_clip(state)}
+                         "clip": checkpoint_clip(state), **input_of(encoder)}
     if modality != "video":
         raise CheckpointError(f"{checkpoint} is a torchvision-layout video weight file; it holds no audio encoder")
     try:
@@ -149,10 +161,17 @@ def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None,
         raise CheckpointError(f"{checkpoint} does not match torchvision's r2plus1d_18 layout: "
                               f"{first_line(error)}") from None
     refuse_non_finite(encoder, checkpoint)
-    return encoder, {"source": "torchvision", "arch": found}
+    check_video_input(encoder, video_input, checkpoint)
+    return encoder, {"source": "torchvision", "arch": found, **input_of(encoder)}
 
 
-def load_encoders_from(encoders: nn.ModuleDict, path: str | Path, arch: str) -> list[str]:
+def input_of(encoder: nn.Module) -> dict:
+    """``{"video_input": ...}`` for a video encoder (what its results record), {} for an audio one."""
+    found = getattr(encoder, "video_input", None)
+    return {"video_input": found} if found is not None else {}
+
+
+def load_encoders_from(encoders: nn.ModuleDict, path: str | Path, arch: str, video_input: str | None = None) -> list[str]:
     """Fill ``encoders`` (modality -> module of ``arch``) from another run's checkpoint, or the video
     encoder from torchvision-layout weights (a torchvision or official XDC file). Returns the modalities
     loaded; a file of another arch, or one that fits no encoder, is a CheckpointError."""
@@ -178,4 +197,8 @@ def load_encoders_from(encoders: nn.ModuleDict, path: str | Path, arch: str) -> 
                               f"torchvision's r2plus1d_18 layout): {first_line(error)}") from None
     for m in loaded:
         refuse_non_finite(encoders[m], path)
+    video_input = video_input or ARCHS[arch].video_input
+    if "video" in loaded and encoders["video"].video_input != video_input:
+        raise CheckpointError(f"{path} holds a video encoder fed {encoders['video'].video_input} frames, but this run "
+                              f"feeds {video_input}; pass --video-input {encoders['video'].video_input}")
     return loaded

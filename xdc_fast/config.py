@@ -23,7 +23,7 @@ from .choices import DEVICE_HELP, DEVICES, LOADER_HELP, LOADERS, MODALITIES
 from .data.clips import CLIP_FIELDS, ClipConfig
 from .errors import ConfigError, XdcError
 from .files import shown_path
-from .models.archs import ARCH_HELP, ARCHS, arch_named, default_arch
+from .models.archs import ARCH_HELP, ARCHS, VIDEO_INPUT_HELP, VIDEO_INPUTS, arch_named, default_arch
 from .protocols import PROTOCOLS, default_protocols, protocols_help
 from .variants import VARIANTS
 
@@ -225,6 +225,12 @@ def clip_overrides_option():
     return option(None, "Clip geometry overrides on top of the checkpoint's (else the arch's).", default_factory=dict)
 
 
+def video_input_option():
+    return option(None, "What a video encoder is fed: rgb or residual (differences of consecutive frames). Default: "
+                  "the checkpoint's (rgb for torchvision files; for a random encoder, the arch's: residual for "
+                  "tiny, rgb for r2plus1d_18, as a pretraining of that arch feeds it).", choices=VIDEO_INPUTS)
+
+
 def bn_eps_option():
     return option(1e-5, "Batch-norm epsilon of the video encoder: 1e-3 for the official XDC weights.", min=0,
                   min_open=True)
@@ -298,6 +304,7 @@ class PretrainConfig(SgdSettings):
     variant: str = option("xdc", "xdc: each encoder learns the other modality's clusters (the paper's best); "
                           "mdc, cdc, sdc-video, sdc-audio are its baselines.", choices=tuple(VARIANTS))
     arch: str = option("auto", ARCH_HELP, choices=(AUTO, *ARCHS))
+    video_input: str = option("auto", VIDEO_INPUT_HELP, choices=(AUTO, *VIDEO_INPUTS))
     clusters: int | str = option("auto", "k of the k-means, at most the number of clips clustered. auto: the "
                                  "square root of the number of videos, between 8 and 1024 (the XDC lineage uses "
                                  "64-1024 on Kinetics-size data).", min=2, auto=True)
@@ -419,6 +426,11 @@ def resolve_auto(config: PretrainConfig, videos: int, steps_per_epoch: int,
             why["epochs_per_round"] += (f"; epochs {config.epochs} is fewer, so this run is one partial round of "
                                         f"{config.epochs * steps_per_epoch} steps: raise epochs for rounds the "
                                         "encoders can fit")
+    if config.video_input == AUTO:
+        values["video_input"] = arch.video_input
+        why["video_input"] = f"the {arch.name} arch's: " + (
+            "frame differences gained more over random encoders than frames did on the tuning families, in both "
+            "modalities" if arch.video_input == "residual" else "the paper's input, and every released weight file's")
     per_round = values.get("epochs_per_round", config.epochs_per_round)
     if config.epochs == AUTO:
         values["epochs"] = max(4, AUTO_ROUNDS * per_round)
@@ -435,6 +447,7 @@ class FinetuneConfig(SgdSettings):
     mode: str = option("full", "full: train encoder and classifier; linear: frozen encoder, cached features, "
                        "logistic regression.", choices=("full", "linear"))
     arch: str | None = option(None, "Default: the checkpoint's (tiny for random).", choices=ARCHS)
+    video_input: str | None = video_input_option()
     split: int = option(1, "UCF101/HMDB51 split 1-3, ESC-50 test fold 1-5. Datasets without splits get a seeded "
                         "stratified one (test_fraction), recorded in metrics.json.", min=1)
     epochs: int = option(8, "Full mode: training epochs.", min=1, max=MAX_EPOCHS)
@@ -471,6 +484,7 @@ class ExtractConfig(Checked):
     aggregate: str = option("mean", "mean: one row per item; all: every clip ([items, clips, dim]).",
                             choices=("mean", "all"))
     arch: str | None = option(None, "Default: the checkpoint's (tiny for random).", choices=ARCHS)
+    video_input: str | None = video_input_option()
     bn_eps: float = bn_eps_option()
     batch_size: int = option(8, "Clips per forward pass.", min=1)
     clip: dict = clip_overrides_option()
@@ -492,6 +506,7 @@ class EvaluateConfig(SgdSettings):
     protocols: list = option(None, protocols_help(), default_factory=lambda: list(default_protocols()))
     modality: str = option("video", "Which encoder to score.", choices=MODALITIES)
     arch: str | None = option(None, "Default: the checkpoint's (tiny for random).", choices=ARCHS)
+    video_input: str | None = video_input_option()
     split: int | None = option(None, "One split/fold (UCF101/HMDB51 1-3, ESC-50 1-5); default: every split the "
                                "manifest has, or one seeded stratified split when it has none.", min=1)
     clips_per_video: int = option(10, "Uniformly spaced clips per training and per test video.", min=1)

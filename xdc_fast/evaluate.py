@@ -176,7 +176,8 @@ def _evaluate(dataset: Path, out: Path, config: EvaluateConfig, log) -> dict:
     on_features = [p for p in config.protocols if protocols.PROTOCOLS[p].on_features]
     for label, path, seed in checkpoints:
         # ===== one encoder, every used video encoded once =====
-        encoder, source = load_encoder(path, config.modality, config.arch, config.bn_eps, seed)
+        encoder, source = load_encoder(path, config.modality, config.arch, config.bn_eps, seed,
+                                       config.video_input)
         encoder = encoder.to(device)
         clip = clip_config(source["arch"], source.get("clip"), config.clip, eval_clips=config.clips_per_video)
         checkpoint_id = f"random:{seed}" if path == "random" else f"sha256:{sha256_file(path)}"

@@ -44,7 +44,8 @@ def _extract(dataset, out, config: ExtractConfig, log) -> dict:
     device = xdist.setup_device(config.device, config.dist_timeout_s)
 
     # ===== building the encoder =====
-    encoder, source = load_encoder(config.checkpoint, config.modality, config.arch, config.bn_eps, config.seed)
+    encoder, source = load_encoder(config.checkpoint, config.modality, config.arch, config.bn_eps, config.seed,
+                                   config.video_input)
     encoder.to(device)
     clip = clip_config(source["arch"], source.get("clip"), config.clip, eval_clips=config.clips_per_video)
 

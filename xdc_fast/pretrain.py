@@ -137,6 +137,7 @@ def _resolve_auto(config: PretrainConfig, items: list[dict], out: Path, resume: 
         import yaml
 
         used = yaml.safe_load((out / "config.yaml").read_text()) or {}
+        used.setdefault("video_input", "rgb")  # a run begun before the choice existed fed its encoder frames
         kept = {f.name: used[f.name] for f in fields(config) if getattr(config, f.name) == AUTO and f.name in used}
         config = replace(config, **kept)
     return resolve_auto(config, len(items), epoch_steps(config, len(items)), device_type)
@@ -176,9 +177,9 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
 
     # ===== building networks =====
     torch.manual_seed(seed_for(config.seed, "encoders"))  # identical initial encoders on every rank
-    encoders = build_encoders(variant, config.arch).to(device)
+    encoders = build_encoders(variant, config.arch, config.video_input).to(device)
     if config.init_checkpoint and saved is None:
-        loaded = load_encoders_from(encoders, config.init_checkpoint, config.arch)
+        loaded = load_encoders_from(encoders, config.init_checkpoint, config.arch, config.video_input)
         log(f"encoders from {config.init_checkpoint}: {', '.join(loaded)}")
     engine.compile_encoders(encoders, config.compile)
     if writer and saved is None:
@@ -257,6 +258,9 @@ def check_config(config: PretrainConfig, variant: Variant, items: list[dict], da
         check_modality(items, modality, f"variant {variant.name} learns from {modality}", f"use {other}")
     if "audio" in variant.modalities:
         check_sample_rate(items, config.clip_config().sample_rate, dataset, "run's")
+    if "video" in variant.modalities and config.video_input == "residual" and config.clip_config().frames < 2:
+        raise ConfigError("video_input residual feeds the differences of consecutive frames: a clip of "
+                          f"{config.clip_config().frames} frame has none; give clips at least 2 frames or use rgb")
     if config.recluster == "plateau" and not (heldout_count(config, len(items)) and config.heldout_fraction < 1):
         raise ConfigError(f"recluster 'plateau' needs held-out videos: heldout_fraction {config.heldout_fraction} of "
                           f"{len(items)} videos holds out {heldout_count(config, len(items))}; raise it (below 1)")
@@ -336,10 +340,10 @@ def _plan_rounds(config: PretrainConfig, variant: Variant, videos: int, device, 
     return store
 
 
-def build_encoders(variant: Variant, arch: str) -> nn.ModuleDict:
+def build_encoders(variant: Variant, arch: str, video_input: str | None = None) -> nn.ModuleDict:
     from .models import build_audio_encoder, build_video_encoder
 
-    build = {"video": build_video_encoder, "audio": build_audio_encoder}
+    build = {"video": lambda a: build_video_encoder(a, video_input=video_input), "audio": build_audio_encoder}
     return nn.ModuleDict({m: build[m](arch) for m in variant.modalities})
 
 

@@ -9,9 +9,12 @@ def test_full_video_encoder_is_torchvision_r2plus1d_18_without_classifier():
     reference = torchvision.models.video.r2plus1d_18(weights=None)
     ours = build_video_encoder("r2plus1d_18")
     theirs = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("fc.")}
-    assert {k: v.shape for k, v in ours.state_dict().items()} == theirs
+    # Every weight and statistic named as theirs; the one entry of ours alone records what the encoder is fed.
+    assert {k: v.shape for k, v in ours.state_dict().items() if k != "frame_differences"} == theirs
+    assert set(ours.state_dict()) - set(theirs) == {"frame_differences"}
     dropped = load_video_weights(ours, reference.state_dict())  # strict apart from the classifier
     assert sorted(dropped) == ["fc.bias", "fc.weight"]
+    assert ours.video_input == "rgb"
     reference.fc = torch.nn.Identity()
     reference.eval(), ours.eval()
     clip = torch.randn(1, 3, 4, 32, 32)
@@ -100,3 +103,36 @@ def test_2d_views_give_the_conv3d_outputs_and_gradients_with_the_same_parameters
     assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(outputs[0][1], outputs[1][1]))
     assert use_2d_views(views, on=False) == changed
     assert not any(isinstance(m, Conv3dOnViews) for m in views.modules())
+
+
+def test_residual_input_is_the_rgb_network_on_frame_differences():
+    """Oracle: the same weights fed the differences of consecutive frames, computed here in float64."""
+    torch.manual_seed(0)
+    residual = build_video_encoder("tiny", video_input="residual").double().eval()
+    rgb = build_video_encoder("tiny", video_input="rgb").double().eval()
+    rgb.load_state_dict({k: v for k, v in residual.state_dict().items() if k != "frame_differences"})
+    assert (residual.video_input, rgb.video_input) == ("residual", "rgb")
+    clip = torch.randn(2, 3, 8, 32, 32, dtype=torch.float64)
+    differences = torch.stack([clip[:, :, t + 1] - clip[:, :, t] for t in range(7)], dim=2)
+    with torch.no_grad():
+        torch.testing.assert_close(residual(clip), rgb(differences))
+        # What stands still cancels: a static scene under the same motion gives the same features.
+        scene = torch.randn(1, 3, 1, 32, 32, dtype=torch.float64)
+        torch.testing.assert_close(residual(clip + scene), residual(clip))
+        assert not torch.allclose(rgb(clip + scene), rgb(clip))
+
+
+def test_what_the_encoder_is_fed_travels_with_its_state_dict():
+    residual_state = build_video_encoder("tiny", video_input="residual").state_dict()
+    loaded = build_video_encoder("tiny", video_input="rgb")  # built for frames: the state decides
+    loaded.load_state_dict(residual_state)
+    assert loaded.video_input == "residual" and int(loaded.frame_differences) == 1
+    older = {k: v for k, v in residual_state.items() if k != "frame_differences"}  # written before the choice
+    again = build_video_encoder("tiny", video_input="residual")
+    again.load_state_dict(older)
+    assert again.video_input == "rgb" and int(again.frame_differences) == 0
+    with pytest.raises(ValueError, match="video_input"):
+        build_video_encoder("tiny", video_input="flow")
+    # Unasked, each arch is fed as its pretraining feeds it.
+    assert build_video_encoder("tiny").video_input == "residual"
+    assert build_video_encoder("r2plus1d_18").video_input == "rgb"

@@ -4,7 +4,7 @@ The table of architectures (:mod:`xdc_fast.models.archs`) imports no torch; the 
 first use, so naming an arch (``--help``, a configuration check) costs nothing.
 """
 
-from .archs import ARCHS, Arch, arch_named, default_arch
+from .archs import ARCHS, VIDEO_INPUTS, Arch, arch_named, default_arch
 
 _BUILDERS = {"build_video_encoder": "r2plus1d", "load_video_weights": "r2plus1d", "build_audio_encoder": "audio_resnet"}
 
@@ -17,4 +17,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ARCHS", "Arch", "arch_named", "default_arch", *_BUILDERS]
+__all__ = ["ARCHS", "VIDEO_INPUTS", "Arch", "arch_named", "default_arch", *_BUILDERS]

@@ -25,6 +25,7 @@ class Arch:
     audio_blocks: tuple[int, int, int, int]
     geometry: dict  # clip fields this arch takes unless the user or a checkpoint says otherwise
     meant_for: str  # "cpu" or "cuda": the device on which it is the default
+    video_input: str = "rgb"  # what its video encoder is fed unless the run says otherwise (VIDEO_INPUTS)
 
     @property
     def feature_dim(self) -> int:
@@ -35,11 +36,18 @@ class Arch:
 ARCHS = {a.name: a for a in (
     Arch("tiny", "R(2+1)D and ResNet at a quarter of the width, one block per stage (a CPU's size)",
          (16, 32, 64, 128), (1, 1, 1, 1), 12, (16, 32, 64, 128), (1, 1, 1, 1),
-         {"resize_short": 64, "crop": 56}, "cpu"),
+         {"resize_short": 64, "crop": 56}, "cpu", "residual"),
     Arch("r2plus1d_18", "R(2+1)D-18 for video and ResNet-18 for audio, the paper's (a GPU job)",
          (64, 128, 256, 512), (2, 2, 2, 2), 45, (64, 128, 256, 512), (2, 2, 2, 2),
          {"resize_short": 128, "crop": 112}, "cuda"),
 )}
+
+# What a video encoder sees: the frames, or the differences of consecutive frames (see models.r2plus1d).
+VIDEO_INPUTS = ("rgb", "residual")
+VIDEO_INPUT_HELP = ("What the video encoder is fed: rgb (the frames, as the paper and every released weight file) or "
+                    "residual (the differences of consecutive frames, so what stands still cancels and the encoder "
+                    "sees motion from its first layer). auto: the arch's, residual for tiny and rgb for r2plus1d_18 "
+                    "(docs/pretraining.md#video-input).")
 
 # The arch a run takes when none is named: the paper's on a GPU, the tiny one on a CPU.
 DEFAULT_ARCH = {a.meant_for: a.name for a in ARCHS.values()}

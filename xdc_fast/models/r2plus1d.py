@@ -13,15 +13,26 @@ import torch
 from torch import nn
 from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D
 
-from .archs import ARCHS, Arch
+from .archs import ARCHS, VIDEO_INPUTS, Arch
 from .init import init_like_torchvision
 
 
 class R2Plus1D(nn.Module):
-    """Clips ``[B, 3, T, H, W]`` -> features ``[B, widths[-1]]`` (512 for r2plus1d_18)."""
+    """Clips ``[B, 3, T, H, W]`` -> features ``[B, widths[-1]]`` (512 for r2plus1d_18).
 
-    def __init__(self, arch: Arch, bn_eps: float = 1e-5):
+    ``video_input`` "residual" feeds the network the differences of consecutive frames (T - 1 of them)
+    instead of the frames: what stays still (colour, texture, the background) cancels, so even the first
+    layers see only what moves. The choice is kept in the ``frame_differences`` buffer, so a checkpoint
+    carries it and every command that loads the encoder feeds it the same way; a state dict without that
+    entry (older checkpoints, torchvision's and the official XDC weights) means frames."""
+
+    def __init__(self, arch: Arch, bn_eps: float = 1e-5, video_input: str | None = None):
         super().__init__()
+        video_input = video_input or arch.video_input
+        if video_input not in VIDEO_INPUTS:
+            raise ValueError(f"video_input should be one of {', '.join(VIDEO_INPUTS)}, got {video_input!r}")
+        self.register_buffer("frame_differences", torch.tensor(int(video_input == "residual"), dtype=torch.uint8))
+        self.residual = video_input == "residual"  # the buffer's value where forward reads it without a device sync
         width0 = arch.video_widths[0]
         self.stem = nn.Sequential(
             nn.Conv3d(3, arch.video_stem_mid, kernel_size=(1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False),
@@ -51,7 +62,19 @@ class R2Plus1D(nn.Module):
         layers += [BasicBlock(planes, planes, Conv2Plus1D) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
+    @property
+    def video_input(self) -> str:
+        return "residual" if self.residual else "rgb"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "frame_differences"
+        state_dict.setdefault(key, torch.tensor(0, dtype=torch.uint8))  # written before the choice existed: frames
+        self.residual = bool(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.residual:
+            x = x[:, :, 1:] - x[:, :, :-1]
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.avgpool(x).flatten(1)
@@ -105,11 +128,12 @@ def use_2d_views(model: nn.Module, on: bool = True) -> int:
     return changed
 
 
-def build_video_encoder(arch: str = "r2plus1d_18", bn_eps: float = 1e-5) -> R2Plus1D:
-    """``arch`` is "r2plus1d_18" or "tiny"; ``bn_eps`` 1e-3 matches the official XDC weights."""
+def build_video_encoder(arch: str = "r2plus1d_18", bn_eps: float = 1e-5, video_input: str | None = None) -> R2Plus1D:
+    """``arch`` is "r2plus1d_18" or "tiny"; ``bn_eps`` 1e-3 matches the official XDC weights; ``video_input``
+    "rgb" (frames) or "residual" (differences of consecutive frames), by default the arch's."""
     if arch not in ARCHS:
         raise ValueError(f"unknown video arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    return R2Plus1D(ARCHS[arch], bn_eps)
+    return R2Plus1D(ARCHS[arch], bn_eps, video_input)
 
 
 def load_video_weights(model: R2Plus1D, state_dict: dict) -> list[str]:
