@@ -466,7 +466,8 @@ def test_a_checkpoint_of_an_unknown_arch_or_missing_weights_is_one_line(dataset,
     torch.save({**state, "config": {**state["config"], "arch": "resnet50"}}, tmp_path / "arch.pt")
     refused(cli("extract", "--data", dataset, "--out", tmp_path / "a.pt", "--checkpoint", tmp_path / "arch.pt"),
             "arch.pt", "'resnet50'")
-    torch.save({**state, "encoders": dict(list(state["encoders"].items())[1:])}, tmp_path / "keys.pt")
+    torch.save({**state, "encoders": {k: v for k, v in state["encoders"].items() if k != "video.stem.0.weight"}},
+               tmp_path / "keys.pt")
     line = refused(cli("extract", "--data", dataset, "--out", tmp_path / "k.pt", "--checkpoint", tmp_path / "keys.pt"),
                    "keys.pt", "1 weight(s) missing")
     assert "Missing key(s)" not in line  # torch's page-long key diff is not repeated

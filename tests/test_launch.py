@@ -172,7 +172,7 @@ def test_two_ranks_on_clip_shards_cluster_as_on_the_files_and_survive_a_kill(dat
     # 6 videos of 48x48 pixels and 3 clusters, the default CRF's changes move a few clips across a border
     # (the default's fidelity is tested on larger footage in tests/data/test_shards.py).
     write_shards(sharded, short_side=48, gop=8, crf=8, progress=False)
-    config = _config_file(tmp_path, checkpoint_every=2)
+    config = _config_file(tmp_path, checkpoint_every=2, video_input="rgb")  # why frames: tests/data/test_shards.py
     files = _torchrun(tmp_path, ["pretrain", "--data", str(dataset), "--config", str(config), "--out",
                                  str(tmp_path / "files")])
     assert files.returncode == 0, files.stderr[-3000:]
