@@ -139,7 +139,8 @@ def report(records: list[dict], tag: str, tuning: bool = False, families: list[i
 
     by_family = {f: runs for f, runs in gains(records, tag).items() if families is None or f in families}
     inputs = {fed(r) for r in records if r["tag"] == tag and r["variant"] == "xdc"}
-    ceiling = {f: c for f, c in ceilings(records, inputs.pop() if len(inputs) == 1 else "rgb").items() if f in by_family}
+    fed_here = inputs.pop() if len(inputs) == 1 else "rgb"
+    ceiling = {f: c for f, c in ceilings(records, fed_here).items() if f in by_family}
     ceiling_modalities = [m for m in ("video", "audio") if any(m in c for c in ceiling.values())]
     lines = ["| family | video factor | audio factor | seeds | XDC − random, video | XDC − random, audio |"
              + "".join(f" supervised − random, {m} |" for m in ceiling_modalities),

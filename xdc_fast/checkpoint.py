@@ -132,9 +132,10 @@ def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None,
 
     ``arch`` defaults to the checkpoint's (``tiny`` for random); giving one that contradicts the file
     is an error rather than a silent partial load, and so is a ``video_input`` the file's video encoder
-    was not trained on (random encoders take it, by default their arch's, as a pretraining feeds them). ``bn_eps`` 1e-3 matches the official
-    XDC video weights. ``random`` encoders are drawn from ``seed``. The returned dict has ``source``
-    (random|xdc-fast|torchvision), ``arch`` and, for our checkpoints, the ``config`` they were trained with.
+    was not trained on (random encoders take it, by default their arch's, as a pretraining feeds them).
+    ``bn_eps`` 1e-3 matches the official XDC video weights. ``random`` encoders are drawn from ``seed``.
+    The returned dict has ``source`` (random|xdc-fast|torchvision), ``arch``, ``video_input`` for a video
+    encoder and, for our checkpoints, the ``config`` they were trained with.
     """
     from .models import load_video_weights
 
@@ -171,10 +172,12 @@ def input_of(encoder: nn.Module) -> dict:
     return {"video_input": found} if found is not None else {}
 
 
-def load_encoders_from(encoders: nn.ModuleDict, path: str | Path, arch: str, video_input: str | None = None) -> list[str]:
+def load_encoders_from(encoders: nn.ModuleDict, path: str | Path, arch: str,
+                       video_input: str | None = None) -> list[str]:
     """Fill ``encoders`` (modality -> module of ``arch``) from another run's checkpoint, or the video
     encoder from torchvision-layout weights (a torchvision or official XDC file). Returns the modalities
-    loaded; a file of another arch, or one that fits no encoder, is a CheckpointError."""
+    loaded; a file of another arch, one that fits no encoder, or a video encoder fed otherwise than
+    ``video_input`` (default: the arch's) is a CheckpointError."""
     from .models import load_video_weights
 
     state = read_checkpoint(path)
