@@ -55,3 +55,21 @@ def test_prepare_command(tmp_path):
 def test_prepare_bad_root_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(main, ["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "ds")])
     assert result.exit_code == 2 and "does not exist" in result.output and "Traceback" not in result.output
+
+
+def _option_help(command: str, option: str) -> str:
+    text = CliRunner().invoke(main, [command, "--help"], terminal_width=200).output
+    start = text.index(f"  {option} ")
+    end = text.find("\n  --", start + 1)
+    return " ".join(text[start:end].split())
+
+
+def test_pretraining_learning_rate_is_its_own():
+    # The inherited SGD field is redefined for pretraining only: the other commands keep their rate, and
+    # the CPU preset agrees with the flag's default, so `--config tiny` changes nothing a user did not ask.
+    from xdc_fast.config import PretrainConfig, read_yaml
+
+    assert "[default: 0.05;" in _option_help("pretrain", "--lr")
+    assert "[default: 0.01;" in _option_help("finetune", "--lr")
+    assert "[default: 0.01;" in _option_help("evaluate", "--lr")
+    assert read_yaml("tiny")["lr"] == PretrainConfig().lr
