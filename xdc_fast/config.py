@@ -273,7 +273,6 @@ def dist_timeout_option():
 # video encoder's pseudo-label loss stays at ln k for its first ~150 steps (docs/pretraining.md#auto-settings).
 MIN_ROUND_STEPS = 200
 AUTO_ROUNDS = 3  # the first teaches each encoder the other's initial clusters, the next two refine both
-PRETRAIN_LR = 0.05  # pretraining's SGD rate; the other commands train from 0.01 (SgdSettings)
 
 
 # ---- the optimiser every trained model uses -----------------------------------------------------------
@@ -308,8 +307,8 @@ class PretrainConfig(SgdSettings):
     video_input: str = option("auto", VIDEO_INPUT_HELP, choices=(AUTO, *VIDEO_INPUTS))
     # Rounds of a few hundred steps at 0.01 left the tiny heads near chance on their targets; at 0.05 the
     # encoders gained more over random ones on the tuning families (docs/pretraining.md#learning-rate).
-    lr: float = option(PRETRAIN_LR, f"SGD learning rate, after the warm-up and decayed by the schedule ({PRETRAIN_LR}, "
-                       "as the paper preset); lower it if the loss does not decrease.", min=0, min_open=True)
+    lr: float = option(0.05, "SGD learning rate, after the warm-up and decayed by the schedule (0.05, as the "
+                       "paper preset); lower it if the loss does not decrease.", min=0, min_open=True)
     clusters: int | str = option("auto", "k of the k-means, at most the number of clips clustered. auto: the "
                                  "square root of the number of videos, between 8 and 1024 (the XDC lineage uses "
                                  "64-1024 on Kinetics-size data).", min=2, auto=True)
