@@ -16,6 +16,21 @@ def test_schedule_warms_up_then_decays():
     assert np.array_equal(engine.rates_of_epoch(rates, 1, 10), rates[10:20])
 
 
+def test_the_audio_rate_follows_the_schedule_at_its_own_scale():
+    modules = torch.nn.ModuleDict({"video": torch.nn.Linear(3, 2), "audio": torch.nn.Linear(3, 2)})
+    before = {m: module.weight.detach().clone() for m, module in modules.items()}
+    optimizer = torch.optim.SGD(engine.modality_groups(modules, lr=0.05, audio_lr=0.01), lr=0.05)
+    engine.set_lr([optimizer], 0.5 * 0.05)  # a step halfway down a schedule
+    for module in modules.values():
+        module.weight.grad, module.bias.grad = torch.ones_like(module.weight), torch.ones_like(module.bias)
+    optimizer.step()
+    for m, rate in (("video", 0.025), ("audio", 0.005)):
+        assert torch.allclose(before[m] - modules[m].weight.detach(), torch.full((2, 3), rate))
+    # Unset or equal, one group: the optimizer of every checkpoint written before the audio rate existed.
+    assert len(torch.optim.SGD(engine.modality_groups(modules, 0.05, None), lr=0.05).param_groups) == 1
+    assert len(torch.optim.SGD(engine.modality_groups(modules, 0.05, 0.05), lr=0.05).param_groups) == 1
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return prepared_synthetic(tmp_path_factory.mktemp("engine"), classes=2, videos_per_class=3, seconds=1.5, fps=8,

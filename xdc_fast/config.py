@@ -309,6 +309,8 @@ class PretrainConfig(SgdSettings):
     # encoders gained more over random ones on the tuning families (docs/pretraining.md#learning-rate).
     lr: float = option(0.05, "SGD learning rate, after the warm-up and decayed by the schedule (0.05, as the "
                        "paper preset); lower it if the loss does not decrease.", min=0, min_open=True)
+    audio_lr: float | None = option(None, "SGD learning rate of the audio encoder and its heads, on the same "
+                                    "warm-up and schedule; unset: lr.", min=0, min_open=True)
     clusters: int | str = option("auto", "k of the k-means, at most the number of clips clustered. auto: the "
                                  "square root of the number of videos, between 8 and 1024 (the XDC lineage uses "
                                  "64-1024 on Kinetics-size data).", min=2, auto=True)

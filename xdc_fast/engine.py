@@ -332,9 +332,20 @@ def supervised_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], i
 
 
 def set_lr(optimizers: Iterable[torch.optim.Optimizer], rate: float) -> None:
+    """Every group at ``rate``, or at ``rate`` times its ``lr_scale`` where it has one (a modality of its own
+    rate on the shared schedule)."""
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            group["lr"] = rate
+            group["lr"] = rate * group.get("lr_scale", 1.0)
+
+
+def modality_groups(modules: nn.ModuleDict, lr: float, audio_lr: float | None) -> Iterable:
+    """``modules``' parameters for an optimizer: one group per modality, the audio one scaled to ``audio_lr``,
+    where that rate differs; else one group (the layout every earlier checkpoint's optimizer has)."""
+    if audio_lr is None or audio_lr == lr or "audio" not in modules:
+        return modules.parameters()
+    return [{"params": list(module.parameters()), "lr_scale": audio_lr / lr if name == "audio" else 1.0}
+            for name, module in modules.items()]
 
 
 def lr_schedule(lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,

@@ -187,7 +187,7 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
         # to its clusters (later rounds use checkpoints/round_{N-1}.pt). Weights only, no optimizer.
         save_atomic({"encoders": encoders.state_dict(), "round": -1, "config": asdict(config),
                      "clip": geometry(config.clip_config())}, checkpoint_path(out, "init"))
-    optimizer = torch.optim.SGD(encoders.parameters(), lr=config.lr, momentum=config.momentum,
+    optimizer = torch.optim.SGD(engine.modality_groups(encoders, config.lr, config.audio_lr), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     steps_per_epoch = epoch_steps(config, len(data.items))
     rates = engine.lr_schedule(config.lr, config.epochs, steps_per_epoch, config.warmup_epochs, config.schedule)
@@ -219,7 +219,8 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
         heads = nn.ModuleDict({m: nn.ModuleList(engine.new_head(encoders[m].feature_dim, labels.k, generator)
                                                 for _ in sources) for m, sources in variant.learns.items()})
         heads.to(device)
-        head_optimizer = torch.optim.SGD(heads.parameters(), lr=config.lr, momentum=config.momentum)
+        head_optimizer = torch.optim.SGD(engine.modality_groups(heads, config.lr, config.audio_lr), lr=config.lr,
+                                         momentum=config.momentum)
         if resuming:
             heads.load_state_dict(state.mid_epoch["heads"])
             head_optimizer.load_state_dict(state.mid_epoch["head_optimizer"])
