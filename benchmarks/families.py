@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from variants import (CLASSES, PROBE_CLIPS, SECONDS, VIDEOS_PER_CLASS, baseline_input, fed, parse_overrides,
-                      run_one)
+from variants import (CLASSES, PROBE_CLIPS, SECONDS, VIDEOS_PER_CLASS, audio_baseline_input, baseline_input, fed,
+                      fed_by, parse_overrides, run_one)
 
 from xdc_fast.data.families import TUNING_FAMILIES, draw_family
 from xdc_fast.learning import AGREEMENT_RISE, agreement_warns
@@ -51,7 +51,7 @@ def of_size(records: list[dict], videos_per_class: int) -> list[dict]:
 
 
 def random_runs(records: list[dict]) -> dict[tuple[str, int, str], dict]:
-    """The random encoders' run of each (family, seed, video input): the baseline every gain is paired with."""
+    """The random encoders' run of each (family, seed, inputs): the baseline every gain is paired with."""
     return {(r["family"], r["seed"], fed(r)): r for r in records if r["variant"] == "random"}
 
 
@@ -196,8 +196,8 @@ def settings_of(record: dict) -> str:
     """A run's settings as a table names them; a run that took a default since changed says which."""
     overrides = record.get("overrides") or {}
     named = [f"{k}={v}" for k, v in overrides.items()]
-    if "video_input" not in overrides and fed(record) != baseline_input({}):
-        named.append(f"video_input={fed(record)} (then the default)")
+    if "video_input" not in overrides and "audio_input" not in overrides and fed(record) != fed_by({}):
+        named.append(f"fed {fed(record)} (then the default)")
     return ", ".join(named) or "the defaults"
 
 
@@ -281,19 +281,20 @@ def main() -> None:
         for seed in args.seeds:
             for variant in ("random",) + (("supervised",) if args.ceiling else ()) + ("xdc",):
                 # Random encoders and the ceiling do not depend on the settings: one per family and seed serves
-                # every tag (a random encoder per video input); the ceiling trains only the modalities it lacks.
+                # every tag (a random encoder per input); the ceiling trains only the modalities it lacks.
                 if variant == "supervised":
-                    fed_now = baseline_input(overrides)
+                    fed_now = fed_by(overrides)
                     have = {m for r in records if r["variant"] == variant and (r["family"], r["seed"]) == (family, seed)
                             and fed(r) == fed_now for m in r["scores"]}
                     missing = [m for m in args.ceiling if m not in have]
                     if not missing:
                         continue
                     record = run_one(args.work, family, seed, variant,
-                                     {"modalities": missing, "video_input": fed_now},
+                                     {"modalities": missing, "video_input": baseline_input(overrides),
+                                      "audio_input": audio_baseline_input(overrides)},
                                      args.tag, args.videos_per_class)
                 else:
-                    baseline = (family, seed, baseline_input(overrides))
+                    baseline = (family, seed, fed_by(overrides))
                     if (variant == "random" and baseline in baselines) or (family, seed, variant, args.tag) in done:
                         continue
                     record = run_one(args.work, family, seed, variant, overrides, args.tag, args.videos_per_class)

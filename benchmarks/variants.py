@@ -78,10 +78,11 @@ def tiny_clip() -> dict:
     return geometry(PretrainConfig(arch="tiny").clip_config())
 
 
-def score(data: Path, where: Path, modality: str, checkpoint: str, seed: int, video_input: str | None = None) -> dict:
+def score(data: Path, where: Path, modality: str, checkpoint: str, seed: int, video_input: str | None = None,
+          audio_input: str | None = None) -> dict:
     """Linear probe (``finetune --mode linear`` on its seeded split) and the NMI to the classes of k-means
     (k = classes, best of 5 k-means++ starts) on the probe's L2-normalised clip features, of one encoder
-    (``video_input``: what a random video encoder is fed; a checkpoint's says itself)."""
+    (``video_input``, ``audio_input``: what a random encoder is fed; a checkpoint's says itself)."""
     import torch
 
     from xdc_fast import metrics
@@ -95,7 +96,8 @@ def score(data: Path, where: Path, modality: str, checkpoint: str, seed: int, vi
     clip = tiny_clip()
     result = probe(data, probe_dir, FinetuneConfig(checkpoint=checkpoint, modality=modality, mode="linear", arch="tiny",
                                                   train_clips=PROBE_CLIPS, test_clips=PROBE_CLIPS, seed=seed,
-                                                  clip=clip, video_input=video_input if modality == "video" else None),
+                                                  clip=clip, video_input=video_input if modality == "video" else None,
+                                                  audio_input=audio_input if modality == "audio" else None),
                    log=lambda *_: None)
     features = torch.load(probe_dir / "features.pt", weights_only=True)
     points = torch.nn.functional.normalize(features["features"].float(), dim=1)
@@ -104,9 +106,10 @@ def score(data: Path, where: Path, modality: str, checkpoint: str, seed: int, vi
             "nmi": metrics.nmi(fitted.labels.numpy(), features["labels"].numpy())}
 
 
-def supervised(data: Path, where: Path, modality: str, seed: int, video_input: str | None = None) -> dict:
-    """The supervised ceiling of one modality on the probe's split (see ``SUPERVISED_EPOCHS``), of a video
-    encoder fed ``video_input``."""
+def supervised(data: Path, where: Path, modality: str, seed: int, video_input: str | None = None,
+               audio_input: str | None = None) -> dict:
+    """The supervised ceiling of one modality on the probe's split (see ``SUPERVISED_EPOCHS``), of encoders
+    fed ``video_input`` and ``audio_input``."""
     from xdc_fast.config import FinetuneConfig
     from xdc_fast.finetune import finetune
 
@@ -115,7 +118,8 @@ def supervised(data: Path, where: Path, modality: str, seed: int, video_input: s
     result = finetune(data, out, FinetuneConfig(checkpoint="random", modality=modality, mode="full", arch="tiny",
                                                 epochs=SUPERVISED_EPOCHS, clips_per_video=SUPERVISED_CLIPS,
                                                 test_clips=PROBE_CLIPS, seed=seed, clip=clip,
-                                                video_input=video_input if modality == "video" else None),
+                                                video_input=video_input if modality == "video" else None,
+                                                audio_input=audio_input if modality == "audio" else None),
                       log=lambda *_: None)
     return {"video_acc": result["video_acc"], "clip_acc": result["clip_acc"],
             "train_acc": result["history"][-1]["train_acc"] if result.get("history") else None}
@@ -136,10 +140,12 @@ def run_one(work: Path, family: str, seed: int, variant: str, overrides: dict, t
     scores, summary = {}, {}
     if variant == "random":
         for modality in ("video", "audio"):
-            scores[modality] = score(data, where, modality, "random", seed, baseline_input(overrides))
+            scores[modality] = score(data, where, modality, "random", seed, baseline_input(overrides),
+                                     audio_baseline_input(overrides))
     elif variant == "supervised":
         for modality in overrides.get("modalities", ("video", "audio")):
-            scores[modality] = supervised(data, where, modality, seed, baseline_input(overrides))
+            scores[modality] = supervised(data, where, modality, seed, baseline_input(overrides),
+                                          audio_baseline_input(overrides))
     else:
         config = from_dict(PretrainConfig, {"arch": "tiny", **overrides, "variant": variant, "seed": seed})
         history = pretrain(data, where / "pretrain", config, log=lambda *_: None)
@@ -152,6 +158,7 @@ def run_one(work: Path, family: str, seed: int, variant: str, overrides: dict, t
                                      seed)
     return {"family": family, "seed": seed, "variant": variant, "tag": tag, "overrides": overrides,
             "videos_per_class": videos_per_class, "video_input": baseline_input(overrides),
+            "audio_input": audio_baseline_input(overrides),
             "scores": scores, "seconds": time.perf_counter() - t0, **summary}
 
 
@@ -163,9 +170,29 @@ def baseline_input(overrides: dict | None) -> str:
     return (overrides or {}).get("video_input") or ARCHS["tiny"].video_input
 
 
+def audio_baseline_input(overrides: dict | None) -> str:
+    """What the audio encoders of a configuration are fed (as ``baseline_input`` for video)."""
+    from xdc_fast.models.archs import ARCHS
+
+    return (overrides or {}).get("audio_input") or ARCHS["tiny"].audio_input
+
+
+def inputs_named(video_input: str, audio_input: str) -> str:
+    """Both encoders' inputs in one word for tables and keys; the audio's only where it is not the log-mel."""
+    return video_input if audio_input == "logmel" else f"{video_input}, audio {audio_input}"
+
+
 def fed(record: dict) -> str:
-    """What a run's video encoder was fed: its record says (records from before the choice existed: rgb)."""
-    return record.get("video_input") or (record.get("overrides") or {}).get("video_input") or "rgb"
+    """What a run's encoders were fed (``inputs_named``): its record says (records from before each choice
+    existed: rgb frames, the plain log-mel)."""
+    overrides = record.get("overrides") or {}
+    return inputs_named(record.get("video_input") or overrides.get("video_input") or "rgb",
+                        record.get("audio_input") or overrides.get("audio_input") or "logmel")
+
+
+def fed_by(overrides: dict | None) -> str:
+    """What a configuration's encoders are fed, as ``fed`` names it."""
+    return inputs_named(baseline_input(overrides), audio_baseline_input(overrides))
 
 
 def label_free_signals(history: list[dict]) -> dict:

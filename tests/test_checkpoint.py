@@ -20,7 +20,7 @@ def test_every_command_feeds_an_encoder_what_it_was_trained_on(residual_checkpoi
     encoder, source = load_encoder(residual_checkpoint, "video")
     assert encoder.video_input == "residual" and source["video_input"] == "residual"
     _, audio_source = load_encoder(residual_checkpoint, "audio")
-    assert "video_input" not in audio_source
+    assert "video_input" not in audio_source and audio_source["audio_input"] == "logmel"
     with pytest.raises(CheckpointError, match="fed residual frames, but --video-input rgb"):
         load_encoder(residual_checkpoint, "video", video_input="rgb")
 
@@ -38,3 +38,19 @@ def test_a_run_starting_from_a_checkpoint_fed_otherwise_is_refused(residual_chec
         load_encoders_from(frames, residual_checkpoint, "tiny", "rgb")
     differences = torch.nn.ModuleDict({"video": build_video_encoder("tiny", video_input="residual")})
     assert load_encoders_from(differences, residual_checkpoint, "tiny", "residual") == ["video"]
+
+
+def test_the_audio_input_travels_with_the_checkpoint_and_a_contradicting_one_is_refused(tmp_path):
+    encoders = torch.nn.ModuleDict({"audio": build_audio_encoder("tiny", audio_input="centred")})
+    path = tmp_path / "last.pt"
+    torch.save({"encoders": encoders.state_dict(), "config": {"arch": "tiny"}}, path)
+    encoder, source = load_encoder(path, "audio")
+    assert encoder.audio_input == source["audio_input"] == "centred"
+    with pytest.raises(CheckpointError, match="fed centred log-mel, but --audio-input logmel"):
+        load_encoder(path, "audio", audio_input="logmel")
+    random, source = load_encoder("random", "audio", audio_input="centred")
+    assert random.audio_input == source["audio_input"] == "centred"
+    plain = torch.nn.ModuleDict({"audio": build_audio_encoder("tiny", audio_input="logmel")})
+    with pytest.raises(CheckpointError, match="set audio_input: centred"):
+        load_encoders_from(plain, path, "tiny", audio_input="logmel")
+    assert load_encoders_from(plain, path, "tiny", audio_input="centred") == ["audio"]

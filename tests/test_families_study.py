@@ -55,6 +55,16 @@ def test_a_configuration_fed_frame_differences_is_paired_with_a_random_encoder_f
     assert round(study.ceilings(records)[8]["video"][0], 6) == 20.0 and len(study.ceilings(records)[8]["video"]) == 1
 
 
+def test_a_configuration_fed_centred_audio_is_paired_with_a_random_encoder_fed_the_same(study):
+    records = [{**record(8, 0, "random", 0.30, 0.40), "video_input": "residual"},
+               {**record(8, 0, "random", 0.30, 0.70), "video_input": "residual", "audio_input": "centred"},
+               {**record(8, 0, "xdc", 0.50, 0.80), "video_input": "residual"},
+               {**record(8, 0, "xdc", 0.50, 0.80, tag="centred"), "video_input": "residual",
+                "audio_input": "centred"}]
+    assert [round(r["audio"], 6) for r in study.gains(records, "defaults")[8]] == [40.0]
+    assert [round(r["audio"], 6) for r in study.gains(records, "centred")[8]] == [10.0]
+
+
 def test_the_supervised_ceiling_is_paired_with_random_and_reported_beside_the_gains(study):
     ceiling = {"family": "family008", "seed": 0, "variant": "supervised", "tag": "defaults",
                "scores": {"video": {"video_acc": 0.55}}}  # the ceiling of one modality only
@@ -124,7 +134,7 @@ def test_configurations_are_compared_on_the_runs_they_all_have(study):
     assert "| +2.5, 10.6, -5.0 | +15.0, 7.1, +10.0 |" in defaults and "warned on 0 of 1 (0%)" in defaults
     assert "colour_jitter=0.4" in jitter and "| +10.0, 14.1, +0.0 | +10.0, 14.1, +0.0 |" in jitter
     # Runs from before frame differences became the tiny default say what they were fed.
-    assert "| video_input=rgb (then the default) |" in defaults
+    assert "| fed rgb (then the default) |" in defaults
     swept = study.compare(records, ["defaults", "jitter"], families=[1, 2, 3], sweep=True)
     assert "over these 4 runs" in swept and "- a rise under 0.05: warned on 0 of 1 (0%)" in swept
 

@@ -109,25 +109,30 @@ def torchvision_video_state(state: dict) -> dict:
     return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
-def build_encoder(modality: str, arch: str, bn_eps: float = 1e-5, video_input: str | None = None) -> nn.Module:
+def build_encoder(modality: str, arch: str, bn_eps: float = 1e-5, video_input: str | None = None,
+                  audio_input: str | None = None) -> nn.Module:
     from .models import build_audio_encoder, build_video_encoder
 
     if modality not in MODALITIES:
         raise CheckpointError(f"modality should be video or audio, got {modality!r}")
-    return build_video_encoder(arch, bn_eps, video_input) if modality == "video" else build_audio_encoder(arch)
+    return (build_video_encoder(arch, bn_eps, video_input) if modality == "video" else
+            build_audio_encoder(arch, audio_input))
 
 
-def check_video_input(encoder: nn.Module, asked: str | None, path) -> None:
-    """A video input asked for that the file's encoder was not trained on is refused, as a contradicting
-    arch is: the encoder would be fed what it never saw."""
-    found = getattr(encoder, "video_input", None)
-    if asked is not None and found is not None and asked != found:
-        raise CheckpointError(f"{path} holds a video encoder fed {found} frames, but --video-input {asked} was "
-                              f"asked for; leave --video-input out to use the file's")
+def check_inputs(encoder: nn.Module, asked: str | None, path, audio_asked: str | None = None) -> None:
+    """An input asked for that the file's encoder was not trained on is refused, as a contradicting arch
+    is: the encoder would be fed what it never saw."""
+    for key, wanted, what in (("video_input", asked, "frames"), ("audio_input", audio_asked, "log-mel")):
+        found = getattr(encoder, key, None)
+        if wanted is not None and found is not None and wanted != found:
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(f"{path} holds an encoder fed {found} {what}, but {flag} {wanted} was asked for; "
+                                  f"leave {flag} out to use the file's")
 
 
 def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None, bn_eps: float = 1e-5,
-                 seed: int = 0, video_input: str | None = None) -> tuple[nn.Module, dict]:
+                 seed: int = 0, video_input: str | None = None,
+                 audio_input: str | None = None) -> tuple[nn.Module, dict]:
     """The ``modality`` encoder of ``checkpoint`` (a path, or ``"random"``), and what was loaded.
 
     ``arch`` defaults to the checkpoint's (``tiny`` for random); giving one that contradicts the file
@@ -142,7 +147,7 @@ def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None,
     if str(checkpoint) == "random":
         arch = arch or "tiny"
         torch.manual_seed(seed)
-        encoder = build_encoder(modality, arch, bn_eps, video_input)
+        encoder = build_encoder(modality, arch, bn_eps, video_input, audio_input)
         return encoder, {"source": "random", "arch": arch, "seed": seed, **input_of(encoder)}
     state = read_checkpoint(checkpoint)
     found = checkpoint_arch(state, checkpoint)
@@ -151,7 +156,7 @@ def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None,
     encoder = build_encoder(modality, found, bn_eps)
     if is_ours(state):
         load_state(encoder, own_encoder_state(state, modality, checkpoint), checkpoint)
-        check_video_input(encoder, video_input, checkpoint)
+        check_inputs(encoder, video_input, checkpoint, audio_input)
         return encoder, {"source": "xdc-fast", "arch": found, "config": state.get("config", {}),
                          "clip": checkpoint_clip(state), **input_of(encoder)}
     if modality != "video":
@@ -162,18 +167,17 @@ def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None,
         raise CheckpointError(f"{checkpoint} does not match torchvision's r2plus1d_18 layout: "
                               f"{first_line(error)}") from None
     refuse_non_finite(encoder, checkpoint)
-    check_video_input(encoder, video_input, checkpoint)
+    check_inputs(encoder, video_input, checkpoint, audio_input)
     return encoder, {"source": "torchvision", "arch": found, **input_of(encoder)}
 
 
 def input_of(encoder: nn.Module) -> dict:
-    """``{"video_input": ...}`` for a video encoder (what its results record), {} for an audio one."""
-    found = getattr(encoder, "video_input", None)
-    return {"video_input": found} if found is not None else {}
+    """What the encoder is fed (what its results record): ``{"video_input": ...}`` or ``{"audio_input": ...}``."""
+    return {key: getattr(encoder, key) for key in ("video_input", "audio_input") if hasattr(encoder, key)}
 
 
 def load_encoders_from(encoders: nn.ModuleDict, path: str | Path, arch: str,
-                       video_input: str | None = None) -> list[str]:
+                       video_input: str | None = None, audio_input: str | None = None) -> list[str]:
     """Fill ``encoders`` (modality -> module of ``arch``) from another run's checkpoint, or the video
     encoder from torchvision-layout weights (a torchvision or official XDC file). Returns the modalities
     loaded; a file of another arch, one that fits no encoder, or a video encoder fed otherwise than
@@ -204,4 +208,8 @@ def load_encoders_from(encoders: nn.ModuleDict, path: str | Path, arch: str,
     if "video" in loaded and encoders["video"].video_input != video_input:
         raise CheckpointError(f"{path} holds a video encoder fed {encoders['video'].video_input} frames, but this run "
                               f"feeds {video_input}; pass --video-input {encoders['video'].video_input}")
+    audio_input = audio_input or ARCHS[arch].audio_input
+    if "audio" in loaded and encoders["audio"].audio_input != audio_input:
+        raise CheckpointError(f"{path} holds an audio encoder fed the {encoders['audio'].audio_input} log-mel, but "
+                              f"this run feeds {audio_input}; set audio_input: {encoders['audio'].audio_input}")
     return loaded

@@ -261,8 +261,8 @@ def _resume_asked(choice: str) -> bool:
 
 # ---- pretrain -----------------------------------------------------------------------------------------
 
-PRETRAIN_FLAGS = ("variant", "arch", "video_input", "epochs", "clusters", "batch_size", "lr", "device", "loader",
-                  "workers", "seed", "init_checkpoint", "labels_from", "round_features")
+PRETRAIN_FLAGS = ("variant", "arch", "video_input", "audio_input", "epochs", "clusters", "batch_size", "lr", "device",
+                  "loader", "workers", "seed", "init_checkpoint", "labels_from", "round_features")
 EXISTING_FILE = click.Path(dir_okay=False, exists=True)
 
 
@@ -318,8 +318,8 @@ def _report_quietly(run: str) -> None:
 
 # ---- finetune -----------------------------------------------------------------------------------------
 
-FINETUNE_FLAGS = ("checkpoint", "modality", "mode", "arch", "video_input", "split", "epochs", "batch_size", "lr",
-                  "test_clips", "eval_every", "device", "loader", "workers", "seed")
+FINETUNE_FLAGS = ("checkpoint", "modality", "mode", "arch", "video_input", "audio_input", "split", "epochs", "batch_size",
+                  "lr", "test_clips", "eval_every", "device", "loader", "workers", "seed")
 
 
 @main.command(context_settings=CONTEXT)
@@ -403,8 +403,8 @@ def submit(command, nodes, gpus_per_node, tasks_per_node, partition, time_limit,
 
 # ---- evaluate -----------------------------------------------------------------------------------------
 
-EVALUATE_FLAGS = ("modality", "arch", "video_input", "split", "clips_per_video", "knn_k", "knn_temperature", "epochs",
-                  "lr", "batch_size", "device", "loader", "workers", "seed")
+EVALUATE_FLAGS = ("modality", "arch", "video_input", "audio_input", "split", "clips_per_video", "knn_k",
+                  "knn_temperature", "epochs", "lr", "batch_size", "device", "loader", "workers", "seed")
 
 
 @main.command(context_settings=CONTEXT)
@@ -450,8 +450,8 @@ def evaluate(ctx, dataset, out, checkpoints, protocols, compare, config_values, 
 
 # ---- extract ------------------------------------------------------------------------------------------
 
-EXTRACT_FLAGS = ("checkpoint", "modality", "clips_per_video", "aggregate", "arch", "video_input", "batch_size",
-                 "device", "loader", "workers", "seed")
+EXTRACT_FLAGS = ("checkpoint", "modality", "clips_per_video", "aggregate", "arch", "video_input", "audio_input",
+                 "batch_size", "device", "loader", "workers", "seed")
 
 
 @main.command(context_settings=CONTEXT)

@@ -23,7 +23,8 @@ from .choices import DEVICE_HELP, DEVICES, LOADER_HELP, LOADERS, MODALITIES
 from .data.clips import CLIP_FIELDS, ClipConfig
 from .errors import ConfigError, XdcError
 from .files import shown_path
-from .models.archs import ARCH_HELP, ARCHS, VIDEO_INPUT_HELP, VIDEO_INPUTS, arch_named, default_arch
+from .models.archs import (ARCH_HELP, ARCHS, AUDIO_INPUT_HELP, AUDIO_INPUTS, VIDEO_INPUT_HELP, VIDEO_INPUTS,
+                           arch_named, default_arch)
 from .protocols import PROTOCOLS, default_protocols, protocols_help
 from .variants import VARIANTS
 
@@ -231,6 +232,13 @@ def video_input_option():
                   "tiny, rgb for r2plus1d_18, as a pretraining of that arch feeds it).", choices=VIDEO_INPUTS)
 
 
+def audio_input_option():
+    return option(None, "What an audio encoder is fed: logmel or centred (the log-mel less its mean over the clip). "
+                  "Default: the checkpoint's (logmel for one written before the choice existed; for a random "
+                  "encoder, the arch's, logmel for both, as a pretraining of that arch feeds it).",
+                  choices=AUDIO_INPUTS)
+
+
 def bn_eps_option():
     return option(1e-5, "Batch-norm epsilon of the video encoder: 1e-3 for the official XDC weights.", min=0,
                   min_open=True)
@@ -305,6 +313,7 @@ class PretrainConfig(SgdSettings):
                           "mdc, cdc, sdc-video, sdc-audio are its baselines.", choices=tuple(VARIANTS))
     arch: str = option("auto", ARCH_HELP, choices=(AUTO, *ARCHS))
     video_input: str = option("auto", VIDEO_INPUT_HELP, choices=(AUTO, *VIDEO_INPUTS))
+    audio_input: str = option("auto", AUDIO_INPUT_HELP, choices=(AUTO, *AUDIO_INPUTS))
     # Rounds of a few hundred steps at 0.01 left the tiny heads near chance on their targets; at 0.05 the
     # encoders gained more over random ones on the tuning families (docs/pretraining.md#learning-rate).
     lr: float = option(0.05, "SGD learning rate, after the warm-up and decayed by the schedule (0.05, as the "
@@ -437,6 +446,11 @@ def resolve_auto(config: PretrainConfig, videos: int, steps_per_epoch: int,
         why["video_input"] = f"the {arch.name} arch's: " + (
             "frame differences gained more over random encoders than frames did on the tuning families, in both "
             "modalities" if arch.video_input == "residual" else "the paper's input, and every released weight file's")
+    if config.audio_input == AUTO:
+        values["audio_input"] = arch.audio_input
+        why["audio_input"] = f"the {arch.name} arch's" + (
+            "" if arch.audio_input == "centred" else ": the paper's input; centred gained less over random encoders "
+            "in audio on the tuning families")
     per_round = values.get("epochs_per_round", config.epochs_per_round)
     if config.epochs == AUTO:
         values["epochs"] = max(4, AUTO_ROUNDS * per_round)
@@ -454,6 +468,7 @@ class FinetuneConfig(SgdSettings):
                        "logistic regression.", choices=("full", "linear"))
     arch: str | None = option(None, "Default: the checkpoint's (tiny for random).", choices=ARCHS)
     video_input: str | None = video_input_option()
+    audio_input: str | None = audio_input_option()
     split: int = option(1, "UCF101/HMDB51 split 1-3, ESC-50 test fold 1-5. Datasets without splits get a seeded "
                         "stratified one (test_fraction), recorded in metrics.json.", min=1)
     epochs: int = option(8, "Full mode: training epochs.", min=1, max=MAX_EPOCHS)
@@ -491,6 +506,7 @@ class ExtractConfig(Checked):
                             choices=("mean", "all"))
     arch: str | None = option(None, "Default: the checkpoint's (tiny for random).", choices=ARCHS)
     video_input: str | None = video_input_option()
+    audio_input: str | None = audio_input_option()
     bn_eps: float = bn_eps_option()
     batch_size: int = option(8, "Clips per forward pass.", min=1)
     clip: dict = clip_overrides_option()
@@ -513,6 +529,7 @@ class EvaluateConfig(SgdSettings):
     modality: str = option("video", "Which encoder to score.", choices=MODALITIES)
     arch: str | None = option(None, "Default: the checkpoint's (tiny for random).", choices=ARCHS)
     video_input: str | None = video_input_option()
+    audio_input: str | None = audio_input_option()
     split: int | None = option(None, "One split/fold (UCF101/HMDB51 1-3, ESC-50 1-5); default: every split the "
                                "manifest has, or one seeded stratified split when it has none.", min=1)
     clips_per_video: int = option(10, "Uniformly spaced clips per training and per test video.", min=1)

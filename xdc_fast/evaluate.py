@@ -177,7 +177,7 @@ def _evaluate(dataset: Path, out: Path, config: EvaluateConfig, log) -> dict:
     for label, path, seed in checkpoints:
         # ===== one encoder, every used video encoded once =====
         encoder, source = load_encoder(path, config.modality, config.arch, config.bn_eps, seed,
-                                       config.video_input)
+                                       config.video_input, config.audio_input)
         encoder = encoder.to(device)
         clip = clip_config(source["arch"], source.get("clip"), config.clip, eval_clips=config.clips_per_video)
         checkpoint_id = f"random:{seed}" if path == "random" else f"sha256:{sha256_file(path)}"

@@ -45,7 +45,7 @@ def _extract(dataset, out, config: ExtractConfig, log) -> dict:
 
     # ===== building the encoder =====
     encoder, source = load_encoder(config.checkpoint, config.modality, config.arch, config.bn_eps, config.seed,
-                                   config.video_input)
+                                   config.video_input, config.audio_input)
     encoder.to(device)
     clip = clip_config(source["arch"], source.get("clip"), config.clip, eval_clips=config.clips_per_video)
 

@@ -138,6 +138,7 @@ def _resolve_auto(config: PretrainConfig, items: list[dict], out: Path, resume: 
 
         used = yaml.safe_load((out / "config.yaml").read_text()) or {}
         used.setdefault("video_input", "rgb")  # a run begun before the choice existed fed its encoder frames
+        used.setdefault("audio_input", "logmel")  # and its audio encoder the plain log-mel
         kept = {f.name: used[f.name] for f in fields(config) if getattr(config, f.name) == AUTO and f.name in used}
         config = replace(config, **kept)
     return resolve_auto(config, len(items), epoch_steps(config, len(items)), device_type)
@@ -177,9 +178,10 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
 
     # ===== building networks =====
     torch.manual_seed(seed_for(config.seed, "encoders"))  # identical initial encoders on every rank
-    encoders = build_encoders(variant, config.arch, config.video_input).to(device)
+    encoders = build_encoders(variant, config.arch, config.video_input, config.audio_input).to(device)
     if config.init_checkpoint and saved is None:
-        loaded = load_encoders_from(encoders, config.init_checkpoint, config.arch, config.video_input)
+        loaded = load_encoders_from(encoders, config.init_checkpoint, config.arch, config.video_input,
+                                    config.audio_input)
         log(f"encoders from {config.init_checkpoint}: {', '.join(loaded)}")
     engine.compile_encoders(encoders, config.compile)
     if writer and saved is None:
@@ -341,10 +343,12 @@ def _plan_rounds(config: PretrainConfig, variant: Variant, videos: int, device, 
     return store
 
 
-def build_encoders(variant: Variant, arch: str, video_input: str | None = None) -> nn.ModuleDict:
+def build_encoders(variant: Variant, arch: str, video_input: str | None = None,
+                   audio_input: str | None = None) -> nn.ModuleDict:
     from .models import build_audio_encoder, build_video_encoder
 
-    build = {"video": lambda a: build_video_encoder(a, video_input=video_input), "audio": build_audio_encoder}
+    build = {"video": lambda a: build_video_encoder(a, video_input=video_input),
+             "audio": lambda a: build_audio_encoder(a, audio_input)}
     return nn.ModuleDict({m: build[m](arch) for m in variant.modalities})
 
 

@@ -103,7 +103,7 @@ def start_transfer(dataset: str | Path, out: str | Path, config: FinetuneConfig,
     if not xdist.is_main_process():
         log = lambda *_: None  # noqa: E731
     encoder, source = load_encoder(config.checkpoint, config.modality, config.arch, config.bn_eps, config.seed,
-                                   config.video_input)
+                                   config.video_input, config.audio_input)
     log(f"{config.modality} encoder: {source['source']} ({source['arch']}); {len(split.train)} training and "
         f"{len(split.test)} test videos, {len(classes)} classes; mode {config.mode}")
     if split.description["kind"] == "stratified":

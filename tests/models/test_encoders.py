@@ -47,7 +47,7 @@ def test_audio_encoder_on_log_mel(arch, dim):
 def test_audio_resnet18_follows_torchvision_names():
     reference = torchvision.models.resnet18(weights=None).state_dict()
     ours = build_audio_encoder("resnet18").state_dict()
-    assert set(ours) == {k for k in reference if not k.startswith("fc.")}
+    assert set(ours) - {"centred_input"} == {k for k in reference if not k.startswith("fc.")}
     assert ours["conv1.weight"].shape == (64, 1, 7, 7)  # one input channel: the log-mel
 
 
@@ -136,3 +136,33 @@ def test_what_the_encoder_is_fed_travels_with_its_state_dict():
     # Unasked, each arch is fed as its pretraining feeds it.
     assert build_video_encoder("tiny").video_input == "residual"
     assert build_video_encoder("r2plus1d_18").video_input == "rgb"
+
+
+def test_centred_audio_input_is_the_logmel_network_on_the_clip_less_its_mean():
+    """Oracle: the same weights fed each clip's log-mel less its mean, computed here in float64."""
+    torch.manual_seed(0)
+    centred = build_audio_encoder("tiny", audio_input="centred").double().eval()
+    logmel = build_audio_encoder("tiny", audio_input="logmel").double().eval()
+    logmel.load_state_dict({k: v for k, v in centred.state_dict().items() if k != "centred_input"})
+    assert (centred.audio_input, logmel.audio_input) == ("centred", "logmel")
+    clips = torch.randn(3, 1, 40, 51, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(centred(clips), logmel(clips - clips.mean(dim=(1, 2, 3), keepdim=True)))
+        # A louder clip is the same log-mel plus a constant: centred, the features do not change.
+        louder = clips + torch.tensor([2.0, -3.0, 0.5], dtype=torch.float64)[:, None, None, None]
+        torch.testing.assert_close(centred(louder), centred(clips))
+        assert not torch.allclose(logmel(louder), logmel(clips))
+
+
+def test_what_the_audio_encoder_is_fed_travels_with_its_state_dict():
+    centred_state = build_audio_encoder("tiny", audio_input="centred").state_dict()
+    loaded = build_audio_encoder("tiny", audio_input="logmel")
+    loaded.load_state_dict(centred_state)
+    assert loaded.audio_input == "centred" and int(loaded.centred_input) == 1
+    older = {k: v for k, v in centred_state.items() if k != "centred_input"}
+    again = build_audio_encoder("tiny", audio_input="centred")
+    again.load_state_dict(older)
+    assert again.audio_input == "logmel" and int(again.centred_input) == 0
+    with pytest.raises(ValueError, match="audio_input"):
+        build_audio_encoder("tiny", audio_input="mfcc")
+    assert build_audio_encoder("tiny").audio_input == build_audio_encoder("resnet18").audio_input == "logmel"

@@ -26,6 +26,7 @@ class Arch:
     geometry: dict  # clip fields this arch takes unless the user or a checkpoint says otherwise
     meant_for: str  # "cpu" or "cuda": the device on which it is the default
     video_input: str = "rgb"  # what its video encoder is fed unless the run says otherwise (VIDEO_INPUTS)
+    audio_input: str = "logmel"  # what its audio encoder is fed unless the run says otherwise (AUDIO_INPUTS)
 
     @property
     def feature_dim(self) -> int:
@@ -48,6 +49,12 @@ VIDEO_INPUT_HELP = ("What the video encoder is fed: rgb (the frames, as the pape
                     "residual (the differences of consecutive frames, so what stands still cancels and the encoder "
                     "sees motion from its first layer). auto: the arch's, residual for tiny and rgb for r2plus1d_18 "
                     "(docs/pretraining.md#video-input).")
+
+# What an audio encoder sees: the log-mel, or the log-mel less its mean over the clip (see models.audio_resnet).
+AUDIO_INPUTS = ("logmel", "centred")
+AUDIO_INPUT_HELP = ("What the audio encoder is fed: logmel (the log-mel spectrogram, as the paper) or centred (the "
+                    "log-mel less its mean over the clip, so a clip's loudness, an offset on a log scale, cancels). "
+                    "auto: the arch's, logmel for both (docs/pretraining.md#audio-input).")
 
 # The arch a run takes when none is named: the paper's on a GPU, the tiny one on a CPU.
 DEFAULT_ARCH = {a.meant_for: a.name for a in ARCHS.values()}

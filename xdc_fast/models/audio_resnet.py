@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
-from .archs import ARCHS
+from .archs import ARCHS, AUDIO_INPUTS
 from .init import init_like_torchvision
 
 # torchvision's name for the audio encoder of the paper's arch.
@@ -18,8 +18,20 @@ AUDIO_ALIASES = {"resnet18": "r2plus1d_18"}
 
 
 class AudioResNet(nn.Module):
-    def __init__(self, widths, blocks):
+    """Log-mel ``[B, 1, n_mels, frames]`` -> features ``[B, widths[-1]]``.
+
+    ``audio_input`` "centred" subtracts each clip's mean log-mel before the first layer: a clip's
+    loudness is an offset on the log scale, and left in, it is what a random encoder's features (and so
+    a first round's clusters) follow most, though it is each video's own and the video does not share
+    it. The choice is kept in the ``centred_input`` buffer, so a checkpoint carries it; a state dict
+    without that entry (written before the choice existed) means the plain log-mel."""
+
+    def __init__(self, widths, blocks, audio_input: str = "logmel"):
         super().__init__()
+        if audio_input not in AUDIO_INPUTS:
+            raise ValueError(f"audio_input should be one of {', '.join(AUDIO_INPUTS)}, got {audio_input!r}")
+        self.register_buffer("centred_input", torch.tensor(int(audio_input == "centred"), dtype=torch.uint8))
+        self.centred = audio_input == "centred"  # the buffer's value where forward reads it without a device sync
         self.conv1 = nn.Conv2d(1, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
@@ -40,15 +52,28 @@ class AudioResNet(nn.Module):
         layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
+    @property
+    def audio_input(self) -> str:
+        return "centred" if self.centred else "logmel"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "centred_input"
+        state_dict.setdefault(key, torch.tensor(0, dtype=torch.uint8))  # written before the choice existed
+        self.centred = bool(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.centred:
+            x = x - x.mean(dim=(1, 2, 3), keepdim=True)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.avgpool(x).flatten(1)
 
 
-def build_audio_encoder(arch: str = "resnet18") -> AudioResNet:
-    """``arch`` is "resnet18" (also accepted as "r2plus1d_18", the video arch it pairs with) or "tiny"."""
+def build_audio_encoder(arch: str = "resnet18", audio_input: str | None = None) -> AudioResNet:
+    """``arch`` is "resnet18" (also accepted as "r2plus1d_18", the video arch it pairs with) or "tiny";
+    ``audio_input`` defaults to the arch's."""
     arch = AUDIO_ALIASES.get(arch, arch)
     if arch not in ARCHS:
         raise ValueError(f"unknown audio arch {arch!r}; choose one of {', '.join([*ARCHS, *AUDIO_ALIASES])}")
-    return AudioResNet(ARCHS[arch].audio_widths, ARCHS[arch].audio_blocks)
+    return AudioResNet(ARCHS[arch].audio_widths, ARCHS[arch].audio_blocks, audio_input or ARCHS[arch].audio_input)
