@@ -119,10 +119,10 @@ def build_encoder(modality: str, arch: str, bn_eps: float = 1e-5, video_input: s
             build_audio_encoder(arch, audio_input))
 
 
-def check_inputs(encoder: nn.Module, asked: str | None, path, audio_asked: str | None = None) -> None:
+def check_inputs(encoder: nn.Module, path, video_input: str | None, audio_input: str | None) -> None:
     """An input asked for that the file's encoder was not trained on is refused, as a contradicting arch
     is: the encoder would be fed what it never saw."""
-    for key, wanted, what in (("video_input", asked, "frames"), ("audio_input", audio_asked, "log-mel")):
+    for key, wanted, what in (("video_input", video_input, "frames"), ("audio_input", audio_input, "log-mel")):
         found = getattr(encoder, key, None)
         if wanted is not None and found is not None and wanted != found:
             flag = "--" + key.replace("_", "-")
@@ -156,7 +156,7 @@ def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None,
     encoder = build_encoder(modality, found, bn_eps)
     if is_ours(state):
         load_state(encoder, own_encoder_state(state, modality, checkpoint), checkpoint)
-        check_inputs(encoder, video_input, checkpoint, audio_input)
+        check_inputs(encoder, checkpoint, video_input, audio_input)
         return encoder, {"source": "xdc-fast", "arch": found, "config": state.get("config", {}),
                          "clip": checkpoint_clip(state), **input_of(encoder)}
     if modality != "video":
@@ -167,7 +167,7 @@ def load_encoder(checkpoint: str | Path, modality: str, arch: str | None = None,
         raise CheckpointError(f"{checkpoint} does not match torchvision's r2plus1d_18 layout: "
                               f"{first_line(error)}") from None
     refuse_non_finite(encoder, checkpoint)
-    check_inputs(encoder, video_input, checkpoint, audio_input)
+    check_inputs(encoder, checkpoint, video_input, audio_input)
     return encoder, {"source": "torchvision", "arch": found, **input_of(encoder)}
 
 
