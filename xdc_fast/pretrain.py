@@ -189,8 +189,8 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
         # to its clusters (later rounds use checkpoints/round_{N-1}.pt). Weights only, no optimizer.
         save_atomic({"encoders": encoders.state_dict(), "round": -1, "config": asdict(config),
                      "clip": geometry(config.clip_config())}, checkpoint_path(out, "init"))
-    optimizer = torch.optim.SGD(engine.modality_groups(encoders, config.lr, config.audio_lr), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(engine.modality_groups(encoders, config.lr, config.audio_lr), lr=config.lr,
+                                momentum=config.momentum, weight_decay=config.weight_decay)
     steps_per_epoch = epoch_steps(config, len(data.items))
     rates = engine.lr_schedule(config.lr, config.epochs, steps_per_epoch, config.warmup_epochs, config.schedule)
     transferred = load_saved_labels(config.labels_from, data.items.strings("id")) if config.labels_from else None
