@@ -448,9 +448,8 @@ def resolve_auto(config: PretrainConfig, videos: int, steps_per_epoch: int,
             "modalities" if arch.video_input == "residual" else "the paper's input, and every released weight file's")
     if config.audio_input == AUTO:
         values["audio_input"] = arch.audio_input
-        why["audio_input"] = f"the {arch.name} arch's" + (
-            "" if arch.audio_input == "centred" else ": the paper's input; centred gained less over random encoders "
-            "in audio on the tuning families")
+        why["audio_input"] = (f"the {arch.name} arch's ({arch.audio_input}); centred gained XDC less over random "
+                              "encoders in audio on the tuning families")
     per_round = values.get("epochs_per_round", config.epochs_per_round)
     if config.epochs == AUTO:
         values["epochs"] = max(4, AUTO_ROUNDS * per_round)

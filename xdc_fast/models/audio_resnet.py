@@ -21,9 +21,8 @@ class AudioResNet(nn.Module):
     """Log-mel ``[B, 1, n_mels, frames]`` -> features ``[B, widths[-1]]``.
 
     ``audio_input`` "centred" subtracts each clip's mean log-mel before the first layer: a clip's
-    loudness is an offset on the log scale, and left in, it is what a random encoder's features (and so
-    a first round's clusters) follow most, though it is each video's own and the video does not share
-    it. The choice is kept in the ``centred_input`` buffer, so a checkpoint carries it; a state dict
+    loudness is an offset on the log scale, and left in, a random encoder's features (and so a first
+    round's clusters) follow it, though it is each video's own and the video does not share it. The choice is kept in the ``centred_input`` buffer, so a checkpoint carries it; a state dict
     without that entry (written before the choice existed) means the plain log-mel."""
 
     def __init__(self, widths, blocks, audio_input: str = "logmel"):
