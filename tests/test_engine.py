@@ -31,6 +31,23 @@ def test_the_audio_rate_follows_the_schedule_at_its_own_scale():
     assert len(torch.optim.SGD(engine.modality_groups(modules, 0.05, 0.05), lr=0.05).param_groups) == 1
 
 
+def test_an_mlp_head_matches_a_float64_oracle_and_a_seed_draws_the_same_heads():
+    features = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    head = engine.new_head(6, 4, torch.Generator().manual_seed(3), kind="mlp")
+    hidden, classifier = head[0], head[2]
+    w1, b1, w2, b2 = (p.detach().double().numpy() for p in (hidden.weight, hidden.bias, classifier.weight,
+                                                             classifier.bias))
+    expected = np.maximum(features.double().numpy() @ w1.T + b1, 0) @ w2.T + b2
+    assert np.allclose(head(features).detach().double().numpy(), expected, atol=1e-5)
+    # The hidden layer keeps a ReLU's input variance (He), the classifier starts near silent as a linear head.
+    assert abs(float(hidden.weight.detach().std()) - (2 / 6) ** 0.5) < 0.3 and float(classifier.weight.detach().abs().max()) < 0.06
+    again = engine.new_head(6, 4, torch.Generator().manual_seed(3), kind="mlp")
+    assert all(torch.equal(a, b) for a, b in zip(head.parameters(), again.parameters()))
+    assert isinstance(engine.new_head(6, 4), torch.nn.Linear)
+    with pytest.raises(ValueError, match="linear or mlp"):
+        engine.new_head(6, 4, kind="deep")
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return prepared_synthetic(tmp_path_factory.mktemp("engine"), classes=2, videos_per_class=3, seconds=1.5, fps=8,

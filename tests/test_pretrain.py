@@ -160,15 +160,18 @@ def test_torchrun_two_ranks_cluster_like_one_process(dataset, tmp_path, max_poin
     assert all((tmp_path / run / "report" / "curves.png").exists() for run in ("ddp", "one"))
 
 
-def test_kill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(dataset, tmp_path):
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_kill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(dataset, tmp_path, head):
     from xdc_fast.pretrain import Interrupted
 
-    config = PretrainConfig(variant="xdc", **{**FAST, "epochs": 2, "batch_size": 2, "checkpoint_every": 1})
+    config = PretrainConfig(variant="xdc", head=head, **{**FAST, "epochs": 2, "batch_size": 2,
+                                                         "checkpoint_every": 1})
     straight = pretrain(dataset, tmp_path / "a", config, log=lambda *_: None)
     with pytest.raises(Interrupted):
         pretrain(dataset, tmp_path / "b", config, log=lambda *_: None, stop_after_steps=2)  # 2 of 3 steps done
     state = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
     assert state["mid_epoch"]["step"] == 2 and state["mid_epoch"]["epoch"] == 0
+    assert ("video.0.2.weight" in state["mid_epoch"]["heads"]) == (head == "mlp")
     resumed = pretrain(dataset, tmp_path / "b", config, resume=True, log=lambda *_: None)
     assert len(resumed) == len(straight) == 2
     for a, b in zip(straight, resumed):

@@ -342,6 +342,11 @@ class PretrainConfig(SgdSettings):
                                  "reads them back, for rounds larger than memory; stored in float16 after the "
                                  "whitening), or auto: memory where the plan printed at start fits this machine, "
                                  "else disk.", choices=("auto", "memory", "disk"))
+    head: str = option("linear", "The classifier each round trains over an encoder's features to predict its "
+                       "targets: linear (DeepCluster's and XDC's) or mlp (a hidden layer as wide as the features "
+                       "and a ReLU before the classifier, as SimCLR's projection head: the features need not become "
+                       "a linear code of the round's clusters, and keep more of what the targets do not ask for). "
+                       "Heads are fresh each round and dropped after pretraining.", choices=("linear", "mlp"))
     assignment: str = option("nearest", "How a round labels its clips once k-means has its centroids: nearest (each "
                              "clip its nearest centroid, DeepCluster's and XDC's rule) or balanced (the clusters "
                              "made about equal in size at the least cost in distance: Sinkhorn-Knopp's optimal "

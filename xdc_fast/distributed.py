@@ -7,6 +7,7 @@ backend's default timeout with no word of why; the process group is made with th
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -128,7 +129,16 @@ def init_from_torchrun(use_cuda: bool, timeout_s: float | None = None) -> bool:
     backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
     dist.init_process_group(backend, store=_store_of_this_attempt(timeout), rank=int(os.environ["RANK"]),
                             world_size=int(os.environ["WORLD_SIZE"]), **({"timeout": timeout} if timeout else {}))
+    atexit.register(_leave_group)
     return True
+
+
+def _leave_group() -> None:
+    """Tear the group down before the interpreter does: left to the interpreter's exit, gloo's threads may be
+    destroyed while still joinable and the rank aborts ("terminate called without an active exception")
+    after its work is done. A stalled group never gets here: ``abandon`` leaves by ``os._exit``."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _store_of_this_attempt(timeout: datetime.timedelta | None):

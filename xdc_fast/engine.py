@@ -241,12 +241,21 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def new_head(dim: int, k: int, generator: torch.Generator | None = None) -> nn.Linear:
-    """A linear classifier with N(0, 0.01) weights and zero bias (DeepCluster's head init)."""
-    head = nn.Linear(dim, k)
-    nn.init.normal_(head.weight, 0, 0.01, generator=generator)
-    nn.init.zeros_(head.bias)
-    return head
+def new_head(dim: int, k: int, generator: torch.Generator | None = None, kind: str = "linear") -> nn.Module:
+    """A classifier over ``dim`` features: linear with N(0, 0.01) weights and zero bias (DeepCluster's head
+    init), or ``kind="mlp"``, a hidden layer of width ``dim`` (He-initialised, for the ReLU after it) before
+    that linear classifier."""
+    classifier = nn.Linear(dim, k)
+    nn.init.normal_(classifier.weight, 0, 0.01, generator=generator)
+    nn.init.zeros_(classifier.bias)
+    if kind == "linear":
+        return classifier
+    if kind != "mlp":
+        raise ValueError(f"head should be linear or mlp, got {kind!r}")
+    hidden = nn.Linear(dim, dim)
+    nn.init.kaiming_normal_(hidden.weight, nonlinearity="relu", generator=generator)
+    nn.init.zeros_(hidden.bias)
+    return nn.Sequential(hidden, nn.ReLU(), classifier)
 
 
 class EncodersWithHeads(nn.Module):

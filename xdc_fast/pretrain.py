@@ -218,7 +218,8 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
 
         # ===== fresh heads (cluster ids permute between rounds, so old heads mean nothing) =====
         generator = torch_generator(config.seed, "heads", state.round)
-        heads = nn.ModuleDict({m: nn.ModuleList(engine.new_head(encoders[m].feature_dim, labels.k, generator)
+        heads = nn.ModuleDict({m: nn.ModuleList(engine.new_head(encoders[m].feature_dim, labels.k, generator,
+                                                                config.head)
                                                 for _ in sources) for m, sources in variant.learns.items()})
         heads.to(device)
         head_optimizer = torch.optim.SGD(engine.modality_groups(heads, config.lr, config.audio_lr), lr=config.lr,
