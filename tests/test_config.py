@@ -136,10 +136,11 @@ def test_auto_settings_follow_the_data_size(videos, batch, expected):
     config, why = resolve_auto(PretrainConfig(batch_size=batch), videos, math.ceil(videos / batch))
     assert (config.clusters, config.pca_dim, config.kmeans_nredo, config.epochs_per_round, config.epochs) == expected
     assert set(why) == {"clusters", "pca_dim", "kmeans_nredo", "epochs_per_round", "epochs", "video_input",
-                        "audio_input"}
-    assert (config.video_input, config.audio_input) == ("residual", "logmel")  # on the CPU the arch is tiny
+                        "audio_input", "head"}
+    # On the CPU the arch is tiny.
+    assert (config.video_input, config.audio_input, config.head) == ("residual", "logmel", "mlp")
     paper = resolve_auto(PretrainConfig(arch="r2plus1d_18"), videos, 10)[0]
-    assert (paper.video_input, paper.audio_input) == ("rgb", "logmel")
+    assert (paper.video_input, paper.audio_input, paper.head) == ("rgb", "logmel", "linear")
     steps_per_round = config.epochs_per_round * math.ceil(videos / batch)
     assert steps_per_round >= 200 and (config.epochs_per_round == 1 or steps_per_round - math.ceil(videos / batch) < 200)
 
@@ -148,9 +149,9 @@ def test_given_values_are_kept_and_only_auto_ones_resolved():
     from xdc_fast.config import resolve_auto
 
     config, why = resolve_auto(PretrainConfig(clusters=12, epochs=6, pca_dim=16, video_input="rgb",
-                                              audio_input="logmel"), 96, 12)
+                                              audio_input="logmel", head="linear"), 96, 12)
     assert (config.clusters, config.epochs, config.pca_dim, config.epochs_per_round) == (12, 6, 16, 17)
-    assert config.video_input == "rgb" and set(why) == {"kmeans_nredo", "epochs_per_round"}
+    assert config.video_input == "rgb" and config.head == "linear" and set(why) == {"kmeans_nredo", "epochs_per_round"}
     assert resolve_auto(PretrainConfig(arch="r2plus1d_18"), 400000, 10)[0].pca_dim == 256
 
 
@@ -171,7 +172,8 @@ def test_auto_on_the_command_line_and_in_the_saved_config(tmp_path):
     assert "auto: epochs = 4 (3 rounds of 1 epoch(s), at least 4)" in result.output
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert (saved["epochs"], saved["clusters"], saved["epochs_per_round"]) == (4, 3, 1)
-    assert set(saved["resolved_from_auto"]) == {"epochs", "pca_dim", "kmeans_nredo", "video_input", "audio_input"}
+    assert set(saved["resolved_from_auto"]) == {"epochs", "pca_dim", "kmeans_nredo", "video_input", "audio_input",
+                                                 "head"}
     assert saved["video_input"] == "residual"
     bad = CliRunner().invoke(main, ["pretrain", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "r2"),
                                     "--epochs", "lots", *fast])

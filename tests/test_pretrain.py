@@ -258,7 +258,7 @@ def test_resume_keeps_the_values_the_run_resolved_or_was_given(dataset, tmp_path
     assert "auto: clusters = 8 (the square root of 6 videos, kept between 8 and 1024)" in fresh
 
 
-def test_a_run_begun_before_the_video_input_existed_resumes_feeding_frames(tmp_path):
+def test_a_run_begun_before_the_inputs_and_heads_were_chosen_resumes_as_it_began(tmp_path):
     import yaml
 
     from xdc_fast.pretrain import _resolve_auto
@@ -266,9 +266,10 @@ def test_a_run_begun_before_the_video_input_existed_resumes_feeding_frames(tmp_p
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"clusters": 3, "epochs": 2}))  # no video_input in it
     items = [{"id": str(i)} for i in range(6)]
     resumed, _ = _resolve_auto(PretrainConfig(**FAST), items, tmp_path, True, "cpu")
-    assert resumed.video_input == "rgb"
+    assert (resumed.video_input, resumed.audio_input, resumed.head) == ("rgb", "logmel", "linear")
     fresh, why = _resolve_auto(PretrainConfig(**FAST), items, tmp_path, False, "cpu")
     assert fresh.video_input == "residual" and "tiny arch's" in why["video_input"]
+    assert fresh.head == "mlp" and "tiny arch's" in why["head"]
 
 
 def test_a_round_with_its_features_on_disk_clusters_as_in_memory(tmp_path):

@@ -139,6 +139,7 @@ def _resolve_auto(config: PretrainConfig, items: list[dict], out: Path, resume: 
         used = yaml.safe_load((out / "config.yaml").read_text()) or {}
         used.setdefault("video_input", "rgb")  # a run begun before the choice existed fed its encoder frames
         used.setdefault("audio_input", "logmel")  # and its audio encoder the plain log-mel
+        used.setdefault("head", "linear")  # and trained them through linear heads
         kept = {f.name: used[f.name] for f in fields(config) if getattr(config, f.name) == AUTO and f.name in used}
         config = replace(config, **kept)
     return resolve_auto(config, len(items), epoch_steps(config, len(items)), device_type)

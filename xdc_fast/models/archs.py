@@ -27,6 +27,7 @@ class Arch:
     meant_for: str  # "cpu" or "cuda": the device on which it is the default
     video_input: str = "rgb"  # what its video encoder is fed unless the run says otherwise (VIDEO_INPUTS)
     audio_input: str = "logmel"  # what its audio encoder is fed unless the run says otherwise (AUDIO_INPUTS)
+    head: str = "linear"  # the pretraining heads unless the run says otherwise (HEADS)
 
     @property
     def feature_dim(self) -> int:
@@ -37,7 +38,7 @@ class Arch:
 ARCHS = {a.name: a for a in (
     Arch("tiny", "R(2+1)D and ResNet at a quarter of the width, one block per stage (a CPU's size)",
          (16, 32, 64, 128), (1, 1, 1, 1), 12, (16, 32, 64, 128), (1, 1, 1, 1),
-         {"resize_short": 64, "crop": 56}, "cpu", "residual"),
+         {"resize_short": 64, "crop": 56}, "cpu", "residual", head="mlp"),
     Arch("r2plus1d_18", "R(2+1)D-18 for video and ResNet-18 for audio, the paper's (a GPU job)",
          (64, 128, 256, 512), (2, 2, 2, 2), 45, (64, 128, 256, 512), (2, 2, 2, 2),
          {"resize_short": 128, "crop": 112}, "cuda"),
@@ -55,6 +56,14 @@ AUDIO_INPUTS = ("logmel", "centred")
 AUDIO_INPUT_HELP = ("What the audio encoder is fed: logmel (the log-mel spectrogram, as the paper) or centred (the "
                     "log-mel less its mean over the clip, so a clip's loudness, an offset on a log scale, cancels). "
                     "auto: the arch's, logmel for both (docs/pretraining.md#audio-input).")
+
+# The classifier each pretraining round trains over an encoder's features (see engine.new_head).
+HEADS = ("linear", "mlp")
+HEAD_HELP = ("The classifier each round trains over an encoder's features to predict its targets: linear "
+             "(DeepCluster's and XDC's) or mlp (a hidden layer as wide as the features and a ReLU before the "
+             "classifier, as SimCLR's projection head, so the features need not become a linear code of the round's "
+             "clusters). Heads are fresh each round and dropped after pretraining. auto: the arch's, mlp for tiny "
+             "and linear for r2plus1d_18 (docs/pretraining.md#heads).")
 
 # The arch a run takes when none is named: the paper's on a GPU, the tiny one on a CPU.
 DEFAULT_ARCH = {a.meant_for: a.name for a in ARCHS.values()}
