@@ -454,8 +454,8 @@ def resolve_auto(config: PretrainConfig, videos: int, steps_per_epoch: int,
     if config.head == AUTO:
         values["head"] = arch.head
         why["head"] = f"the {arch.name} arch's: " + (
-            "on the tuning families it gained as much over random encoders as a linear head in video and more in "
-            "audio" if arch.head == "mlp" else "XDC's linear classifier")
+            "a hidden layer gained more over random encoders than a linear head on the tuning families, in both "
+            "modalities" if arch.head == "mlp" else "XDC's linear classifier")
     per_round = values.get("epochs_per_round", config.epochs_per_round)
     if config.epochs == AUTO:
         values["epochs"] = max(4, AUTO_ROUNDS * per_round)
