@@ -40,7 +40,8 @@ def test_an_mlp_head_matches_a_float64_oracle_and_a_seed_draws_the_same_heads():
     expected = np.maximum(features.double().numpy() @ w1.T + b1, 0) @ w2.T + b2
     assert np.allclose(head(features).detach().double().numpy(), expected, atol=1e-5)
     # The hidden layer keeps a ReLU's input variance (He), the classifier starts near silent as a linear head.
-    assert abs(float(hidden.weight.detach().std()) - (2 / 6) ** 0.5) < 0.3 and float(classifier.weight.detach().abs().max()) < 0.06
+    assert abs(float(hidden.weight.detach().std()) - (2 / 6) ** 0.5) < 0.3
+    assert float(classifier.weight.detach().abs().max()) < 0.06
     again = engine.new_head(6, 4, torch.Generator().manual_seed(3), kind="mlp")
     assert all(torch.equal(a, b) for a, b in zip(head.parameters(), again.parameters()))
     assert isinstance(engine.new_head(6, 4), torch.nn.Linear)

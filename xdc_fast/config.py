@@ -281,6 +281,16 @@ def dist_timeout_option():
 # video encoder's pseudo-label loss stays at ln k for its first ~150 steps (docs/pretraining.md#auto-settings).
 MIN_ROUND_STEPS = 200
 AUTO_ROUNDS = 3  # the first teaches each encoder the other's initial clusters, the next two refine both
+# Settings whose auto value is the arch's (models.archs.Arch), with why each value was given to an arch.
+ARCH_CHOSEN = {
+    "video_input": {"residual": "frame differences gained more over random encoders than frames did on the tuning "
+                                "families, in both modalities",
+                    "rgb": "the paper's input, and every released weight file's"},
+    "audio_input": {"logmel": "centred gained XDC less over random encoders in audio on the tuning families"},
+    "head": {"mlp": "a hidden layer gained more over random encoders than a linear head on the tuning families, in "
+                    "both modalities",
+             "linear": "XDC's linear classifier"},
+}
 
 
 # ---- the optimiser every trained model uses -----------------------------------------------------------
@@ -442,20 +452,10 @@ def resolve_auto(config: PretrainConfig, videos: int, steps_per_epoch: int,
             why["epochs_per_round"] += (f"; epochs {config.epochs} is fewer, so this run is one partial round of "
                                         f"{config.epochs * steps_per_epoch} steps: raise epochs for rounds the "
                                         "encoders can fit")
-    if config.video_input == AUTO:
-        values["video_input"] = arch.video_input
-        why["video_input"] = f"the {arch.name} arch's: " + (
-            "frame differences gained more over random encoders than frames did on the tuning families, in both "
-            "modalities" if arch.video_input == "residual" else "the paper's input, and every released weight file's")
-    if config.audio_input == AUTO:
-        values["audio_input"] = arch.audio_input
-        why["audio_input"] = (f"the {arch.name} arch's ({arch.audio_input}); centred gained XDC less over random "
-                              "encoders in audio on the tuning families")
-    if config.head == AUTO:
-        values["head"] = arch.head
-        why["head"] = f"the {arch.name} arch's: " + (
-            "a hidden layer gained more over random encoders than a linear head on the tuning families, in both "
-            "modalities" if arch.head == "mlp" else "XDC's linear classifier")
+    for name in ARCH_CHOSEN:
+        if getattr(config, name) == AUTO:
+            values[name] = getattr(arch, name)
+            why[name] = f"the {arch.name} arch's ({values[name]}): {ARCH_CHOSEN[name][values[name]]}"
     per_round = values.get("epochs_per_round", config.epochs_per_round)
     if config.epochs == AUTO:
         values["epochs"] = max(4, AUTO_ROUNDS * per_round)

@@ -22,8 +22,9 @@ class AudioResNet(nn.Module):
 
     ``audio_input`` "centred" subtracts each clip's mean log-mel before the first layer: a clip's
     loudness is an offset on the log scale, and left in, a random encoder's features (and so a first
-    round's clusters) follow it, though it is each video's own and the video does not share it. The choice is kept in the ``centred_input`` buffer, so a checkpoint carries it; a state dict
-    without that entry (written before the choice existed) means the plain log-mel."""
+    round's clusters) follow it, though it is each video's own and the video does not share it. The
+    choice is kept in the ``centred_input`` buffer, so a checkpoint carries it; a state dict without that
+    entry (written before the choice existed) means the plain log-mel."""
 
     def __init__(self, widths, blocks, audio_input: str = "logmel"):
         super().__init__()
