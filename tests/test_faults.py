@@ -3,6 +3,7 @@ with a wrong result reported as done."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -257,6 +258,42 @@ def test_a_stalled_rank_stops_the_others_with_the_phase_named(tmp_path):
         for process in ranks:
             process.send_signal(signal.SIGKILL)
             process.wait()
+
+
+def test_a_rank_done_first_waits_for_the_others_before_leaving_the_group(tmp_path):
+    """A rank that leaves while another still reads from it can abort at exit though the command succeeded;
+    after success every rank waits for the slowest, then the group is torn down and each exits 0."""
+    script = tmp_path / "leave.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        import torch.distributed as dist
+        from xdc_fast import distributed as xdist
+        xdist.setup_device("cpu", 30.0)
+        if xdist.rank() == 0:
+            time.sleep(1.5)  # rank 0 still at work, as when it fits the probe on what the others sent
+            print(f"arrived {time.time()!r}", flush=True)
+        xdist.leave_together()
+        print(f"left {time.time()!r} {dist.is_initialized()}", flush=True)
+    """))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = []
+    for r in range(2):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        ranks.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [process.communicate(timeout=120)[0] for process in ranks]
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+    assert [process.returncode for process in ranks] == [0, 0], outputs
+    arrived = float(re.search(r"arrived (\S+)", outputs[0]).group(1))
+    left = [re.search(r"left (\S+) (\w+)", output).groups() for output in outputs]
+    assert float(left[1][0]) >= arrived and [initialized for _, initialized in left] == ["False", "False"]
 
 
 # ---- 14: non-finite features ----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import typing
 from dataclasses import MISSING, fields
 
@@ -44,7 +45,10 @@ class XdcGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            if "xdc_fast.distributed" in sys.modules:  # imported by every command that may join a group
+                sys.modules["xdc_fast.distributed"].leave_together()
+            return result
         except StalledError as error:
             click.echo(f"Error: {error}", err=True)
             from . import distributed as xdist  # already imported: it raised the error

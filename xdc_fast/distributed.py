@@ -141,6 +141,19 @@ def _leave_group() -> None:
         dist.destroy_process_group()
 
 
+def leave_together() -> None:
+    """After a command succeeded on every rank: wait for the others, then tear the group down. A rank whose
+    work ended first (one that only sent its share to rank 0) would otherwise tear down its side of the
+    connections while rank 0 still reads from them, and a rank can then abort at exit ("terminate called
+    without an active exception") though the command succeeded. Not on failure: the others may be waiting
+    in a collective this rank will never join, so a failing rank leaves at once (``_leave_group``)."""
+    if not is_distributed():
+        return
+    with phase("leaving: every rank done"):
+        barrier()
+    dist.destroy_process_group()
+
+
 def _store_of_this_attempt(timeout: datetime.timedelta | None):
     """torchrun's store, under a prefix of its own for each restart of the workers. torchrun's elastic
     agent keeps one store across restarts, so without it a restarted rank may read the address a dead
