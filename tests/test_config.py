@@ -123,10 +123,11 @@ def test_flag_beats_file_beats_default(tmp_path):
 
 @pytest.mark.parametrize("videos,batch,expected", [
     # videos, batch size -> clusters, pca_dim, kmeans_nredo, epochs_per_round, epochs
-    (96, 8, (10, 0, 3, 17, 51)),  # the demo's size: 12 steps an epoch, rounds of 17 epochs, L2 only
-    (40, 8, (8, 0, 3, 40, 120)),  # at least 8 clusters; 5 steps an epoch
-    (5000, 8, (71, 64, 3, 1, 4)),  # 10000 clips: 100 per dimension allows 64; 625 steps an epoch
-    (240000, 32, (490, 128, 1, 1, 4)),  # Kinetics-size: whitening capped by tiny's 128 features
+    (96, 8, (10, 0, 3, 8, 56)),  # the demo's size: 12 steps an epoch, seven rounds of 8 epochs, L2 only
+    (40, 8, (8, 0, 3, 18, 126)),  # at least 8 clusters; 5 steps an epoch
+    (288, 8, (17, 0, 3, 3, 21)),  # the families' size: seven rounds of 3 epochs, as measured there
+    (5000, 8, (71, 64, 3, 1, 7)),  # 10000 clips: 100 per dimension allows 64; 625 steps an epoch
+    (240000, 32, (490, 128, 1, 1, 7)),  # Kinetics-size: whitening capped by tiny's 128 features
 ])
 def test_auto_settings_follow_the_data_size(videos, batch, expected):
     import math
@@ -141,8 +142,14 @@ def test_auto_settings_follow_the_data_size(videos, batch, expected):
     assert (config.video_input, config.audio_input, config.head) == ("residual", "logmel", "mlp")
     paper = resolve_auto(PretrainConfig(arch="r2plus1d_18"), videos, 10)[0]
     assert (paper.video_input, paper.audio_input, paper.head) == ("rgb", "logmel", "linear")
-    steps_per_round = config.epochs_per_round * math.ceil(videos / batch)
-    assert steps_per_round >= 200 and (config.epochs_per_round == 1 or steps_per_round - math.ceil(videos / batch) < 200)
+    # Rounds share 600 steps: seven for tiny (86 steps each), three for the paper's arch (200 each), each
+    # round the fewest epochs that reach its share.
+    for arch, rounds in (("tiny", 7), ("r2plus1d_18", 3)):
+        steps = math.ceil(videos / batch)
+        resolved = resolve_auto(PretrainConfig(arch=arch, batch_size=batch), videos, steps)[0]
+        share, per_round = math.ceil(600 / rounds), resolved.epochs_per_round * steps
+        assert per_round >= share and (resolved.epochs_per_round == 1 or per_round - steps < share)
+        assert resolved.epochs == max(4, rounds * resolved.epochs_per_round)
 
 
 def test_given_values_are_kept_and_only_auto_ones_resolved():
@@ -150,7 +157,7 @@ def test_given_values_are_kept_and_only_auto_ones_resolved():
 
     config, why = resolve_auto(PretrainConfig(clusters=12, epochs=6, pca_dim=16, video_input="rgb",
                                               audio_input="logmel", head="linear"), 96, 12)
-    assert (config.clusters, config.epochs, config.pca_dim, config.epochs_per_round) == (12, 6, 16, 17)
+    assert (config.clusters, config.epochs, config.pca_dim, config.epochs_per_round) == (12, 6, 16, 8)
     assert config.video_input == "rgb" and config.head == "linear" and set(why) == {"kmeans_nredo", "epochs_per_round"}
     assert resolve_auto(PretrainConfig(arch="r2plus1d_18"), 400000, 10)[0].pca_dim == 256
 
@@ -169,9 +176,9 @@ def test_auto_on_the_command_line_and_in_the_saved_config(tmp_path):
     result = CliRunner().invoke(main, ["pretrain", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "run"),
                                        "--epochs", "auto", "--clusters", "3", *fast])
     assert result.exit_code == 0, result.output
-    assert "auto: epochs = 4 (3 rounds of 1 epoch(s), at least 4)" in result.output
+    assert "auto: epochs = 7 (the tiny arch's 7 rounds of 1 epoch(s), at least 4)" in result.output
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert (saved["epochs"], saved["clusters"], saved["epochs_per_round"]) == (4, 3, 1)
+    assert (saved["epochs"], saved["clusters"], saved["epochs_per_round"]) == (7, 3, 1)
     assert set(saved["resolved_from_auto"]) == {"epochs", "pca_dim", "kmeans_nredo", "video_input", "audio_input",
                                                  "head"}
     assert saved["video_input"] == "residual"
@@ -183,8 +190,8 @@ def test_auto_on_the_command_line_and_in_the_saved_config(tmp_path):
 def test_epochs_fewer_than_one_auto_round_say_the_run_is_one_partial_round():
     from xdc_fast.config import resolve_auto
 
-    config, why = resolve_auto(PretrainConfig(epochs=3), 96, 12)  # 12 steps an epoch: a round needs 17
-    assert config.epochs_per_round == 17 and config.epochs == 3
+    config, why = resolve_auto(PretrainConfig(epochs=3), 96, 12)  # 12 steps an epoch: a round needs 8
+    assert config.epochs_per_round == 8 and config.epochs == 3
     assert "one partial round of 36 steps" in why["epochs_per_round"]
     _, enough = resolve_auto(PretrainConfig(epochs=40), 96, 12)
     assert "partial" not in enough["epochs_per_round"]

@@ -277,10 +277,13 @@ def dist_timeout_option():
                   max=MAX_TIMEOUT_S)
 
 
-# A round shorter than this does not let the tiny encoders fit their targets: on the demo's data the
-# video encoder's pseudo-label loss stays at ln k for its first ~150 steps (docs/pretraining.md#auto-settings).
-MIN_ROUND_STEPS = 200
-AUTO_ROUNDS = 3  # the first teaches each encoder the other's initial clusters, the next two refine both
+# An auto-length pretraining is at least this many optimisation steps, split into the arch's number of rounds
+# (Arch.rounds): three rounds of 200, the first length at which the tiny encoders left chance on the demo's
+# data (the video encoder's pseudo-label loss stays at ln k for its first ~150 steps); the same length in
+# seven rounds gained more over random encoders on the tuning families (docs/pretraining.md#auto-settings).
+AUTO_STEPS = 600
+AUTO_ROUNDS_HELP = ", ".join(f"{a.name}: {a.rounds} rounds of {math.ceil(AUTO_STEPS / a.rounds)} steps"
+                             for a in ARCHS.values())
 # Settings whose auto value is the arch's (models.archs.Arch), with why each value was given to an arch.
 ARCH_CHOSEN = {
     "video_input": {"residual": "frame differences gained more over random encoders than frames did on the tuning "
@@ -333,11 +336,12 @@ class PretrainConfig(SgdSettings):
     clusters: int | str = option("auto", "k of the k-means, at most the number of clips clustered. auto: the "
                                  "square root of the number of videos, between 8 and 1024 (the XDC lineage uses "
                                  "64-1024 on Kinetics-size data).", min=2, auto=True)
-    epochs: int | str = option("auto", "Training epochs in all. auto: three rounds (at least 4 epochs).", min=1,
-                               max=MAX_EPOCHS, auto=True)
+    epochs: int | str = option("auto", "Training epochs in all. auto: the arch's number of rounds of "
+                               "epochs_per_round, at least 4 epochs.", min=1, max=MAX_EPOCHS, auto=True)
     epochs_per_round: int | str = option("auto", "Re-cluster after this many epochs (DeepCluster: 1). auto: the "
-                                         f"fewest epochs that give a round {MIN_ROUND_STEPS} optimisation steps "
-                                         "(1 on large data).", min=1, max=MAX_EPOCHS, auto=True)
+                                         f"fewest epochs that give a round its share of {AUTO_STEPS} optimisation "
+                                         f"steps over the arch's rounds ({AUTO_ROUNDS_HELP}; 1 epoch on large "
+                                         "data).", min=1, max=MAX_EPOCHS, auto=True)
     clips_per_video: int = option(2, "Fixed clips per video whose features are clustered.", min=1)
     pca_dim: int | str = option("auto", "PCA-whitening dimension before k-means (0 = off, L2 only; DeepCluster: "
                                 "256). auto: the largest of 256, 128, 64, 32 (at most the feature size) with 100 "
@@ -444,10 +448,11 @@ def resolve_auto(config: PretrainConfig, videos: int, steps_per_epoch: int,
         why["kmeans_nredo"] = f"{clips} clips x {k} clusters " + ("is cheap to cluster again" if clips * k <= 5e7
                                                                     else "is costly to cluster again")
     if config.epochs_per_round == AUTO:
-        needed = max(1, math.ceil(MIN_ROUND_STEPS / steps_per_epoch))
+        round_steps = math.ceil(AUTO_STEPS / arch.rounds)
+        needed = max(1, math.ceil(round_steps / steps_per_epoch))
         values["epochs_per_round"] = needed
-        why["epochs_per_round"] = (f"{steps_per_epoch} steps per epoch; a round needs at least {MIN_ROUND_STEPS} "
-                                   "steps for the encoders to fit their targets")
+        why["epochs_per_round"] = (f"{steps_per_epoch} steps per epoch; the {arch.name} arch's {arch.rounds} rounds "
+                                   f"share at least {AUTO_STEPS} steps, {round_steps} each")
         if config.epochs != AUTO and config.epochs < needed:
             why["epochs_per_round"] += (f"; epochs {config.epochs} is fewer, so this run is one partial round of "
                                         f"{config.epochs * steps_per_epoch} steps: raise epochs for rounds the "
@@ -458,8 +463,8 @@ def resolve_auto(config: PretrainConfig, videos: int, steps_per_epoch: int,
             why[name] = f"the {arch.name} arch's ({values[name]}): {ARCH_CHOSEN[name][values[name]]}"
     per_round = values.get("epochs_per_round", config.epochs_per_round)
     if config.epochs == AUTO:
-        values["epochs"] = max(4, AUTO_ROUNDS * per_round)
-        why["epochs"] = f"{AUTO_ROUNDS} rounds of {per_round} epoch(s), at least 4"
+        values["epochs"] = max(4, arch.rounds * per_round)
+        why["epochs"] = f"the {arch.name} arch's {arch.rounds} rounds of {per_round} epoch(s), at least 4"
     return dataclasses.replace(config, **values), why
 
 

@@ -28,6 +28,7 @@ class Arch:
     video_input: str = "rgb"  # what its video encoder is fed unless the run says otherwise (VIDEO_INPUTS)
     audio_input: str = "logmel"  # what its audio encoder is fed unless the run says otherwise (AUDIO_INPUTS)
     head: str = "linear"  # the pretraining heads unless the run says otherwise (HEADS)
+    rounds: int = 3  # how many rounds an auto-length pretraining is split into (config.resolve_auto)
 
     @property
     def feature_dim(self) -> int:
@@ -38,7 +39,7 @@ class Arch:
 ARCHS = {a.name: a for a in (
     Arch("tiny", "R(2+1)D and ResNet at a quarter of the width, one block per stage (a CPU's size)",
          (16, 32, 64, 128), (1, 1, 1, 1), 12, (16, 32, 64, 128), (1, 1, 1, 1),
-         {"resize_short": 64, "crop": 56}, "cpu", "residual", head="mlp"),
+         {"resize_short": 64, "crop": 56}, "cpu", "residual", head="mlp", rounds=7),
     Arch("r2plus1d_18", "R(2+1)D-18 for video and ResNet-18 for audio, the paper's (a GPU job)",
          (64, 128, 256, 512), (2, 2, 2, 2), 45, (64, 128, 256, 512), (2, 2, 2, 2),
          {"resize_short": 128, "crop": 112}, "cuda"),
