@@ -221,6 +221,20 @@ def test_a_bad_labels_from_file_is_a_clear_error(dataset, tmp_path):
 
 # ---- 13: a stalled rank -------------------------------------------------------------------------------------
 
+def _two_ranks(script):
+    """``script`` started as ranks 0 and 1 of a torchrun-like job on this machine, output merged per rank."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = []
+    for r in range(2):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        ranks.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return ranks
+
+
 def test_a_stalled_rank_stops_the_others_with_the_phase_named(tmp_path):
     """Two real processes form a gloo group with a 4 s timeout; rank 1 stops itself (SIGSTOP) before a
     collective. Rank 0 must give up with a message naming the phase instead of waiting out the default."""
@@ -239,15 +253,7 @@ def test_a_stalled_rank_stops_the_others_with_the_phase_named(tmp_path):
                 print(f"Error: {error}", flush=True)
                 xdist.abandon(2)  # as the CLI does: a normal exit could abort in gloo's threads
     """))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ranks = []
-    for r in range(2):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        ranks.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+    ranks = _two_ranks(script)
     try:
         # Without the timeout rank 0 would wait for gloo's 30 min default; communicate's limit turns that
         # hang into a failure.
@@ -275,15 +281,7 @@ def test_a_rank_done_first_waits_for_the_others_before_leaving_the_group(tmp_pat
         xdist.leave_together()
         print(f"left {time.time()!r} {dist.is_initialized()}", flush=True)
     """))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ranks = []
-    for r in range(2):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        ranks.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+    ranks = _two_ranks(script)
     try:
         outputs = [process.communicate(timeout=120)[0] for process in ranks]
     finally:
