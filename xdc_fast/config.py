@@ -282,8 +282,14 @@ def dist_timeout_option():
 # data (the video encoder's pseudo-label loss stays at ln k for its first ~150 steps); the same length in
 # seven rounds gained more over random encoders on the tuning families (docs/pretraining.md#auto-settings).
 AUTO_STEPS = 600
-AUTO_ROUNDS_HELP = ", ".join(f"{a.name}: {a.rounds} rounds of {math.ceil(AUTO_STEPS / a.rounds)} steps"
-                             for a in ARCHS.values())
+
+
+def auto_round_steps(arch) -> int:
+    """The fewest optimisation steps of each of ``arch``'s rounds when ``epochs_per_round`` is auto."""
+    return math.ceil(AUTO_STEPS / arch.rounds)
+
+
+AUTO_ROUNDS_HELP = ", ".join(f"{a.name}: {a.rounds} rounds of {auto_round_steps(a)} steps" for a in ARCHS.values())
 # Settings whose auto value is the arch's (models.archs.Arch), with why each value was given to an arch.
 ARCH_CHOSEN = {
     "video_input": {"residual": "frame differences gained more over random encoders than frames did on the tuning "
@@ -448,7 +454,7 @@ def resolve_auto(config: PretrainConfig, videos: int, steps_per_epoch: int,
         why["kmeans_nredo"] = f"{clips} clips x {k} clusters " + ("is cheap to cluster again" if clips * k <= 5e7
                                                                     else "is costly to cluster again")
     if config.epochs_per_round == AUTO:
-        round_steps = math.ceil(AUTO_STEPS / arch.rounds)
+        round_steps = auto_round_steps(arch)
         needed = max(1, math.ceil(round_steps / steps_per_epoch))
         values["epochs_per_round"] = needed
         why["epochs_per_round"] = (f"{steps_per_epoch} steps per epoch; the {arch.name} arch's {arch.rounds} rounds "
