@@ -17,6 +17,8 @@ The table gives, per family, XDC's gain over the random encoder of the same seed
 and probe) in points of linear-probe video accuracy, then the mean over families (seeds averaged within
 a family), the standard deviation across families and a 95% interval (Student's t). Each candidate
 harm signal of the XDC run is set against the gain by Spearman's rank correlation over families x seeds.
+``--variant`` pretrains one of XDC's baselines instead (mdc, cdc, sdc-video, sdc-audio) under its own tag, so
+``--compare`` sets the variants side by side on the same families and seeds.
 With ``--ceiling``, a column gives what full supervision reaches over the same random encoder: an encoder
 trained from random weights with the true labels of the probe's own training split. Where that ceiling
 stays near zero, the family's data is too small for any encoder to learn its class in that modality, and
@@ -37,6 +39,7 @@ from variants import (CLASSES, PROBE_CLIPS, SECONDS, VIDEOS_PER_CLASS, audio_bas
 
 from xdc_fast.data.families import TUNING_FAMILIES, draw_family
 from xdc_fast.learning import AGREEMENT_RISE, agreement_warns
+from xdc_fast.variants import VARIANTS
 
 EVALUATION_FAMILIES = tuple(range(TUNING_FAMILIES, TUNING_FAMILIES + 10))
 # The size the study judges at: at 16 videos per class even full supervision gains less over a random video
@@ -50,23 +53,38 @@ def of_size(records: list[dict], videos_per_class: int) -> list[dict]:
     return [r for r in records if r.get("videos_per_class", VIDEOS_PER_CLASS) == videos_per_class]
 
 
+# Runs that pretrain nothing, kept once per family and seed and shared by every tag.
+BASELINES = ("random", "supervised")
+
+
+def pretrained(record: dict) -> bool:
+    return record["variant"] not in BASELINES
+
+
+def variant_name(records: list[dict], tag: str) -> str:
+    """How a table names the pretraining of ``tag``'s runs: XDC, MDC, SDC-VIDEO, ..."""
+    return next((r["variant"] for r in records if r["tag"] == tag and pretrained(r)), "xdc").upper()
+
+
 def random_runs(records: list[dict]) -> dict[tuple[str, int, str], dict]:
     """The random encoders' run of each (family, seed, inputs): the baseline every gain is paired with."""
     return {(r["family"], r["seed"], fed(r)): r for r in records if r["variant"] == "random"}
 
 
 def gains(records: list[dict], tag: str) -> dict[int, list[dict]]:
-    """Per family seed: per run seed, XDC's gain over random per modality, with the run's signals."""
+    """Per family seed: per run seed, the pretrained encoders' gain over random per modality, with the run's
+    signals."""
     random = random_runs(records)
     out: dict[int, list[dict]] = {}
     for r in records:
         key = (r["family"], r["seed"], fed(r))
-        if r["tag"] != tag or r["variant"] != "xdc" or key not in random:
+        if r["tag"] != tag or not pretrained(r) or key not in random:
             continue
         base = random[key]["scores"]
         out.setdefault(int(r["family"][len("family"):]), []).append(
             {"seed": r["seed"], "signals": r.get("signals", {}),
-             **{m: 100 * (r["scores"][m]["video_acc"] - base[m]["video_acc"]) for m in ("video", "audio")}})
+             **{m: 100 * (r["scores"][m]["video_acc"] - base[m]["video_acc"]) for m in ("video", "audio")
+                if m in r["scores"]}})  # an SDC run trains, and is scored on, one modality
     return out
 
 
@@ -122,8 +140,9 @@ def warning_record(runs: list[dict], rise: float = AGREEMENT_RISE) -> str:
     """How often the run's own warning (learning.agreement_warns) fires on runs that ended below random
     encoders in a modality, and on the others."""
     warns = lambda run: agreement_warns(run["signals"].get("nmi_video_audio", []), rise)  # noqa: E731
-    harmed = [warns(r) for r in runs if min(r["video"], r["audio"]) < 0]
-    fine = [warns(r) for r in runs if min(r["video"], r["audio"]) >= 0]
+    worst = lambda run: min(run.get(m, np.inf) for m in ("video", "audio"))  # noqa: E731
+    harmed = [warns(r) for r in runs if worst(r) < 0]
+    fine = [warns(r) for r in runs if worst(r) >= 0]
     share = lambda flags: f"{sum(flags)} of {len(flags)}" + (f" ({np.mean(flags):.0%})" if flags else "")  # noqa: E731
     return f"warned on {share(harmed)} runs with a negative gain in a modality, on {share(fine)} others"
 
@@ -138,17 +157,18 @@ def report(records: list[dict], tag: str, tuning: bool = False, families: list[i
     from scipy import stats
 
     by_family = {f: runs for f, runs in gains(records, tag).items() if families is None or f in families}
-    inputs = {fed(r) for r in records if r["tag"] == tag and r["variant"] == "xdc"}
+    inputs = {fed(r) for r in records if r["tag"] == tag and pretrained(r)}
+    name = variant_name(records, tag)
     fed_here = inputs.pop() if len(inputs) == 1 else "rgb"
     ceiling = {f: c for f, c in ceilings(records, fed_here).items() if f in by_family}
     ceiling_modalities = [m for m in ("video", "audio") if any(m in c for c in ceiling.values())]
-    lines = ["| family | video factor | audio factor | seeds | XDC − random, video | XDC − random, audio |"
+    lines = [f"| family | video factor | audio factor | seeds | {name} − random, video | {name} − random, audio |"
              + "".join(f" supervised − random, {m} |" for m in ceiling_modalities),
              "|---|---|---|---|---|---|" + "---|" * len(ceiling_modalities)]
     for seed in sorted(by_family):
         family, runs = draw_family(seed, CLASSES), by_family[seed]
         cells = [f"{np.mean([r[m] for r in runs]):+.1f} (" + ", ".join(f"{r[m]:+.1f}" for r in runs) + ")"
-                 for m in ("video", "audio")]
+                 if all(m in r for r in runs) else "—" for m in ("video", "audio")]
         cells += [f"{np.mean(ceiling[seed][m]):+.1f}" if m in ceiling.get(seed, {}) else "—"
                   for m in ceiling_modalities]
         lines.append(f"| {seed} | {family.video_factor} | {family.audio_factor} | "
@@ -157,7 +177,10 @@ def report(records: list[dict], tag: str, tuning: bool = False, families: list[i
     if by_family:
         text += "\nAcross families (each family's seeds averaged first):\n\n"
         for m in ("video", "audio"):
-            per_family = [float(np.mean([r[m] for r in runs])) for runs in by_family.values()]
+            per_family = [float(np.mean([r[m] for r in runs])) for runs in by_family.values()
+                          if all(m in r for r in runs)]
+            if not per_family:
+                continue
             mean, std, low, high = interval(per_family)
             spread = (f"std {std:.1f}, 95% interval [{low:+.1f}, {high:+.1f}]" if len(per_family) > 1 else
                       "no spread from one family")
@@ -179,6 +202,8 @@ def report(records: list[dict], tag: str, tuning: bool = False, families: list[i
                 have = [r for r in runs if name in candidate_signals(r)]
                 values = [candidate_signals(r)[name] for r in have]
                 for m in ("video", "audio"):
+                    if not all(m in r for r in have):
+                        continue
                     outcome = [r[m] for r in have]
                     if np.ptp(values) == 0 or np.ptp(outcome) == 0:
                         text += f"- {name} vs the {m} gain: ρ undefined (one of them is constant)\n"
@@ -195,7 +220,8 @@ def report(records: list[dict], tag: str, tuning: bool = False, families: list[i
 def settings_of(record: dict) -> str:
     """A run's settings as a table names them; a run that took a default since changed says which."""
     overrides = record.get("overrides") or {}
-    named = [f"{k}={v}" for k, v in overrides.items()]
+    named = ([f"variant={record['variant']}"] if record["variant"] != "xdc" else []) + \
+        [f"{k}={v}" for k, v in overrides.items()]
     if "video_input" not in overrides and "audio_input" not in overrides and fed(record) != fed_by({}):
         named.append(f"fed {fed(record)} (then the default)")
     return ", ".join(named) or "the defaults"
@@ -213,7 +239,7 @@ def compare(records: list[dict], tags: list[str], families: list[int], sweep: bo
     kept = {tag: {f: [r for r in runs if (f, r["seed"]) in shared] for f, runs in got.items()}
             for tag, got in by_tag.items()}
     kept = {tag: {f: runs for f, runs in got.items() if runs} for tag, got in kept.items()}
-    settings = {r["tag"]: settings_of(r) for r in records if r["variant"] == "xdc"}
+    settings = {r["tag"]: settings_of(r) for r in records if pretrained(r)}
     lines = [f"Runs every configuration has (family, seed): {', '.join(f'{f}/{s}' for f, s in sorted(shared))}.", "",
              "| tag | settings | video gain: mean, std, worst family | audio gain: mean, std, worst family | "
              "warning on runs below random |", "|---|---|---|---|---|"]
@@ -221,7 +247,8 @@ def compare(records: list[dict], tags: list[str], families: list[int], sweep: bo
         runs = [r for family_runs in kept[tag].values() for r in family_runs]
         cells = []
         for m in ("video", "audio"):
-            per_family = [float(np.mean([r[m] for r in family_runs])) for family_runs in kept[tag].values()]
+            per_family = [float(np.mean([r[m] for r in family_runs])) for family_runs in kept[tag].values()
+                          if all(m in r for r in family_runs)]
             if not per_family:
                 cells.append("-")
                 continue
@@ -244,6 +271,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="PretrainConfig override (default: none, the command's defaults)")
     parser.add_argument("--tag", default="defaults", help="name of this configuration in the results")
+    parser.add_argument("--variant", default="xdc", choices=tuple(VARIANTS),
+                        help="what to pretrain (default xdc; the others are its baselines, each under a tag of its own)")
     parser.add_argument("--work", type=Path, default=Path("families-work"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/families.md"))
     parser.add_argument("--videos-per-class", type=int, default=STUDY_VIDEOS_PER_CLASS,
@@ -262,7 +291,7 @@ def main() -> None:
                           args.videos_per_class)
         text = (f"# Configurations compared on families {', '.join(map(str, args.families))}\n\n"
                 f"{datetime.date.today()}, `python benchmarks/families.py --compare`, {CLASSES} classes x "
-                f"{args.videos_per_class} videos per family and seed: XDC's gain over random encoders in points of "
+                f"{args.videos_per_class} videos per family and seed: each configuration's gain over random encoders in points of "
                 "probe video accuracy, per family (seeds averaged), mean and std across families.\n\n"
                 + compare(records, args.compare, args.families, sweep=args.tuning))
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -274,12 +303,16 @@ def main() -> None:
     results = args.work / "results.jsonl"
     records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     records = of_size(records, args.videos_per_class)
+    taken = {r["variant"] for r in records if r["tag"] == args.tag and pretrained(r)} - {args.variant}
+    if taken:
+        parser.error(f"tag {args.tag!r} already names {taken.pop()} runs in {results}: give --variant "
+                     f"{args.variant} a tag of its own")
     done = {(r["family"], r["seed"], r["variant"], r["tag"]) for r in records}
     baselines = set(random_runs(records))
     for family_seed in args.families:
         family = f"family{family_seed:03d}"
         for seed in args.seeds:
-            for variant in ("random",) + (("supervised",) if args.ceiling else ()) + ("xdc",):
+            for variant in ("random",) + (("supervised",) if args.ceiling else ()) + (args.variant,):
                 # Random encoders and the ceiling do not depend on the settings: one per family and seed serves
                 # every tag (a random encoder per input); the ceiling trains only the modalities it lacks.
                 if variant == "supervised":
@@ -307,8 +340,9 @@ def main() -> None:
                     f"{m} {s['video_acc']:.1%}" for m, s in record["scores"].items()) + f" ({record['seconds']:.0f} s)",
                     flush=True)
     settings = ", ".join(f"`{k}: {v}`" for k, v in overrides.items()) or "the defaults"
-    title = "XDC on the tuning families, where settings are chosen" if args.tuning else \
-        "XDC on families no setting was chosen on"
+    name = variant_name(records, args.tag)
+    title = f"{name} on the tuning families, where settings are chosen" if args.tuning else \
+        f"{name} on families no setting was chosen on"
     text = (f"# {title}\n\n{datetime.date.today()}, `python benchmarks/families.py`: "
             f"{CLASSES} classes x {args.videos_per_class} videos of {SECONDS:g} s per family and seed; `--arch tiny` "
             f"and {settings} (tag `{args.tag}`); linear probe ({PROBE_CLIPS} clips per video) on a seeded stratified 30% "

@@ -167,3 +167,18 @@ def test_agreement_with_round_0_is_read_off_the_saved_clusterings(study, tmp_pat
     assert got[1]["audio"] == pytest.approx(normalized_mutual_info_score(first["audio"][kept], later["audio"][kept]))
     signals = study.candidate_signals({"signals": {"nmi_to_first": got}})
     assert signals["audio clusters' agreement with round 0's, last clustering"] == pytest.approx(got[1]["audio"])
+
+
+def test_a_baseline_variant_is_named_paired_with_random_and_compared_beside_xdc(study):
+    sdc = {**record(8, 0, "sdc-video", 0.45, 0.0, tag="sdc"), "scores": {"video": {"video_acc": 0.45}}}
+    records = [record(8, 0, "random", 0.30, 0.40), record(8, 0, "xdc", 0.50, 0.45),
+               record(8, 0, "mdc", 0.35, 0.60, tag="mdc"), sdc]
+    assert [round(r["video"], 6) for r in study.gains(records, "mdc")[8]] == [5.0]
+    assert study.gains(records, "sdc")[8][0].keys() == {"seed", "signals", "video"}  # one encoder trained
+    text = study.report(records, "sdc")
+    assert "| SDC-VIDEO − random, video |" in text and "| 8 | " in text and text.count("—") == 1
+    assert "- video: mean +15.0" in text and "- audio:" not in text
+    table = study.compare(records, ["defaults", "mdc", "sdc"], families=[8])
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert "| variant=mdc, " in rows["| mdc"] and "+5.0, nan, +5.0 | +20.0, nan, +20.0" in rows["| mdc"]
+    assert "| variant=sdc-video, " in rows["| sdc"] and rows["| sdc"].count(" - |") == 1
