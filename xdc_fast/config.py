@@ -384,8 +384,8 @@ class PretrainConfig(SgdSettings):
                                      "memorised them); plateau mode watches their loss. 0: none.",
                                      min=0, max=1, max_open=True)
     patience: int = option(1, "plateau mode: epochs without improvement before re-clustering.", min=1)
-    audio_shift: int = option(4, "Training augmentation: each training clip's log-mel moves up or down by up "
-                              "to this many mel bins (of 40 by default; 4 is about 7 semitones near 1 kHz), "
+    audio_shift: int = option(2, "Training augmentation: each training clip's log-mel moves up or down by up "
+                              "to this many mel bins (of 40 by default; 2 is about 3.5 semitones near 1 kHz), "
                               "so a pitch of its own no longer identifies a video and the audio encoder must "
                               "learn what clips share rather than memorise its videos' targets. 0: off.",
                               min=0)
