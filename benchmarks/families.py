@@ -66,6 +66,17 @@ def variant_name(records: list[dict], tag: str) -> str:
     return next((r["variant"] for r in records if r["tag"] == tag and pretrained(r)), "xdc").upper()
 
 
+def variant_of_tag(records: list[dict], tag: str, asked: str | None) -> str:
+    """What a run under ``tag`` pretrains: ``asked``, else what the tag's runs pretrained, else xdc. One tag
+    names one variant, so that its table and its comparisons mix nothing."""
+    taken = {r["variant"] for r in records if r["tag"] == tag and pretrained(r)}
+    if asked is None:
+        return taken.pop() if taken else "xdc"
+    if taken - {asked}:
+        raise ValueError(f"tag {tag!r} already names {taken.pop()} runs: give --variant {asked} a tag of its own")
+    return asked
+
+
 def random_runs(records: list[dict]) -> dict[tuple[str, int, str], dict]:
     """The random encoders' run of each (family, seed, inputs): the baseline every gain is paired with."""
     return {(r["family"], r["seed"], fed(r)): r for r in records if r["variant"] == "random"}
@@ -271,8 +282,9 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="PretrainConfig override (default: none, the command's defaults)")
     parser.add_argument("--tag", default="defaults", help="name of this configuration in the results")
-    parser.add_argument("--variant", default="xdc", choices=tuple(VARIANTS),
-                        help="what to pretrain (default xdc; the others are its baselines, each under a tag of its own)")
+    parser.add_argument("--variant", choices=tuple(VARIANTS),
+                        help="what to pretrain (default: what the tag's runs pretrained, xdc for a new tag; the others "
+                             "are XDC's baselines, each under a tag of its own)")
     parser.add_argument("--work", type=Path, default=Path("families-work"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/families.md"))
     parser.add_argument("--videos-per-class", type=int, default=STUDY_VIDEOS_PER_CLASS,
@@ -291,8 +303,8 @@ def main() -> None:
                           args.videos_per_class)
         text = (f"# Configurations compared on families {', '.join(map(str, args.families))}\n\n"
                 f"{datetime.date.today()}, `python benchmarks/families.py --compare`, {CLASSES} classes x "
-                f"{args.videos_per_class} videos per family and seed: each configuration's gain over random encoders in points of "
-                "probe video accuracy, per family (seeds averaged), mean and std across families.\n\n"
+                f"{args.videos_per_class} videos per family and seed: each configuration's gain over random encoders "
+                "in points of probe video accuracy, per family (seeds averaged), mean and std across families.\n\n"
                 + compare(records, args.compare, args.families, sweep=args.tuning))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
@@ -303,10 +315,10 @@ def main() -> None:
     results = args.work / "results.jsonl"
     records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     records = of_size(records, args.videos_per_class)
-    taken = {r["variant"] for r in records if r["tag"] == args.tag and pretrained(r)} - {args.variant}
-    if taken:
-        parser.error(f"tag {args.tag!r} already names {taken.pop()} runs in {results}: give --variant "
-                     f"{args.variant} a tag of its own")
+    try:
+        args.variant = variant_of_tag(records, args.tag, args.variant)
+    except ValueError as error:
+        parser.error(f"{results}: {error}")
     done = {(r["family"], r["seed"], r["variant"], r["tag"]) for r in records}
     baselines = set(random_runs(records))
     for family_seed in args.families:

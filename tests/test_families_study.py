@@ -182,3 +182,12 @@ def test_a_baseline_variant_is_named_paired_with_random_and_compared_beside_xdc(
     rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
     assert "| variant=mdc, " in rows["| mdc"] and "+5.0, nan, +5.0 | +20.0, nan, +20.0" in rows["| mdc"]
     assert "| variant=sdc-video, " in rows["| sdc"] and rows["| sdc"].count(" - |") == 1
+
+
+def test_a_tag_names_one_variant(study):
+    records = [record(8, 0, "random", 0.3, 0.4, tag="any"), record(8, 0, "mdc", 0.5, 0.5, tag="mdc")]
+    assert study.variant_of_tag(records, "mdc", None) == "mdc"  # a report of the tag needs no --variant
+    assert study.variant_of_tag(records, "new", None) == "xdc"
+    assert study.variant_of_tag(records, "new", "cdc") == "cdc" and study.variant_of_tag(records, "mdc", "mdc") == "mdc"
+    with pytest.raises(ValueError, match="already names mdc runs"):
+        study.variant_of_tag(records, "mdc", "xdc")

@@ -104,6 +104,9 @@ def test_the_run_summary_says_how_far_the_modalities_clusters_agree():
     assert "nuisance" in barely
     clear = run_summary([{**first, "nmi_video_audio": 0.15}, {**last, "nmi_video_audio": 0.15 + 2 * AGREEMENT_RISE}])
     assert "nuisance" not in clear
+    # A variant the warning does not speak for still reads the agreement, without the warning.
+    quiet = run_summary([{**first, "nmi_video_audio": 0.15}, {**last, "nmi_video_audio": 0.12}], warn_nuisance=False)
+    assert "NMI 0.12 in round 1, against 0.15 in round 0" in quiet and "nuisance" not in quiet
 
 
 def test_a_round_whose_clusters_agree_barely_more_than_the_random_encoders_warns_of_nuisance():
@@ -113,6 +116,8 @@ def test_a_round_whose_clusters_agree_barely_more_than_the_random_encoders_warns
     assert len(warned) == 2 and warned[1].startswith("warning: in round 1") and "colour_jitter" in warned[1]
     assert len(describe_round(later, steps_per_round=36, lr=0.01, first_agreement=0.21 - 2 * AGREEMENT_RISE)) == 1
     assert len(describe_round(later, steps_per_round=36, lr=0.01)) == 1  # nothing to compare with
+    quiet = describe_round(later, steps_per_round=36, lr=0.01, first_agreement=0.20, warn_nuisance=False)
+    assert quiet == warned[:1]  # the same figures, no warning
     first = {**record(0, 0.5), "nmi_video_audio": 0.2}
     assert len(describe_round(first, steps_per_round=36, lr=0.01, first_agreement=0.2)) == 1  # round 0 is the reference
     assert agreement_warns([0.2, None, 0.2]) and not agreement_warns([0.2]) and not agreement_warns([None, 0.3])

@@ -235,7 +235,8 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
         # The steps this round really ran: a last round cut short by epochs has fewer than a full one.
         epochs_run = sum(1 for record in state.history if record["round"] == state.round)
         for line in learning.describe_round(state.history[-1], steps_per_epoch * epochs_run, config.lr,
-                                            first_agreement=state.history[0].get("nmi_video_audio")):
+                                            first_agreement=state.history[0].get("nmi_video_audio"),
+                                            warn_nuisance=variant.name in learning.NUISANCE_WARNED_VARIANTS):
             log(line)
 
         # ===== checkpoint =====
@@ -248,7 +249,7 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
             xdist.barrier()  # nobody resumes from, or reads, a checkpoint that is still being written
         state.round, rounds_run = state.round + 1, rounds_run + 1
     if state.next_epoch >= config.epochs:
-        log(learning.run_summary(state.history))
+        log(learning.run_summary(state.history, warn_nuisance=variant.name in learning.NUISANCE_WARNED_VARIANTS))
     return state.history
 
 
