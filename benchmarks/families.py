@@ -61,12 +61,7 @@ def pretrained(record: dict) -> bool:
     return record["variant"] not in BASELINES
 
 
-def variant_name(records: list[dict], tag: str) -> str:
-    """How a table names the pretraining of ``tag``'s runs: XDC, MDC, SDC-VIDEO, ..."""
-    return next((r["variant"] for r in records if r["tag"] == tag and pretrained(r)), "xdc").upper()
-
-
-def variant_of_tag(records: list[dict], tag: str, asked: str | None) -> str:
+def variant_of_tag(records: list[dict], tag: str, asked: str | None = None) -> str:
     """What a run under ``tag`` pretrains: ``asked``, else what the tag's runs pretrained, else xdc. One tag
     names one variant, so that its table and its comparisons mix nothing."""
     taken = {r["variant"] for r in records if r["tag"] == tag and pretrained(r)}
@@ -75,6 +70,13 @@ def variant_of_tag(records: list[dict], tag: str, asked: str | None) -> str:
     if taken - {asked}:
         raise ValueError(f"tag {tag!r} already names {taken.pop()} runs: give --variant {asked} a tag of its own")
     return asked
+
+
+def per_family(by_family: dict, modality: str) -> list[float]:
+    """The mean gain in ``modality`` of each family whose every run was scored on it (an SDC run is scored on one
+    modality only)."""
+    return [float(np.mean([r[modality] for r in runs])) for runs in by_family.values()
+            if all(modality in r for r in runs)]
 
 
 def random_runs(records: list[dict]) -> dict[tuple[str, int, str], dict]:
@@ -169,7 +171,7 @@ def report(records: list[dict], tag: str, tuning: bool = False, families: list[i
 
     by_family = {f: runs for f, runs in gains(records, tag).items() if families is None or f in families}
     inputs = {fed(r) for r in records if r["tag"] == tag and pretrained(r)}
-    name = variant_name(records, tag)
+    name = variant_of_tag(records, tag).upper()
     fed_here = inputs.pop() if len(inputs) == 1 else "rgb"
     ceiling = {f: c for f, c in ceilings(records, fed_here).items() if f in by_family}
     ceiling_modalities = [m for m in ("video", "audio") if any(m in c for c in ceiling.values())]
@@ -188,22 +190,21 @@ def report(records: list[dict], tag: str, tuning: bool = False, families: list[i
     if by_family:
         text += "\nAcross families (each family's seeds averaged first):\n\n"
         for m in ("video", "audio"):
-            per_family = [float(np.mean([r[m] for r in runs])) for runs in by_family.values()
-                          if all(m in r for r in runs)]
-            if not per_family:
+            gains_by_family = per_family(by_family, m)
+            if not gains_by_family:
                 continue
-            mean, std, low, high = interval(per_family)
-            spread = (f"std {std:.1f}, 95% interval [{low:+.1f}, {high:+.1f}]" if len(per_family) > 1 else
+            mean, std, low, high = interval(gains_by_family)
+            spread = (f"std {std:.1f}, 95% interval [{low:+.1f}, {high:+.1f}]" if len(gains_by_family) > 1 else
                       "no spread from one family")
-            text += (f"- {m}: mean {mean:+.1f}, {spread}, worst family {min(per_family):+.1f} "
-                     f"({len(per_family)} families)\n")
+            text += (f"- {m}: mean {mean:+.1f}, {spread}, worst family {min(gains_by_family):+.1f} "
+                     f"({len(gains_by_family)} families)\n")
         for m in ceiling_modalities:
-            per_family = [float(np.mean(c[m])) for c in ceiling.values() if m in c]
+            ceiling_by_family = [float(np.mean(c[m])) for c in ceiling.values() if m in c]
             seeds = sum(len(c[m]) for c in ceiling.values() if m in c)
-            mean, std, low, high = interval(per_family)
+            mean, std, low, high = interval(ceiling_by_family)
             text += (f"- the supervised ceiling, {m}: mean {mean:+.1f} over random" +
-                     (f", 95% interval [{low:+.1f}, {high:+.1f}]" if len(per_family) > 1 else "") +
-                     f" ({len(per_family)} families, {seeds} runs; about the most an encoder can gain at this "
+                     (f", 95% interval [{low:+.1f}, {high:+.1f}]" if len(ceiling_by_family) > 1 else "") +
+                     f" ({len(ceiling_by_family)} families, {seeds} runs; about the most an encoder can gain at this "
                      "size)\n")
         runs = [r for family_runs in by_family.values() for r in family_runs]
         names = sorted({name for r in runs for name in candidate_signals(r)})
@@ -258,13 +259,12 @@ def compare(records: list[dict], tags: list[str], families: list[int], sweep: bo
         runs = [r for family_runs in kept[tag].values() for r in family_runs]
         cells = []
         for m in ("video", "audio"):
-            per_family = [float(np.mean([r[m] for r in family_runs])) for family_runs in kept[tag].values()
-                          if all(m in r for r in family_runs)]
-            if not per_family:
+            gains_by_family = per_family(kept[tag], m)
+            if not gains_by_family:
                 cells.append("-")
                 continue
-            mean, std, _, _ = interval(per_family)
-            cells.append(f"{mean:+.1f}, {std:.1f}, {min(per_family):+.1f}")
+            mean, std, _, _ = interval(gains_by_family)
+            cells.append(f"{mean:+.1f}, {std:.1f}, {min(gains_by_family):+.1f}")
         lines.append(f"| {tag} | {settings.get(tag, '?')} | " + " | ".join(cells) + f" | {warning_record(runs)} |")
     if sweep:
         every = [r for got in kept.values() for family_runs in got.values() for r in family_runs]
@@ -352,7 +352,7 @@ def main() -> None:
                     f"{m} {s['video_acc']:.1%}" for m, s in record["scores"].items()) + f" ({record['seconds']:.0f} s)",
                     flush=True)
     settings = ", ".join(f"`{k}: {v}`" for k, v in overrides.items()) or "the defaults"
-    name = variant_name(records, args.tag)
+    name = args.variant.upper()
     title = f"{name} on the tuning families, where settings are chosen" if args.tuning else \
         f"{name} on families no setting was chosen on"
     text = (f"# {title}\n\n{datetime.date.today()}, `python benchmarks/families.py`: "

@@ -39,10 +39,6 @@ MIN_HELDOUT_VIDEOS = 30
 # (benchmarks/results/families_tuning.md); the evaluation families report how often it fires on such
 # runs and on the others (benchmarks/results/families.md): it separates them poorly, so it is a caution.
 AGREEMENT_RISE = 0.08
-# The variants whose runs the warning speaks for. On the evaluation families MDC's and CDC's clusters grew no
-# closer across the modalities even where both encoders gained over random ones, so it fired on 14 of their 15
-# runs without a loss (benchmarks/results/families_variants.md); SDC has one clustering and nothing to compare.
-NUISANCE_WARNED_VARIANTS = ("xdc",)
 
 
 @dataclass(frozen=True)
@@ -179,7 +175,7 @@ def describe_round(record: dict, steps_per_round: int, lr: float, first_agreemen
 
 def run_summary(history: list[dict], warn_nuisance: bool = True) -> str:
     """One line for the end of a run: each head's verdict in each round's last epoch. ``warn_nuisance``: whether
-    a flat video-vs-audio agreement is read as a warning (XDC's runs; see NUISANCE_WARNED_VARIANTS)."""
+    a flat video-vs-audio agreement is read as a warning (the variant's ``warns_of_nuisance``)."""
     last_of_round = {}
     for record in history:
         last_of_round[record["round"]] = record
@@ -236,5 +232,5 @@ def chance_of_heads(learns: dict[str, tuple[str, ...]], labels: dict[str, np.nda
     return out
 
 
-__all__ = ["Chance", "chance_under_sampler", "lift", "verdict", "round_signal", "agreement_warns",
-           "NUISANCE_WARNED_VARIANTS", "describe_round", "run_summary", "chance_of_heads"]
+__all__ = ["Chance", "chance_under_sampler", "lift", "verdict", "round_signal", "agreement_warns", "describe_round",
+           "run_summary", "chance_of_heads"]

@@ -236,7 +236,7 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
         epochs_run = sum(1 for record in state.history if record["round"] == state.round)
         for line in learning.describe_round(state.history[-1], steps_per_epoch * epochs_run, config.lr,
                                             first_agreement=state.history[0].get("nmi_video_audio"),
-                                            warn_nuisance=variant.name in learning.NUISANCE_WARNED_VARIANTS):
+                                            warn_nuisance=variant.warns_of_nuisance):
             log(line)
 
         # ===== checkpoint =====
@@ -249,7 +249,7 @@ def _run(dataset, out: Path, config: PretrainConfig, variant: Variant, items: li
             xdist.barrier()  # nobody resumes from, or reads, a checkpoint that is still being written
         state.round, rounds_run = state.round + 1, rounds_run + 1
     if state.next_epoch >= config.epochs:
-        log(learning.run_summary(state.history, warn_nuisance=variant.name in learning.NUISANCE_WARNED_VARIANTS))
+        log(learning.run_summary(state.history, warn_nuisance=variant.warns_of_nuisance))
     return state.history
 
 

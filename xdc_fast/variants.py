@@ -23,6 +23,11 @@ class Variant:
     name: str
     summary: str
     learns: dict[str, tuple[str, ...]]  # encoder -> the clusterings its heads learn, one head each
+    # Whether a run warns when its video and audio clusters grow no closer than round 0's (learning.py). Only
+    # XDC's: on the evaluation families MDC's and CDC's clusters grew no closer even where both encoders gained
+    # over random ones, so it fired on 14 of their 15 runs without a loss
+    # (benchmarks/results/families_variants.md); SDC has one clustering and nothing to compare.
+    warns_of_nuisance: bool = False
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -48,7 +53,7 @@ class Variant:
 
 VARIANTS = {v.name: v for v in (
     Variant("xdc", "video learns the audio clusters, audio learns the video clusters",
-            {"video": ("audio",), "audio": ("video",)}),
+            {"video": ("audio",), "audio": ("video",)}, warns_of_nuisance=True),
     Variant("mdc", "each encoder has two heads: its own modality's clusters and the other's",
             {"video": ("video", "audio"), "audio": ("audio", "video")}),
     Variant("cdc", "both learn the clusters of the concatenated features [f_v ; f_a]",
